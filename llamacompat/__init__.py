@@ -1,0 +1,67 @@
+"""llamacompat: llama.rn's API for Python, over llama.cpp, MLX, Rockchip RKLLM and a socket bridge.
+
+    from llamacompat import init_llama
+
+    with init_llama({"model": "smollm2", "n_ctx": 2048}) as ctx:
+        result = ctx.completion({"messages": [{"role": "user", "content": "Hi!"}], "n_predict": 32})
+        print(result["text"])
+"""
+
+from .context import (
+    AsyncCompletionStream,
+    AsyncLlamaContext,
+    CompletionStream,
+    LlamaContext,
+    init_llama,
+    init_llama_async,
+    load_llama_model_info,
+    release_all_llama,
+)
+from .errors import (
+    BackendUnavailableError,
+    ContextBusyError,
+    ContextFullError,
+    ContextReleasedError,
+    EmbeddingDisabledError,
+    GenerationError,
+    GrammarError,
+    InvalidParamsError,
+    LlamaCompatWarning,
+    LlamaError,
+    ModelLoadError,
+    OutOfMemoryError,
+    SessionError,
+    TemplateError,
+    UnsupportedFeatureError,
+)
+from .registry import available_backends
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init_llama",
+    "init_llama_async",
+    "release_all_llama",
+    "load_llama_model_info",
+    "available_backends",
+    "LlamaContext",
+    "AsyncLlamaContext",
+    "CompletionStream",
+    "AsyncCompletionStream",
+    "LlamaError",
+    "ModelLoadError",
+    "ContextBusyError",
+    "ContextReleasedError",
+    "ContextFullError",
+    "InvalidParamsError",
+    "GrammarError",
+    "TemplateError",
+    "SessionError",
+    "EmbeddingDisabledError",
+    "UnsupportedFeatureError",
+    "BackendUnavailableError",
+    "GenerationError",
+    "OutOfMemoryError",
+    "LlamaCompatWarning",
+    "__version__",
+]

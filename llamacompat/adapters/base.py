@@ -1,0 +1,167 @@
+"""The adapter protocol: what the generation loop needs from a runtime.
+
+An adapter loads a model, tokenizes, evaluates a prompt, produces the next
+token with the sampling it can do natively, and reports what it can do. It
+never builds result dicts or matches stop strings: that is the engine's job,
+so every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+from ..params import Field
+
+__all__ = ["Adapter", "Capabilities", "Interrupted", "SamplingParams", "Support"]
+
+Support = Literal["native", "emulated", "missing"]
+
+
+class Interrupted(Exception):
+    """Raised by an adapter when ``stop`` was set while it evaluated the prompt."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling settings for one completion (llama.rn names)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    top_n_sigma: float = -1.0
+    penalty_last_n: int = 64
+    penalty_repeat: float = 1.0
+    penalty_freq: float = 0.0
+    penalty_present: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", '"', "*")
+    seed: int = -1
+    ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # token ids, already resolved
+    grammar: str | None = None
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], logit_bias: tuple[tuple[int, float], ...]) -> "SamplingParams":
+        names = cls.__dataclass_fields__.keys() - {"logit_bias", "dry_sequence_breakers"}
+        values = {name: params[name] for name in names if name in params}
+        return cls(**values, logit_bias=logit_bias,
+                   dry_sequence_breakers=tuple(params.get("dry_sequence_breakers", cls.dry_sequence_breakers)))
+
+
+@dataclass
+class Capabilities:
+    """What a backend does natively, emulates, or lacks (llama.rn feature names)."""
+
+    backend: str
+    features: dict[str, Support] = field(default_factory=dict)
+
+    def supports(self, feature: str) -> bool:
+        return self.features.get(feature, "missing") != "missing"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "features": dict(self.features)}
+
+
+class Adapter(ABC):
+    """One loaded model on one runtime. Not thread-safe: the context serialises calls."""
+
+    #: registry name, e.g. "llama_cpp"
+    name: ClassVar[str]
+    #: init params this backend accepts beyond the common ContextParams
+    context_fields: ClassVar[dict[str, Field]] = {}
+
+    # Facts about the loaded model, set by ``load``.
+    n_ctx: int
+    n_vocab: int
+    n_embd: int
+    add_bos: bool
+    bos_text: str
+    eos_text: str
+    chat_template: str | None
+    capabilities: Capabilities
+
+    @classmethod
+    @abstractmethod
+    def load(cls, params: dict[str, Any], on_progress: Callable[[float], bool] | None) -> "Adapter":
+        """Load ``params["model"]`` (a resolved path). ``on_progress(fraction)`` returning False cancels."""
+
+    @classmethod
+    def can_load(cls, model_path: str) -> bool:
+        """Whether ``backend: "auto"`` should pick this adapter for the file."""
+        return False
+
+    # -- model description -------------------------------------------------
+    @abstractmethod
+    def model_info(self) -> dict[str, Any]:
+        """llama.rn's ``model`` object: desc, size, nEmbd, nParams, metadata, ..."""
+
+    # -- tokens -------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Tokenize with special tokens parsed; ``add_special`` adds BOS when the vocab wants it."""
+
+    @abstractmethod
+    def token_to_piece(self, token: int) -> bytes:
+        """The bytes of one token, special tokens rendered as text."""
+
+    @abstractmethod
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of a token list."""
+
+    @abstractmethod
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+
+    # -- generation ---------------------------------------------------------
+    @abstractmethod
+    def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
+        """Evaluate ``prompt`` (reusing the cached prefix) and prepare sampling.
+
+        Returns how many prompt tokens came from the cache. Raises
+        ``Interrupted`` if ``stop`` is set during evaluation.
+        """
+
+    @abstractmethod
+    def next_token(self) -> int:
+        """Sample the next token (evaluating the previous one first if needed)."""
+
+    @abstractmethod
+    def top_probs(self, n: int) -> list[tuple[int, float]]:
+        """The ``n`` most probable tokens at the last sampled position, with probabilities."""
+
+    @abstractmethod
+    def end(self) -> None:
+        """Free per-completion state (sampler). Called after every ``begin``."""
+
+    @property
+    @abstractmethod
+    def n_past(self) -> int:
+        """Tokens held in the KV cache (llama.rn's ``tokens_cached``)."""
+
+    # -- other methods ------------------------------------------------------
+    def embedding(self, tokens: list[int]) -> list[float]:
+        from ..errors import UnsupportedFeatureError
+
+        raise UnsupportedFeatureError(f"embedding is not supported by the {self.name} backend")
+
+    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+        from ..errors import UnsupportedFeatureError
+
+        raise UnsupportedFeatureError(f"bench is not supported by the {self.name} backend")
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the model and context. Idempotent."""

@@ -1,0 +1,482 @@
+"""llama.cpp through llama-cpp-python's ctypes bindings (``llama_cpp.llama_*``).
+
+We drive llama.h directly rather than the ``Llama`` class: it gives us the load
+progress callback, llama.cpp's own sampler chain with every llama.rn setting,
+return codes of ``llama_decode`` (abort vs. no KV slot vs. fatal), and no
+per-token work beyond decode + sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import (
+    BackendUnavailableError,
+    ContextFullError,
+    GenerationError,
+    GrammarError,
+    InvalidParamsError,
+    ModelLoadError,
+    OutOfMemoryError,
+)
+from .base import Adapter, Capabilities, Interrupted, SamplingParams
+
+try:
+    import llama_cpp as lc
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise BackendUnavailableError(
+        "the llama_cpp backend needs llama-cpp-python: pip install 'llamacompat[llama-cpp]'"
+    ) from err
+
+__all__ = ["LlamaCppAdapter"]
+
+logger = logging.getLogger(__name__)
+
+# -- llama.cpp log routing ---------------------------------------------------
+# llama.cpp logs through one global callback. We send it to Python logging
+# (nothing on stderr) and keep the last warnings/errors so a failure can say why.
+# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line)
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_recent_problems: collections.deque[str] = collections.deque(maxlen=8)
+_last_level = [logging.DEBUG]
+_native_logger = logging.getLogger("llamacompat.native.llama_cpp")
+
+
+@lc.llama_log_callback
+def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    py_level = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level[0] = py_level
+    message = text.decode("utf-8", "replace").rstrip("\n")
+    if py_level >= logging.WARNING and message:
+        _recent_problems.append(message)
+    if message and _native_logger.isEnabledFor(py_level):
+        _native_logger.log(py_level, "%s", message)
+
+
+lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+lc.llama_backend_init()
+
+
+def _native_detail() -> str:
+    """The last warnings/errors llama.cpp logged, for an exception message."""
+    lines = [line.strip() for line in _recent_problems if line.strip()]
+    _recent_problems.clear()
+    return "; ".join(lines[-3:])
+
+
+_CACHE_TYPES = {
+    "f32": lc.GGML_TYPE_F32, "f16": lc.GGML_TYPE_F16, "bf16": 30, "q8_0": lc.GGML_TYPE_Q8_0,
+    "q4_0": lc.GGML_TYPE_Q4_0, "q4_1": lc.GGML_TYPE_Q4_1, "iq4_nl": lc.GGML_TYPE_IQ4_NL,
+    "q5_0": lc.GGML_TYPE_Q5_0, "q5_1": lc.GGML_TYPE_Q5_1,
+}
+_POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+_NULL_ABORT = lc.ggml_abort_callback()
+# llama.cpp's default progress callback prints dots on stderr; this one stays quiet.
+_QUIET_PROGRESS = lc.llama_progress_callback(lambda _fraction, _user: True)
+
+
+def default_threads() -> int:
+    """Half the cores, at least one (llama.rn's iOS rule; the decode is memory bound)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class LlamaCppAdapter(Adapter):
+    name = "llama_cpp"
+
+    @classmethod
+    def can_load(cls, model_path: str) -> bool:
+        return model_path.lower().endswith(".gguf")
+
+    @classmethod
+    def load(cls, params: dict[str, Any], on_progress: Callable[[float], bool] | None) -> "LlamaCppAdapter":
+        path = params["model"]
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"Failed to load model: no such file: {path}")
+        for key in ("cache_type_k", "cache_type_v"):
+            if params[key] not in _CACHE_TYPES:
+                raise InvalidParamsError(
+                    f"init_llama: '{key}' must be one of {', '.join(_CACHE_TYPES)}, got {params[key]!r}"
+                )
+
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = params["n_gpu_layers"]
+        mparams.vocab_only = params["vocab_only"]
+        mparams.use_extra_bufts = not params["no_extra_bufts"]
+        mmap, mlock = params["use_mmap"], params["use_mlock"]
+        mparams.load_mode = (
+            lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mmap and mlock
+            else lc.LLAMA_LOAD_MODE_MLOCK if mlock
+            else lc.LLAMA_LOAD_MODE_MMAP if mmap
+            else lc.LLAMA_LOAD_MODE_NONE
+        )
+        progress_cb = _QUIET_PROGRESS
+        if on_progress is not None:
+            def _progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+                return bool(on_progress(fraction) is not False)
+
+            progress_cb = lc.llama_progress_callback(_progress)
+        mparams.progress_callback = progress_cb
+
+        _recent_problems.clear()
+        model = lc.llama_model_load_from_file(path.encode(), mparams)
+        if not model:
+            detail = _native_detail()
+            raise ModelLoadError(f"Failed to load model: {path}" + (f" ({detail})" if detail else ""))
+        try:
+            return cls(model, params)
+        except BaseException:
+            lc.llama_model_free(model)
+            raise
+
+    def __init__(self, model: Any, params: dict[str, Any]) -> None:
+        self._model = model
+        self._ctx = None
+        self._vocab = lc.llama_model_get_vocab(model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = lc.llama_model_n_embd(model)
+        n_ctx_train = lc.llama_model_n_ctx_train(model)
+        self.n_ctx = params["n_ctx"] or n_ctx_train
+        self._n_batch = min(params["n_batch"], self.n_ctx)
+        # Pooled embeddings need the whole input in one physical batch (llama.rn does the same).
+        n_ubatch = self._n_batch if params["embedding"] else min(params["n_ubatch"], self._n_batch)
+        self.n_threads = params["n_threads"] or default_threads()
+        self.embedding_enabled = params["embedding"]
+
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = n_ubatch
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        pooling = params.get("pooling_type")
+        # A generative model has no pooling of its own; mean pooling gives a usable sentence vector.
+        cparams.pooling_type = _POOLING[pooling] if pooling else (_POOLING["mean"] if self.embedding_enabled else -1)
+        cparams.flash_attn_type = _FLASH_ATTN[params["flash_attn_type"]]
+        cparams.type_k = _CACHE_TYPES[params["cache_type_k"]]
+        cparams.type_v = _CACHE_TYPES[params["cache_type_v"]]
+        cparams.rope_freq_base = params["rope_freq_base"]
+        cparams.rope_freq_scale = params["rope_freq_scale"]
+        cparams.kv_unified = params["kv_unified"]
+        cparams.swa_full = params["swa_full"]
+        cparams.embeddings = False  # switched on only inside embedding()
+        cparams.no_perf = True
+        self._flash_attn = cparams.flash_attn_type
+        self._n_gpu_layers = params["n_gpu_layers"] if lc.llama_supports_gpu_offload() else 0
+        if not params["vocab_only"]:
+            self._ctx = lc.llama_init_from_model(model, cparams)
+            if not self._ctx:
+                detail = _native_detail()
+                err = OutOfMemoryError if "alloc" in detail.lower() or "memory" in detail.lower() else ModelLoadError
+                raise err(f"Failed to create a context of {self.n_ctx} tokens" + (f" ({detail})" if detail else ""))
+            self._mem = lc.llama_get_memory(self._ctx)
+            self.pooling = lc.llama_pooling_type(self._ctx)
+
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        bos, eos = lc.llama_vocab_bos(self._vocab), lc.llama_vocab_eos(self._vocab)
+        self.bos_text = self.token_to_piece(bos).decode("utf-8", "replace") if bos >= 0 else ""
+        self.eos_text = self.token_to_piece(eos).decode("utf-8", "replace") if eos >= 0 else ""
+        self._metadata = self._read_metadata()
+        self.chat_template = self._metadata.get("tokenizer.chat_template")
+        self._eog_ids: list[int] | None = None
+        self._tokens: list[int] = []  # what the KV cache holds, in order
+        self._pending: int | None = None  # sampled but not yet evaluated
+        self._sampler = None
+        self._one = (lc.llama_token * 1)()
+        self._abort_cb = None
+        self.capabilities = Capabilities(self.name, {
+            "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "native",
+            "temperature": "native", "top_k": "native", "top_p": "native", "min_p": "native",
+            "typical_p": "native", "xtc": "native", "top_n_sigma": "native", "penalties": "native",
+            "mirostat": "native", "dry": "native", "seed": "native", "logit_bias": "native",
+            "ignore_eos": "native", "n_probs": "native", "tokenize": "native", "detokenize": "native",
+            "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
+            "interrupt_prompt": "native", "chat_template": "emulated",
+        })
+
+    # -- model description -------------------------------------------------
+    def _read_metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(1024)
+        for i in range(lc.llama_model_meta_count(self._model)):
+            values = []
+            for fn in (lc.llama_model_meta_key_by_index, lc.llama_model_meta_val_str_by_index):
+                n = fn(self._model, i, buf, len(buf))
+                if n >= len(buf):  # truncated: grow to fit and read again
+                    big = ctypes.create_string_buffer(n + 1)
+                    fn(self._model, i, big, len(big))
+                    values.append(big.value.decode("utf-8", "replace"))
+                else:
+                    values.append(buf.value.decode("utf-8", "replace"))
+            out[values[0]] = values[1]
+        return out
+
+    def model_info(self) -> dict[str, Any]:
+        buf = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(self._model, buf, len(buf))
+        return {
+            "desc": buf.value.decode("utf-8", "replace"),
+            "size": int(lc.llama_model_size(self._model)),
+            "n_embd": self.n_embd,
+            "n_params": int(lc.llama_model_n_params(self._model)),
+            "n_ctx_train": int(lc.llama_model_n_ctx_train(self._model)),
+            "is_recurrent": bool(lc.llama_model_is_recurrent(self._model)),
+            "is_hybrid": bool(lc.llama_model_is_hybrid(self._model)),
+            "metadata": dict(self._metadata),
+        }
+
+    # -- tokens -------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (lc.llama_token * capacity)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, True)
+        if n < 0:
+            capacity = -n
+            buf = (lc.llama_token * capacity)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, True)
+        return buf[:n]
+
+    def token_to_piece(self, token: int) -> bytes:
+        piece = self._pieces[token]
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, 64, 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, token, buf, -n, 0, True)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def detokenize(self, tokens: list[int]) -> str:
+        if not tokens:
+            return ""
+        arr = (lc.llama_token * len(tokens))(*tokens)
+        capacity = max(64, len(tokens) * 8)
+        buf = ctypes.create_string_buffer(capacity)
+        n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, capacity, False, True)
+        if n < 0:
+            capacity = -n
+            buf = ctypes.create_string_buffer(capacity)
+            n = lc.llama_detokenize(self._vocab, arr, len(tokens), buf, capacity, False, True)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+
+    def _eog_tokens(self) -> list[int]:
+        if self._eog_ids is None:
+            self._eog_ids = [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
+        return self._eog_ids
+
+    # -- evaluation ---------------------------------------------------------
+    def _decode(self, tokens: list[int]) -> None:
+        """Evaluate ``tokens`` after the cached ones, ``n_batch`` at a time."""
+        for start in range(0, len(tokens), self._n_batch):
+            chunk = tokens[start:start + self._n_batch]
+            arr = (lc.llama_token * len(chunk))(*chunk)
+            self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk))))
+            self._tokens.extend(chunk)
+
+    def _check(self, rc: int) -> None:
+        if rc == 0:
+            return
+        # Aborted or fatal: processed ubatches stay in memory; drop what we did not record.
+        lc.llama_memory_seq_rm(self._mem, -1, len(self._tokens), -1)
+        if rc == 2:
+            raise Interrupted()
+        detail = _native_detail()
+        if rc == 1:
+            raise ContextFullError(f"Context is full: no KV cache slot for the batch ({detail or 'n_ctx ' + str(self.n_ctx)})")
+        raise GenerationError(f"llama_decode failed with code {rc}" + (f" ({detail})" if detail else ""))
+
+    def _rewind(self, keep: int) -> None:
+        """Keep only the first ``keep`` cached tokens."""
+        if keep < len(self._tokens):
+            if not lc.llama_memory_seq_rm(self._mem, -1, keep, -1):
+                lc.llama_memory_clear(self._mem, True)  # recurrent models cannot drop a tail
+                keep = 0
+            del self._tokens[keep:]
+
+    def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
+        self._sampler = self._build_sampler(sampling, prompt)  # grammar errors before any work
+        reuse = 0
+        for a, b in zip(self._tokens, prompt):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        self._rewind(reuse)
+        cached = len(self._tokens)
+        self._pending = None
+        # The abort callback runs per graph node with the GIL: install it only for prompt evaluation.
+        self._abort_cb = lc.ggml_abort_callback(lambda _data: stop.is_set())
+        lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
+        try:
+            self._decode(prompt[cached:])
+        finally:
+            lc.llama_set_abort_callback(self._ctx, _NULL_ABORT, None)
+        return cached
+
+    def next_token(self) -> int:
+        pending = self._pending
+        if pending is not None:
+            one = self._one
+            one[0] = pending
+            self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(one, 1)))
+            self._tokens.append(pending)
+        token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
+        self._pending = token
+        return token
+
+    def top_probs(self, n: int) -> list[tuple[int, float]]:
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        n = min(n, self.n_vocab)
+        top = np.argpartition(logits, -n)[-n:]
+        top = top[np.argsort(logits[top])[::-1]]
+        shifted = np.exp(logits - logits.max(), dtype=np.float64)
+        probs = shifted[top] / shifted.sum()
+        return [(int(t), float(p)) for t, p in zip(top, probs)]
+
+    def end(self) -> None:
+        if self._sampler is not None:
+            lc.llama_sampler_free(self._sampler)
+            self._sampler = None
+
+    @property
+    def n_past(self) -> int:
+        return len(self._tokens)
+
+    # -- sampling -----------------------------------------------------------
+    def _build_sampler(self, s: SamplingParams, prompt: list[int]):
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+        try:
+            seed = s.seed if s.seed >= 0 else lc.LLAMA_DEFAULT_SEED
+            bias = list(s.logit_bias)
+            if s.ignore_eos:
+                bias += [(t, -math.inf) for t in self._eog_tokens()]
+            if bias:
+                arr = (lc.llama_logit_bias * len(bias))()
+                for i, (token, value) in enumerate(bias):
+                    arr[i].token, arr[i].bias = token, value
+                add(lc.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
+            history = prompt[-max(s.penalty_last_n, s.dry_penalty_last_n, 0):] if prompt else []
+            if s.penalty_repeat != 1.0 or s.penalty_freq != 0.0 or s.penalty_present != 0.0:
+                last_n = self.n_ctx if s.penalty_last_n == -1 else s.penalty_last_n
+                pen = lc.llama_sampler_init_penalties(self.n_vocab, last_n, s.penalty_repeat, s.penalty_freq, s.penalty_present)
+                for token in history[-last_n:] if last_n else ():
+                    lc.llama_sampler_accept(pen, token)  # the prompt counts as history, as in llama.cpp's server
+                add(pen)
+            if s.dry_multiplier > 0:
+                breakers = (ctypes.c_char_p * len(s.dry_sequence_breakers))(*(b.encode() for b in s.dry_sequence_breakers))
+                last_n = self.n_ctx if s.dry_penalty_last_n == -1 else s.dry_penalty_last_n
+                dry = lc.llama_sampler_init_dry(self._vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length,
+                                                last_n, breakers, len(s.dry_sequence_breakers))
+                add(dry)
+            if s.grammar is not None:
+                _recent_problems.clear()
+                grammar = lc.llama_sampler_init_grammar(self._vocab, s.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    detail = _native_detail()
+                    raise GrammarError("Failed to initialize sampling: invalid grammar" + (f" ({detail})" if detail else ""))
+                add(grammar)
+            if s.temperature <= 0:
+                add(lc.llama_sampler_init_greedy())
+            elif s.mirostat == 1:
+                add(lc.llama_sampler_init_temp(s.temperature))
+                add(lc.llama_sampler_init_mirostat(self.n_vocab, seed, s.mirostat_tau, s.mirostat_eta, 100))
+            elif s.mirostat == 2:
+                add(lc.llama_sampler_init_temp(s.temperature))
+                add(lc.llama_sampler_init_mirostat_v2(seed, s.mirostat_tau, s.mirostat_eta))
+            else:
+                if s.top_n_sigma > 0:
+                    add(lc.llama_sampler_init_top_n_sigma(s.top_n_sigma))
+                if s.top_k > 0:
+                    add(lc.llama_sampler_init_top_k(s.top_k))
+                if s.typical_p < 1.0:
+                    add(lc.llama_sampler_init_typical(s.typical_p, 1))
+                if s.top_p < 1.0:
+                    add(lc.llama_sampler_init_top_p(s.top_p, 1))
+                if s.min_p > 0.0:
+                    add(lc.llama_sampler_init_min_p(s.min_p, 1))
+                if s.xtc_probability > 0.0:
+                    add(lc.llama_sampler_init_xtc(s.xtc_probability, s.xtc_threshold, 1, seed))
+                add(lc.llama_sampler_init_temp(s.temperature))
+                add(lc.llama_sampler_init_dist(seed))
+        except BaseException:
+            lc.llama_sampler_free(chain)
+            raise
+        return chain
+
+    # -- embeddings and bench ----------------------------------------------
+    def embedding(self, tokens: list[int]) -> list[float]:
+        if len(tokens) > self._n_batch:
+            raise ContextFullError(f"Context is full: {len(tokens)} tokens to embed, n_batch is {self._n_batch}")
+        lc.llama_memory_clear(self._mem, True)  # llama.rn clears the KV cache too
+        self._tokens.clear()
+        lc.llama_set_embeddings(self._ctx, True)
+        try:
+            arr = (lc.llama_token * len(tokens))(*tokens)
+            rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(tokens)))
+            if rc != 0:
+                raise GenerationError(f"llama_decode failed with code {rc} while embedding ({_native_detail()})")
+            if self.pooling == _POOLING["none"]:
+                data = lc.llama_get_embeddings_ith(self._ctx, -1)
+            else:
+                data = lc.llama_get_embeddings_seq(self._ctx, 0)
+            if not data:
+                raise GenerationError("llama.cpp returned no embedding")
+            return data[: self.n_embd]
+        finally:
+            lc.llama_set_embeddings(self._ctx, False)
+            lc.llama_memory_clear(self._mem, True)
+
+    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+        if pl != 1:
+            raise InvalidParamsError(f"bench: pl must be 1 (this context holds one sequence), got {pl}")
+        if pp + tg > self.n_ctx:
+            raise InvalidParamsError(f"bench: pp + tg = {pp + tg} exceeds n_ctx {self.n_ctx}")
+        rng = np.random.default_rng(0)
+        t_pp = t_tg = 0.0
+        for _ in range(nr):
+            lc.llama_memory_clear(self._mem, True)
+            self._tokens.clear()
+            start = time.perf_counter()
+            self._decode(rng.integers(0, self.n_vocab, pp).tolist())
+            t_pp += time.perf_counter() - start
+            start = time.perf_counter()
+            for token in rng.integers(0, self.n_vocab, tg).tolist():
+                self._decode([token])
+            t_tg += time.perf_counter() - start
+        lc.llama_memory_clear(self._mem, True)
+        self._tokens.clear()
+        t_pp, t_tg = t_pp / nr, t_tg / nr
+        return {
+            "nKvMax": self.n_ctx, "nBatch": self._n_batch, "nUBatch": lc.llama_n_ubatch(self._ctx),
+            "flashAttn": self._flash_attn, "isPpShared": 0, "nGpuLayers": self._n_gpu_layers,
+            "nThreads": self.n_threads, "nThreadsBatch": self.n_threads,
+            "pp": pp, "tg": tg, "pl": pl, "nKv": pp + tg,
+            "tPp": t_pp, "speedPp": pp / t_pp if t_pp else 0.0,
+            "tTg": t_tg, "speedTg": tg / t_tg if t_tg else 0.0,
+            "t": t_pp + t_tg, "speed": (pp + tg) / (t_pp + t_tg) if t_pp + t_tg else 0.0,
+        }
+
+    def close(self) -> None:
+        self.end()
+        if self._ctx is not None:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lc.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,89 @@
+"""The ``llamacompat`` command: complete, chat and info on the default model or any GGUF."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from . import init_llama, load_llama_model_info
+from .errors import LlamaError
+from .models import DEFAULT_MODEL
+
+__all__ = ["main"]
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="GGUF path, or 'smollm2' (the default, packaged model)")
+    parser.add_argument("--backend", default="auto", help="auto, llama_cpp, or a registered adapter")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context size in tokens (default 2048)")
+    parser.add_argument("--n-predict", type=int, default=256, help="tokens to generate at most (-1: no limit)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, default=-1)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--system", help="system message (chat only)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON after the text")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamacompat", description="llama.rn's API for Python, on local backends.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    complete = sub.add_parser("complete", help="continue a raw prompt, streaming tokens")
+    complete.add_argument("prompt")
+    _add_model_args(complete)
+    chat = sub.add_parser("chat", help="answer one chat message with the model's chat template, streaming tokens")
+    chat.add_argument("message")
+    _add_model_args(chat)
+    info = sub.add_parser("info", help="print a GGUF file's metadata without loading it")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def _run_completion(args: argparse.Namespace, request: dict[str, Any]) -> int:
+    params = {"model": args.model, "backend": args.backend, "n_ctx": args.n_ctx}
+    request.update(n_predict=args.n_predict, temperature=args.temperature, seed=args.seed, stop=args.stop)
+
+    def show(event: dict[str, Any]) -> None:
+        sys.stdout.write(event["token"])
+        sys.stdout.flush()
+
+    with init_llama(params) as ctx:
+        try:
+            result = ctx.completion(request, show)
+        except KeyboardInterrupt:  # Ctrl-C ends the answer, not with a traceback
+            sys.stdout.write("\n")
+            return 130
+    sys.stdout.write("\n")
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            info = load_llama_model_info(args.model)
+            if args.json:
+                print(json.dumps(info, indent=2, ensure_ascii=False))
+            else:
+                width = max(map(len, info))
+                for key, value in info.items():
+                    value = value if len(value) <= 100 else value[:97] + "..."
+                    print(f"{key:<{width}}  {value}".replace("\n", "\\n"))
+            return 0
+        if args.command == "complete":
+            return _run_completion(args, {"prompt": args.prompt})
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.message}
+        ]
+        return _run_completion(args, {"messages": messages})
+    except LlamaError as err:
+        print(f"llamacompat: error [{err.code}]: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

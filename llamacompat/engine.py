@@ -1,0 +1,186 @@
+"""The generation loop: the one place where llama.rn's completion semantics live.
+
+Adapters produce tokens; this module turns them into streamed ``TokenData`` and
+the final ``CompletionResult``: stop strings (held back while a partial match
+may still complete), ``n_predict``, interruption, context limits, probabilities
+and timings. Per-token work is O(1) in the output length: incremental UTF-8
+decoding of the new token only, and stop matching over a tail no longer than the
+longest stop string.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from dataclasses import dataclass
+from typing import Generator
+
+from .adapters.base import Adapter, Interrupted, SamplingParams
+from .errors import ContextFullError
+from .types import CompletionProbability, CompletionResult, TokenData
+
+__all__ = ["CompletionRequest", "generate", "find_stop"]
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    n_predict: int = -1
+    stop: tuple[str, ...] = ()
+    n_probs: int = 0
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str | None, int]:
+    """Scan ``text`` for stop strings.
+
+    Returns ``(cut, word, hold)``: with a full match, ``cut`` is where the
+    earliest stop string starts and ``word`` is that string; otherwise ``word``
+    is None and the last ``hold`` characters are a prefix of some stop string,
+    to be held back until the next token decides.
+    """
+    cut, word = -1, None
+    for stop in stops:
+        at = text.find(stop)
+        if at != -1 and (cut == -1 or at < cut):
+            cut, word = at, stop
+    if word is not None:
+        return cut, word, 0
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return len(text), None, hold
+
+
+def _per_token(n: int, ms: float) -> tuple[float, float]:
+    """(ms per token, tokens per second), 0 where undefined."""
+    return (ms / n if n else 0.0, n / ms * 1000.0 if ms > 0 else 0.0)
+
+
+def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading.Event) -> Generator[TokenData, None, CompletionResult]:
+    """Run one completion; yields TokenData events and returns the result."""
+    n_prompt = len(request.prompt_tokens)
+    if n_prompt >= adapter.n_ctx:
+        raise ContextFullError(
+            f"Context is full: the prompt has {n_prompt} tokens and n_ctx is {adapter.n_ctx}; "
+            "shorten the prompt or create the context with a larger n_ctx"
+        )
+    started = time.perf_counter()
+    interrupted = stopped_eos = stopped_word = context_full = False
+    stopping_word = ""
+    n_generated = 0
+    parts: list[str] = []
+    all_probs: list[CompletionProbability] = []
+    cache_n = prompt_n = 0
+    prompt_done = started
+    try:
+        try:
+            cache_n = adapter.begin(request.prompt_tokens, request.sampling, stop_event)
+        except Interrupted:
+            interrupted = True
+        prompt_done = time.perf_counter()
+        prompt_n = adapter.n_past - cache_n  # tokens actually evaluated (fewer when interrupted)
+
+        decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        stops, n_probs, n_ctx = request.stop, request.n_probs, adapter.n_ctx
+        limit = request.n_predict if request.n_predict >= 0 else float("inf")
+        held = ""
+        pending_probs: list[CompletionProbability] = []
+        next_token, token_to_piece, is_eog = adapter.next_token, adapter.token_to_piece, adapter.is_eog
+        while not interrupted and n_generated < limit:
+            if stop_event.is_set():
+                interrupted = True
+                break
+            if n_prompt + n_generated > n_ctx:  # evaluating the last token would overflow
+                context_full = True
+                break
+            token = next_token()
+            n_generated += 1
+            if is_eog(token):
+                stopped_eos = True
+                break
+            piece = decode(token_to_piece(token))
+            if n_probs:
+                pending_probs.append(_probabilities(adapter, piece, n_probs))
+            if not piece:  # an incomplete UTF-8 character: wait for its next byte
+                continue
+            if stops:
+                text = held + piece
+                cut, word, hold = find_stop(text, stops)
+                if word is not None:
+                    piece, held = text[:cut], ""
+                    stopped_word, stopping_word = True, word
+                else:
+                    piece, held = text[: cut - hold], text[cut - hold:]
+            if piece:
+                parts.append(piece)
+                event: TokenData = {"token": piece}
+                if n_probs:
+                    event["completion_probabilities"] = pending_probs
+                    all_probs.extend(pending_probs)
+                    pending_probs = []
+                yield event
+            if stopped_word:
+                break
+        if held:  # generation ended without completing the stop string: the text is real
+            parts.append(held)
+            event = {"token": held}
+            if n_probs:
+                event["completion_probabilities"] = pending_probs
+                all_probs.extend(pending_probs)
+            yield event
+    finally:
+        adapter.end()
+
+    finished = time.perf_counter()
+    prompt_ms = (prompt_done - started) * 1000.0
+    predicted_ms = (finished - prompt_done) * 1000.0
+    prompt_per_token_ms, prompt_per_second = _per_token(prompt_n, prompt_ms)
+    predicted_per_token_ms, predicted_per_second = _per_token(n_generated, predicted_ms)
+    text = "".join(parts)
+    result: CompletionResult = {
+        "text": text,
+        "chat_format": 0,
+        "completion_probabilities": all_probs,
+        "tokens_predicted": n_generated,
+        "tokens_evaluated": n_prompt,
+        "tokens_cached": adapter.n_past,
+        "draft_tokens": 0,
+        "draft_tokens_accepted": 0,
+        "truncated": False,
+        "context_full": context_full,
+        "interrupted": interrupted,
+        "stopped_eos": stopped_eos,
+        "stopped_word": stopped_word,
+        "stopped_limit": not (interrupted or stopped_eos or stopped_word or context_full) and n_generated >= limit,
+        "stopping_word": stopping_word,
+        "timings": {
+            "cache_n": cache_n,
+            "prompt_n": prompt_n,
+            "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_per_token_ms,
+            "prompt_per_second": prompt_per_second,
+            "predicted_n": n_generated,
+            "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_per_token_ms,
+            "predicted_per_second": predicted_per_second,
+        },
+    }
+    if text and not interrupted:  # llama.rn: content only when non-empty, never when interrupted
+        result["content"] = text
+    return result
+
+
+def _probabilities(adapter: Adapter, piece: str, n_probs: int) -> CompletionProbability:
+    """The model's top-``n_probs`` distribution at this position (softmax of the raw logits)."""
+    return {
+        "content": piece,
+        "probs": [
+            {"tok_str": adapter.token_to_piece(token).decode("utf-8", "replace"), "prob": prob}
+            for token, prob in adapter.top_probs(n_probs)
+        ],
+    }

@@ -1,0 +1,161 @@
+"""One error hierarchy for every backend.
+
+Each class carries a stable ``code`` (for programs and the bridge protocol) and,
+where llama.rn has one, llama.rn's message text, so ported error handling that
+matches on messages keeps working. Classes also inherit the builtin exception
+they resemble, so ``except ValueError`` style code still catches them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+__all__ = [
+    "LlamaError",
+    "ModelLoadError",
+    "ContextBusyError",
+    "ContextReleasedError",
+    "ContextFullError",
+    "InvalidParamsError",
+    "GrammarError",
+    "TemplateError",
+    "SessionError",
+    "EmbeddingDisabledError",
+    "UnsupportedFeatureError",
+    "BackendUnavailableError",
+    "GenerationError",
+    "OutOfMemoryError",
+    "LlamaCompatWarning",
+    "map_exceptions",
+]
+
+
+class LlamaError(Exception):
+    """Base of every llamacompat error: ``code`` is stable, ``message`` is for people."""
+
+    code = "llama_error"
+    default_message = "llama error"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+        self.message = message or self.default_message
+        if code is not None:
+            self.code = code
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ModelLoadError(LlamaError, RuntimeError):
+    """The model file is missing, unreadable or of an unsupported architecture."""
+
+    code = "model_load_error"
+    default_message = "Failed to load model"
+
+
+class ContextBusyError(LlamaError, RuntimeError):
+    """Another completion (or session/embedding call) is running on this context."""
+
+    code = "context_busy"
+    default_message = "Context is busy"
+
+
+class ContextReleasedError(LlamaError, RuntimeError):
+    """The context was released; create a new one with ``init_llama``."""
+
+    code = "context_released"
+    default_message = "Context not found"
+
+
+class ContextFullError(LlamaError, RuntimeError):
+    """The prompt does not fit into ``n_ctx`` (and ``ctx_shift`` is off)."""
+
+    code = "context_full"
+    default_message = "Context is full"
+
+
+class InvalidParamsError(LlamaError, ValueError):
+    """A parameter is unknown, of the wrong type or out of range."""
+
+    code = "invalid_params"
+    default_message = "Invalid parameters"
+
+
+class GrammarError(InvalidParamsError):
+    """A GBNF grammar or JSON schema is malformed; nothing was generated."""
+
+    code = "grammar_error"
+    default_message = "Failed to initialize sampling"
+
+
+class TemplateError(InvalidParamsError):
+    """The chat template failed to compile or render (the message names the line)."""
+
+    code = "template_error"
+    default_message = "Failed to apply the chat template"
+
+
+class SessionError(LlamaError, OSError):
+    """A session file could not be loaded or saved; the context is unchanged."""
+
+    code = "session_error"
+    default_message = "Failed to load session"
+
+
+class EmbeddingDisabledError(LlamaError, RuntimeError):
+    """``embedding()`` needs ``embedding: True`` in the init params."""
+
+    code = "embedding_disabled"
+    default_message = "Embedding is not enabled"
+
+
+class UnsupportedFeatureError(LlamaError, NotImplementedError):
+    """The backend cannot honour this parameter or method (see ``ctx.capabilities``)."""
+
+    code = "unsupported_feature"
+    default_message = "Feature not supported by this backend"
+
+
+class BackendUnavailableError(LlamaError, ImportError):
+    """The backend's package or native library is not installed."""
+
+    code = "backend_unavailable"
+    default_message = "Backend not available"
+
+
+class GenerationError(LlamaError, RuntimeError):
+    """The backend failed while evaluating or generating."""
+
+    code = "generation_error"
+    default_message = "Generation failed"
+
+
+class OutOfMemoryError(LlamaError, MemoryError):
+    """The backend ran out of memory (model, KV cache or compute buffers)."""
+
+    code = "out_of_memory"
+    default_message = "Out of memory"
+
+
+class LlamaCompatWarning(UserWarning):
+    """A parameter was accepted but the backend ignores or emulates it."""
+
+
+@contextlib.contextmanager
+def map_exceptions(mapping: Mapping[type[BaseException], type[LlamaError]], message: str | None = None) -> Iterator[None]:
+    """Translate backend exceptions at an adapter boundary, chaining the original.
+
+    ``LlamaError`` passes through untouched; the first matching entry of
+    ``mapping`` wins; anything else propagates unchanged.
+    """
+    try:
+        yield
+    except LlamaError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised below when unmapped
+        for source, target in mapping.items():
+            if isinstance(err, source):
+                detail = f"{message}: {err}" if message else str(err) or target.default_message
+                raise target(detail) from err
+        raise

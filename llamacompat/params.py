@@ -1,0 +1,240 @@
+"""Parameter specs: llama.rn's defaults, type and range checks, "did you mean" errors.
+
+Defaults are applied on every call (llama.rn keeps sampling settings from one
+call to the next; llamacompat does not, see MIGRATION.md).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .errors import InvalidParamsError, LlamaCompatWarning, UnsupportedFeatureError
+
+__all__ = ["Field", "validate", "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS"]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One parameter: accepted Python types, default, and an optional range check."""
+
+    types: tuple[type, ...]
+    default: Any = _MISSING
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # human description of `check`, used in error messages
+    nullable: bool = False
+
+
+def _number(default: float, check=None, rule: str = "") -> Field:
+    return Field((int, float), default, check, rule)
+
+
+def _int(default: int, check=None, rule: str = "") -> Field:
+    return Field((int,), default, check, rule)
+
+
+def _bool(default: bool) -> Field:
+    return Field((bool,), default)
+
+
+def _unit(default: float) -> Field:
+    return _number(default, lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
+
+
+def _is_str_list(value: Any) -> bool:
+    return all(isinstance(item, str) for item in value)
+
+
+def _is_message_list(value: Any) -> bool:
+    return len(value) > 0 and all(isinstance(item, dict) for item in value)
+
+
+_SEED_MAX = 2**32 - 1
+
+COMPLETION_FIELDS: dict[str, Field] = {
+    "prompt": Field((str,), None, nullable=True),
+    "messages": Field((list,), None, _is_message_list, "a non-empty list of message dicts", nullable=True),
+    "chat_template": Field((str,), None, nullable=True),
+    "add_generation_prompt": _bool(True),
+    "n_predict": _int(-1, lambda v: v >= -1, "-1 (no limit) or >= 0"),
+    "stop": Field((list, tuple), (), lambda v: _is_str_list(v) and all(v), "a list of non-empty strings"),
+    "temperature": _number(0.8, lambda v: v >= 0 and math.isfinite(v), ">= 0 (0 = greedy)"),
+    "top_k": _int(40, lambda v: v >= 0, ">= 0 (0 = disabled)"),
+    "top_p": _unit(0.95),
+    "min_p": _unit(0.05),
+    "typical_p": _unit(1.0),
+    "xtc_probability": _unit(0.0),
+    "xtc_threshold": _unit(0.1),
+    "top_n_sigma": _number(-1.0, lambda v: v == -1 or v > 0, "-1 (disabled) or > 0"),
+    "penalty_last_n": _int(64, lambda v: v >= -1, ">= -1 (-1 = context size)"),
+    "penalty_repeat": _number(1.0, lambda v: v > 0 and math.isfinite(v), "> 0 (1 = disabled)"),
+    "penalty_freq": _number(0.0, math.isfinite, "a finite number"),
+    "penalty_present": _number(0.0, math.isfinite, "a finite number"),
+    "mirostat": _int(0, lambda v: v in (0, 1, 2), "0, 1 or 2"),
+    "mirostat_tau": _number(5.0, lambda v: v > 0, "> 0"),
+    "mirostat_eta": _number(0.1, lambda v: v > 0, "> 0"),
+    "dry_multiplier": _number(0.0, lambda v: v >= 0, ">= 0 (0 = disabled)"),
+    "dry_base": _number(1.75, lambda v: v >= 1, ">= 1"),
+    "dry_allowed_length": _int(2, lambda v: v >= 0, ">= 0"),
+    "dry_penalty_last_n": _int(-1, lambda v: v >= -1, ">= -1 (-1 = context size)"),
+    "dry_sequence_breakers": Field((list, tuple), ("\n", ":", '"', "*"), _is_str_list, "a list of strings"),
+    "seed": _int(-1, lambda v: v == -1 or 0 <= v <= _SEED_MAX, f"-1 (random) or 0..{_SEED_MAX}"),
+    "ignore_eos": _bool(False),
+    "logit_bias": Field((list, tuple, dict), (), None),  # shape checked by normalize_logit_bias
+    "n_probs": _int(0, lambda v: 0 <= v <= 1000, "between 0 and 1000"),
+    "grammar": Field((str,), None, nullable=True),
+    # llama.rn sends these; the native defaults are what llamacompat does.
+    "emit_partial_completion": _bool(False),
+    "reasoning_format": Field((str,), "none", lambda v: v == "none", "'none' (reasoning parsing comes with chat parsing)"),
+    "jinja": _bool(True),
+}
+
+# llama.rn completion keys that change what is generated and that llamacompat
+# does not implement yet: refusing them beats silently unconstrained output.
+COMPLETION_NOT_YET = {
+    "tools": "tool calling",
+    "tool_choice": "tool calling",
+    "parallel_tool_calls": "tool calling",
+    "response_format": "response_format / JSON schema",
+    "json_schema": "JSON schema constrained output",
+    "grammar_lazy": "lazy grammars",
+    "grammar_triggers": "lazy grammars",
+    "preserved_tokens": "lazy grammars",
+    "media_paths": "multimodal input",
+    "prefill_text": "assistant prefill",
+    "thinking_budget_tokens": "thinking budgets",
+    "speculative": "speculative decoding",
+}
+
+# Accepted for compatibility, with no effect on any backend (a warning says so).
+COMPLETION_IGNORED = {
+    "n_threads": "set n_threads at init_llama",
+    "chat_format": "the chat format is derived from the template",
+    "chatTemplate": "use chat_template",
+    "enable_thinking": "thinking control comes with chat parsing",
+    "thinking_forced_open": "thinking control comes with chat parsing",
+    "now": "templates get the current time",
+    "chat_template_kwargs": "template kwargs come with chat parsing",
+}
+
+CONTEXT_FIELDS: dict[str, Field] = {
+    "model": Field((str,), "smollm2"),
+    "backend": Field((str,), "auto"),
+    "strict": _bool(False),
+    "chat_template": Field((str,), None, nullable=True),
+    "n_ctx": _int(0, lambda v: v >= 0, ">= 0 (0 = the model's training context)"),
+    "n_batch": _int(2048, lambda v: v >= 1, ">= 1"),
+    "n_ubatch": _int(512, lambda v: v >= 1, ">= 1"),
+    "n_threads": _int(0, lambda v: v >= 0, ">= 0 (0 = half the CPU cores)"),
+    "n_gpu_layers": _int(-1, lambda v: v >= -1, ">= -1 (-1 = all)"),
+    "use_mlock": _bool(False),
+    "use_mmap": _bool(True),
+    "vocab_only": _bool(False),
+    "embedding": _bool(False),
+    "pooling_type": Field((str,), None, lambda v: v in ("none", "mean", "cls", "last", "rank"),
+                          "one of none, mean, cls, last, rank", nullable=True),
+    "embd_normalize": _int(2, lambda v: v >= -1, ">= -1"),
+    "ctx_shift": _bool(False),
+    "cache_type_k": Field((str,), "f16"),
+    "cache_type_v": Field((str,), "f16"),
+    "flash_attn_type": Field((str,), "auto", lambda v: v in ("auto", "on", "off"), "'auto', 'on' or 'off'"),
+    "flash_attn": _bool(False),
+    "rope_freq_base": _number(0.0, lambda v: v >= 0, ">= 0 (0 = from the model)"),
+    "rope_freq_scale": _number(0.0, lambda v: v >= 0, ">= 0 (0 = from the model)"),
+    "kv_unified": _bool(False),
+    "swa_full": _bool(False),
+    "no_extra_bufts": _bool(False),
+    "is_model_asset": _bool(False),
+    "n_parallel": _int(1, lambda v: v >= 1, ">= 1"),
+}
+
+EMBEDDING_FIELDS: dict[str, Field] = {
+    "embd_normalize": _int(2, lambda v: v >= -1, ">= -1 (-1 none, 0 max-abs, 1 taxicab, 2 L2, >2 p-norm)"),
+}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "int", float: "number", str: "string", bool: "bool", list: "list", tuple: "list", dict: "dict"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _check_value(name: str, value: Any, field: Field, where: str) -> Any:
+    if value is None and field.nullable:
+        return None
+    # bool is an int subclass: True must not pass for n_predict.
+    type_ok = isinstance(value, field.types) and not (isinstance(value, bool) and bool not in field.types)
+    if not type_ok:
+        raise InvalidParamsError(
+            f"{where}: '{name}' must be {_type_name(field.types)}, got {type(value).__name__} {value!r}"
+        )
+    if field.check is not None and not field.check(value):
+        raise InvalidParamsError(f"{where}: '{name}' must be {field.rule}, got {value!r}")
+    return value
+
+
+def unknown_key_error(name: str, valid: "list[str] | Mapping[str, Any]", where: str) -> InvalidParamsError:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return InvalidParamsError(f"{where}: unknown parameter '{name}'{hint}")
+
+
+def validate(
+    params: Mapping[str, Any] | None,
+    fields: Mapping[str, Field],
+    where: str,
+    *,
+    extra: Mapping[str, Field] | None = None,
+    not_yet: Mapping[str, str] | None = None,
+    ignored: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Check ``params`` against ``fields`` and return a new dict with every default filled in."""
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise InvalidParamsError(f"{where}: params must be a dict, got {type(params).__name__}")
+    spec = {**fields, **(extra or {})}
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if not isinstance(name, str):
+            raise InvalidParamsError(f"{where}: parameter names must be strings, got {name!r}")
+        if name in spec:
+            out[name] = _check_value(name, value, spec[name], where)
+        elif not_yet and name in not_yet:
+            if value not in (None, False, [], {}):
+                raise UnsupportedFeatureError(f"{where}: '{name}' ({not_yet[name]}) is not supported yet")
+        elif ignored and name in ignored:
+            warnings.warn(f"{where}: '{name}' is ignored ({ignored[name]})", LlamaCompatWarning, stacklevel=4)
+        else:
+            raise unknown_key_error(name, list(spec) + list(not_yet or ()) + list(ignored or ()), where)
+    for name, field in spec.items():
+        if name not in out and field.default is not _MISSING:
+            default = field.default
+            out[name] = list(default) if isinstance(default, tuple) else default
+    return out
+
+
+def normalize_logit_bias(value: Any) -> list[tuple[int | str, float]]:
+    """llama.rn's ``[[token, bias | false], ...]`` (or ``{token: bias}``) → ``[(token, bias)]``.
+
+    ``false`` means "never generate this token" (bias -inf). A token may be an
+    id or a string; a string applies to each of its tokens.
+    """
+    pairs = list(value.items()) if isinstance(value, dict) else list(value)
+    out: list[tuple[int | str, float]] = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InvalidParamsError(f"completion: logit_bias[{i}] must be [token, bias], got {pair!r}")
+        token, bias = pair
+        if isinstance(token, bool) or not isinstance(token, (int, str)):
+            raise InvalidParamsError(f"completion: logit_bias[{i}] token must be an int id or a string, got {token!r}")
+        if bias is False:
+            bias = -math.inf
+        elif isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
+            raise InvalidParamsError(f"completion: logit_bias[{i}] bias must be a number or false, got {bias!r}")
+        out.append((token, float(bias)))
+    return out

@@ -1,0 +1,75 @@
+"""Adapter discovery: built-in backends plus the ``llamacompat.adapters`` entry-point group."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+from typing import Type
+
+from .adapters.base import Adapter
+from .errors import BackendUnavailableError, InvalidParamsError
+from .params import unknown_key_error
+
+__all__ = ["BUILTIN", "get_adapter", "available_backends", "select_backend"]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "llamacompat.adapters"
+# name -> "module:Class"; imported lazily so a missing optional backend costs nothing.
+BUILTIN = {"llama_cpp": "llamacompat.adapters.llama_cpp:LlamaCppAdapter"}
+# the order "auto" tries backends in
+AUTO_ORDER = ("llama_cpp",)
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_backends() -> list[str]:
+    """Every backend name known (built-in and registered), installed or not."""
+    return sorted(set(BUILTIN) | set(_entry_points()))
+
+
+def get_adapter(name: str) -> Type[Adapter]:
+    """The adapter class for ``name``; ``BackendUnavailableError`` says what to install."""
+    if name in BUILTIN:
+        module_name, _, class_name = BUILTIN[name].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except BackendUnavailableError:
+            raise
+        except ImportError as err:
+            raise BackendUnavailableError(f"backend '{name}' cannot be imported: {err}") from err
+        return getattr(module, class_name)
+    entry_points = _entry_points()
+    if name in entry_points:
+        try:
+            adapter = entry_points[name].load()
+        except ImportError as err:
+            raise BackendUnavailableError(f"backend '{name}' (entry point {entry_points[name].value}) cannot be imported: {err}") from err
+        if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+            raise BackendUnavailableError(f"entry point '{name}' does not name an llamacompat Adapter subclass")
+        return adapter
+    raise unknown_key_error(name, ["auto", *available_backends()], "init_llama: backend")
+
+
+def select_backend(name: str, model_path: str) -> Type[Adapter]:
+    """Resolve ``backend`` ("auto" picks the first installed adapter that takes the file)."""
+    if name != "auto":
+        return get_adapter(name)
+    skipped = []
+    for candidate in (*AUTO_ORDER, *sorted(set(_entry_points()) - set(AUTO_ORDER))):
+        try:
+            adapter = get_adapter(candidate)
+        except BackendUnavailableError as err:
+            skipped.append(f"{candidate}: {err}")
+            continue
+        if adapter.can_load(model_path):
+            logger.info("backend auto: chose %s for %s", candidate, model_path)
+            return adapter
+        skipped.append(f"{candidate}: does not load {model_path}")
+    raise BackendUnavailableError(
+        f"no installed backend can load {model_path} (" + "; ".join(skipped) + ")"
+        if skipped else f"no backend is installed; pip install 'llamacompat[llama-cpp]'"
+    )

@@ -1,0 +1,32 @@
+"""Shared fixtures: real llama.cpp contexts on the packaged SmolLM2 model (no mocks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamacompat import init_llama
+from llamacompat.models import default_model_path
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def ctx():
+    """One shared context; tests using it must leave it idle and unreleased."""
+    context = init_llama({"model": "smollm2", "n_ctx": 1024, "n_threads": 2})
+    yield context
+    context.release()
+
+
+@pytest.fixture
+def fresh_ctx():
+    """A private context for tests that release it or stress its state (loads in ~0.2 s)."""
+    context = init_llama({"n_ctx": 1024, "n_threads": 2})
+    yield context
+    context.release()
+
+
+GREEDY = {"temperature": 0}
