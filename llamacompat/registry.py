@@ -8,7 +8,7 @@ import logging
 from typing import Type
 
 from .adapters.base import Adapter
-from .errors import BackendUnavailableError, InvalidParamsError
+from .errors import BackendUnavailableError
 from .params import unknown_key_error
 
 __all__ = ["BUILTIN", "get_adapter", "available_backends", "select_backend"]
@@ -71,5 +71,5 @@ def select_backend(name: str, model_path: str) -> Type[Adapter]:
         skipped.append(f"{candidate}: does not load {model_path}")
     raise BackendUnavailableError(
         f"no installed backend can load {model_path} (" + "; ".join(skipped) + ")"
-        if skipped else f"no backend is installed; pip install 'llamacompat[llama-cpp]'"
+        if skipped else "no backend is installed; pip install 'llamacompat[llama-cpp]'"
     )

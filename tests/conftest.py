@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamacompat import init_llama
+from llamacompat import init_llama, release_all_llama
 from llamacompat.models import default_model_path
 
 
@@ -13,12 +13,22 @@ def model_path() -> str:
     return default_model_path()
 
 
-@pytest.fixture(scope="session")
+_shared: dict[str, object] = {}
+
+
+@pytest.fixture
 def ctx():
-    """One shared context; tests using it must leave it idle and unreleased."""
-    context = init_llama({"model": "smollm2", "n_ctx": 1024, "n_threads": 2})
-    yield context
-    context.release()
+    """One shared context, made again if a test released it (release_all_llama does)."""
+    context = _shared.get("ctx")
+    if context is None or context.released:
+        context = _shared["ctx"] = init_llama({"model": "smollm2", "n_ctx": 1024, "n_threads": 2})
+    return context
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_everything_at_exit():
+    yield
+    release_all_llama()
 
 
 @pytest.fixture

@@ -15,6 +15,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def _start_endless(ctx):
+    """Start a completion that runs until stopped; return its task once the first token arrived."""
+    first = asyncio.Event()
+    task = asyncio.create_task(ctx.completion({"prompt": "Count:", "n_predict": -1, "ignore_eos": True},
+                                              lambda e: first.set()))
+    await first.wait()
+    return task
+
+
 def test_async_completion_stream_and_callbacks():
     async def main():
         progress = []
@@ -45,10 +54,7 @@ def test_async_completion_stream_and_callbacks():
 def test_async_stop_from_another_task_and_busy():
     async def main():
         ctx = await init_llama_async({"n_ctx": 512})
-        first = asyncio.Event()
-        task = asyncio.create_task(ctx.completion({"prompt": "Count:", "n_predict": -1, "ignore_eos": True},
-                                                  lambda e: first.set()))
-        await first.wait()
+        task = await _start_endless(ctx)
         ticks = 0
         for _ in range(5):  # the loop stays responsive while the model generates
             await asyncio.sleep(0.01)
@@ -68,10 +74,7 @@ def test_async_stop_from_another_task_and_busy():
 def test_cancelling_the_await_stops_generation():
     async def main():
         ctx = await init_llama_async({"n_ctx": 512})
-        first = asyncio.Event()
-        task = asyncio.create_task(ctx.completion({"prompt": "Count:", "n_predict": -1, "ignore_eos": True},
-                                                  lambda e: first.set()))
-        await first.wait()
+        task = await _start_endless(ctx)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
