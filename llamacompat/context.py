@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import itertools
 import logging
@@ -26,6 +27,7 @@ from .engine import CompletionRequest, generate
 from .errors import (
     ContextBusyError,
     ContextReleasedError,
+    EmbeddingDisabledError,
     InvalidParamsError,
     LlamaCompatWarning,
     ModelLoadError,
@@ -233,7 +235,9 @@ class LlamaContext:
             ids = self._adapter.tokenize(token, False) if isinstance(token, str) else [token]
             for tid in ids:
                 if not 0 <= tid < self._adapter.n_vocab:
-                    raise InvalidParamsError(f"completion: logit_bias token {tid} is outside the vocabulary (0..{self._adapter.n_vocab - 1})")
+                    raise InvalidParamsError(
+                        f"completion: logit_bias token {tid} is outside the vocabulary (0..{self._adapter.n_vocab - 1})"
+                    )
                 out.append((tid, bias))
         return tuple(out)
 
@@ -247,6 +251,9 @@ class LlamaContext:
 
     def _generation(self, params: dict[str, Any] | None) -> Generator[TokenData, None, CompletionResult]:
         """Validate, then run; the caller holds ``_busy``."""
+        if not self._adapter.capabilities.supports("completion"):
+            hint = " (it was created with vocab_only=True)" if self._params["vocab_only"] else ""
+            raise UnsupportedFeatureError(f"completion is not available on this {self.backend} context{hint}")
         request = self._request(params)
         self._stop.clear()
         result = yield from generate(self._adapter, request, self._stop)
@@ -306,26 +313,16 @@ class LlamaContext:
         with self._using():
             return self._adapter.detokenize(list(tokens))
 
-    def _using(self):
-        ctx = self
-
-        class _Use:
-            def __enter__(self_inner):
-                ctx._use.acquire()
-                if ctx._released:
-                    ctx._use.release()
-                    raise ContextReleasedError()
-
-            def __exit__(self_inner, *exc):
-                ctx._use.release()
-
-        return _Use()
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Keep the model alive for a short call that may overlap a completion (tokenize)."""
+        with self._use:
+            self._check_alive()
+            yield
 
     # -- embedding, chat, bench ----------------------------------------------
     def embedding(self, text: str, params: dict[str, Any] | None = None) -> EmbeddingResult:
         """Sentence embedding of ``text``; needs ``embedding: True`` at init. Clears the KV cache."""
-        from .errors import EmbeddingDisabledError
-
         if not isinstance(text, str):
             raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
         p = P.validate(params, P.EMBEDDING_FIELDS, "embedding")

@@ -7,7 +7,6 @@ importing it (its ``__init__`` imports the ``llm`` CLI framework).
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 
@@ -40,10 +39,3 @@ def resolve_model(model: str | None) -> str:
     if model.startswith("file://"):
         model = model[len("file://"):]
     return os.path.expanduser(model)
-
-
-def installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None

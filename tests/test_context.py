@@ -275,3 +275,13 @@ def test_broken_entry_point_is_backend_unavailable(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(BackendUnavailableError, match="broken"):
         init_llama({"backend": "broken"})
+
+
+def test_vocab_only_context_tokenizes_but_refuses_generation():
+    with init_llama({"vocab_only": True}) as ctx:
+        assert ctx.detokenize(ctx.tokenize("Hello there")["tokens"]) == "Hello there"
+        assert ctx.capabilities["features"]["completion"] == "missing"
+        with pytest.raises(L.UnsupportedFeatureError, match="vocab_only"):
+            ctx.completion({"prompt": "Hi"})
+        with pytest.raises(L.UnsupportedFeatureError, match="vocab_only"):
+            ctx.bench(8, 8)

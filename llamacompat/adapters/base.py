@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
+from ..errors import UnsupportedFeatureError
 from ..params import Field
 
 __all__ = ["Adapter", "Capabilities", "Interrupted", "SamplingParams", "Support"]
@@ -153,13 +154,11 @@ class Adapter(ABC):
 
     # -- other methods ------------------------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:
-        from ..errors import UnsupportedFeatureError
-
+        """The pooled embedding of ``tokens`` (not normalised)."""
         raise UnsupportedFeatureError(f"embedding is not supported by the {self.name} backend")
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
-        from ..errors import UnsupportedFeatureError
-
+        """llama.rn's bench result (camelCase keys)."""
         raise UnsupportedFeatureError(f"bench is not supported by the {self.name} backend")
 
     @abstractmethod

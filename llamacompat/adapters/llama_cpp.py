@@ -27,6 +27,7 @@ from ..errors import (
     InvalidParamsError,
     ModelLoadError,
     OutOfMemoryError,
+    UnsupportedFeatureError,
 )
 from .base import Adapter, Capabilities, Interrupted, SamplingParams
 
@@ -201,6 +202,7 @@ class LlamaCppAdapter(Adapter):
             "mirostat": "native", "dry": "native", "seed": "native", "logit_bias": "native",
             "ignore_eos": "native", "n_probs": "native", "tokenize": "native", "detokenize": "native",
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
+            **({"completion": "missing", "embedding": "missing", "bench": "missing"} if self._ctx is None else {}),
             "interrupt_prompt": "native", "chat_template": "emulated",
         })
 
@@ -308,7 +310,12 @@ class LlamaCppAdapter(Adapter):
                 keep = 0
             del self._tokens[keep:]
 
+    def _require_context(self, what: str) -> None:
+        if self._ctx is None:
+            raise UnsupportedFeatureError(f"{what} needs the model's weights: this context was created with vocab_only=True")
+
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
+        self._require_context("completion")
         self._sampler = self._build_sampler(sampling, prompt)  # grammar errors before any work
         reuse = 0
         for a, b in zip(self._tokens, prompt):
@@ -421,6 +428,7 @@ class LlamaCppAdapter(Adapter):
 
     # -- embeddings and bench ----------------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:
+        self._require_context("embedding")
         if len(tokens) > self._n_batch:
             raise ContextFullError(f"Context is full: {len(tokens)} tokens to embed, n_batch is {self._n_batch}")
         lc.llama_memory_clear(self._mem, True)  # llama.rn clears the KV cache too
@@ -443,6 +451,7 @@ class LlamaCppAdapter(Adapter):
             lc.llama_memory_clear(self._mem, True)
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+        self._require_context("bench")
         if pl != 1:
             raise InvalidParamsError(f"bench: pl must be 1 (this context holds one sequence), got {pl}")
         if pp + tg > self.n_ctx:
