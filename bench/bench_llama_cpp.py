@@ -4,7 +4,8 @@ Both sides load the same GGUF with the same context settings (n_ctx, n_batch,
 threads, flash attention off) and generate the same N tokens greedily from the
 same prompt; each round times one full call (prompt evaluation, served from the
 prefix cache after the first round, plus N decoded tokens). We report tokens/s
-as the median over rounds and the ratio llamacompat / raw, against two raw
+as the best and the median over rounds, and the ratio llamacompat / raw of
+each, against two raw
 baselines: ``Llama.create_completion`` (the usual API) and ``Llama.generate``
 with per-token detokenisation (the thinnest Python loop llama-cpp-python offers).
 
@@ -77,20 +78,25 @@ def main() -> int:
             fn()
             speeds[name].append(n / (time.perf_counter() - start))
 
+    # Best-of-rounds is the least noisy estimate of each side's true cost on a shared
+    # machine (noise only ever slows a round down); the median is shown beside it.
+    best = {name: max(values) for name, values in speeds.items()}
     median = {name: statistics.median(values) for name, values in speeds.items()}
-    ours_speed = median["llamacompat completion"]
-    print(f"model {model}\n{n} greedy tokens, {args.rounds} alternating rounds, {args.threads} threads, median tok/s")
-    for name, value in median.items():
-        spread = f"{min(speeds[name]):.1f}..{max(speeds[name]):.1f}"
-        print(f"  {name:<38} {value:8.1f} tok/s  (range {spread})")
-    ratios = {name: ours_speed / value for name, value in median.items() if name != "llamacompat completion"}
-    for name, ratio in ratios.items():
-        print(f"  ratio llamacompat / {name:<28} {ratio:.3f}")
+    ours_name = "llamacompat completion"
+    print(f"model {model}\n{n} greedy tokens, {args.rounds} alternating rounds, {args.threads} threads")
+    print(f"  {'':<38} {'best tok/s':>10} {'median':>8}")
+    for name in runs:
+        print(f"  {name:<38} {best[name]:10.1f} {median[name]:8.1f}")
+    ratios = {}
+    for name in runs:
+        if name != ours_name:
+            ratios[name] = best[ours_name] / best[name]
+            print(f"  ratio llamacompat / {name:<36} best {ratios[name]:.3f}  median {median[ours_name] / median[name]:.3f}")
     ours.release()
     raw.close()
     worst = min(ratios.values())
     if worst < args.min_ratio:
-        print(f"FAIL: ratio {worst:.3f} is below {args.min_ratio}", file=sys.stderr)
+        print(f"FAIL: best-of ratio {worst:.3f} is below {args.min_ratio}", file=sys.stderr)
         return 1
     return 0
 
