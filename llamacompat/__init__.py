@@ -7,6 +7,8 @@
         print(result["text"])
 """
 
+import logging
+
 from .context import (
     AsyncCompletionStream,
     AsyncLlamaContext,
@@ -35,6 +37,9 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .registry import available_backends
+
+# A library logs; the application decides where logs go (no stderr output by default).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 

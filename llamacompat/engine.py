@@ -80,8 +80,8 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
     try:
         try:
             cache_n = adapter.begin(request.prompt_tokens, request.sampling, stop_event)
-        except Interrupted:
-            interrupted = True
+        except Interrupted as stop:
+            interrupted, cache_n = True, stop.cache_n
         prompt_done = time.perf_counter()
         prompt_n = adapter.n_past - cache_n  # tokens actually evaluated (fewer when interrupted)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 from llamacompat.cli import main
 
@@ -42,3 +43,16 @@ def test_console_script_is_installed():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "Paris" in out.stdout
     assert out.stderr == ""  # llama.cpp's own logging stays out of the terminal
+
+
+def test_library_logs_nothing_to_stderr_on_interrupts():
+    """An expected prompt abort makes llama.cpp log warnings; they go to logging, not the terminal."""
+    code = (
+        "import threading, time\n"
+        "from llamacompat import init_llama\n"
+        "ctx = init_llama({'n_ctx': 1024})\n"
+        "t = threading.Thread(target=lambda: ctx.completion({'prompt': 'word ' * 900, 'n_predict': 2}))\n"
+        "t.start(); time.sleep(0.1); ctx.stop_completion(); t.join(); ctx.release()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == ""

@@ -161,3 +161,30 @@ def test_interrupt_during_prompt_evaluation(fresh_ctx):
     # the KV cache holds only what was fully evaluated: the next call is correct and complete
     after = fresh_ctx.completion({"prompt": PROMPT, "n_predict": 3, **GREEDY})
     assert after["tokens_predicted"] == 3 and not after["interrupted"]
+
+
+def test_interrupted_prompt_keeps_the_cache_consistent():
+    """Stop in the middle of a multi-batch prompt that extends a cached prefix; later answers stay exact."""
+    import time
+
+    from llamacompat import init_llama
+
+    prompt_a = "alpha " * 300 + "gamma " * 300
+    prompt_b = "alpha " * 300 + "beta " * 300
+    with init_llama({"n_ctx": 1024, "n_batch": 32, "n_threads": 2}) as ctx:
+        expected = ctx.completion({"prompt": prompt_a, "n_predict": 4, **GREEDY})
+        box = {}
+        worker = threading.Thread(target=lambda: box.update(r=ctx.completion({"prompt": prompt_b, "n_predict": 4})))
+        worker.start()
+        time.sleep(0.2)
+        ctx.stop_completion()
+        worker.join(10)
+        interrupted = box["r"]
+        assert interrupted["interrupted"] is True and interrupted["tokens_predicted"] == 0
+        assert 0 < interrupted["timings"]["prompt_n"] < 300  # stopped part-way through the new part
+        again = ctx.completion({"prompt": prompt_a, "n_predict": 4, **GREEDY})
+        assert again["timings"]["cache_n"] >= 300  # the shared prefix survived the abort
+        assert again["text"] == expected["text"]
+        # and equals a cold start (same n_batch: other batch splits change float rounding at near ties)
+        with init_llama({"n_ctx": 1024, "n_batch": 32, "n_threads": 2}) as fresh:
+            assert fresh.completion({"prompt": prompt_a, "n_predict": 4, **GREEDY})["text"] == expected["text"]

@@ -22,7 +22,14 @@ Support = Literal["native", "emulated", "missing"]
 
 
 class Interrupted(Exception):
-    """Raised by an adapter when ``stop`` was set while it evaluated the prompt."""
+    """Raised by an adapter when ``stop`` was set while it evaluated the prompt.
+
+    ``cache_n`` is how many prompt tokens came from the cache, as ``begin`` returns.
+    """
+
+    def __init__(self, cache_n: int = 0) -> None:
+        super().__init__("interrupted during prompt evaluation")
+        self.cache_n = cache_n
 
 
 @dataclass(frozen=True)

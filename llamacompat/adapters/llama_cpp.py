@@ -293,8 +293,11 @@ class LlamaCppAdapter(Adapter):
     def _check(self, rc: int) -> None:
         if rc == 0:
             return
-        # Aborted or fatal: processed ubatches stay in memory; drop what we did not record.
-        lc.llama_memory_seq_rm(self._mem, -1, len(self._tokens), -1)
+        # Aborted or failed: llama.cpp keeps some ubatches and drops others (it may drop
+        # from the failed batch's start). Trust the cache, not our record: keep what both hold.
+        kept = min(len(self._tokens), lc.llama_memory_seq_pos_max(self._mem, 0) + 1)
+        del self._tokens[kept:]
+        lc.llama_memory_seq_rm(self._mem, -1, kept, -1)
         if rc == 2:
             raise Interrupted()
         detail = _native_detail()
@@ -331,6 +334,9 @@ class LlamaCppAdapter(Adapter):
         lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
         try:
             self._decode(prompt[cached:])
+        except Interrupted as err:
+            err.cache_n = cached
+            raise
         finally:
             lc.llama_set_abort_callback(self._ctx, _NULL_ABORT, None)
         return cached
