@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from llamacompat import init_llama, release_all_llama
@@ -40,3 +43,20 @@ def fresh_ctx():
 
 
 GREEDY = {"temperature": 0}
+
+
+def run_in_background(ctx, params):
+    """Start ``ctx.completion(params)`` on a thread; return (thread, box) once the first token arrived.
+
+    ``box["result"]`` holds the result and ``box["done"]`` the perf_counter time it returned.
+    """
+    started, box = threading.Event(), {}
+
+    def run():
+        box["result"] = ctx.completion(params, lambda e: started.set())
+        box["done"] = time.perf_counter()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(30), "no token within 30 s"
+    return worker, box

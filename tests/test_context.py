@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 
@@ -19,23 +18,11 @@ from llamacompat import (
     init_llama,
 )
 
-from .conftest import GREEDY
-
-
-def _run_in_background(ctx, params):
-    started, box = threading.Event(), {}
-
-    def run():
-        box["result"] = ctx.completion(params, lambda e: started.set())
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    assert started.wait(30)
-    return worker, box
+from .conftest import GREEDY, run_in_background
 
 
 def test_second_completion_while_one_runs_is_busy(fresh_ctx):
-    worker, box = _run_in_background(fresh_ctx, {"prompt": "Count:", "n_predict": -1, "ignore_eos": True})
+    worker, box = run_in_background(fresh_ctx, {"prompt": "Count:", "n_predict": -1, "ignore_eos": True})
     with pytest.raises(ContextBusyError, match="Context is busy"):
         fresh_ctx.completion({"prompt": "Hi", "n_predict": 1})
     with pytest.raises(ContextBusyError):
@@ -49,7 +36,7 @@ def test_second_completion_while_one_runs_is_busy(fresh_ctx):
 
 def test_release_during_completion_interrupts_and_waits():
     ctx = init_llama({"n_ctx": 512})
-    worker, box = _run_in_background(ctx, {"prompt": "Count:", "n_predict": -1, "ignore_eos": True})
+    worker, box = run_in_background(ctx, {"prompt": "Count:", "n_predict": -1, "ignore_eos": True})
     ctx.release()
     worker.join(10)
     assert box["result"]["interrupted"] is True and box["result"]["context_released"] is True

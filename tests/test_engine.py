@@ -8,7 +8,7 @@ import pytest
 
 from llamacompat.engine import find_stop
 
-from .conftest import GREEDY
+from .conftest import GREEDY, run_in_background
 
 
 @pytest.mark.parametrize(
@@ -121,18 +121,7 @@ def test_callback_error_propagates_and_context_stays_usable(ctx):
 def test_interrupt_from_thread_is_fast(fresh_ctx):
     import time
 
-    started = threading.Event()
-    box = {}
-
-    def run():
-        box["result"] = fresh_ctx.completion(
-            {"prompt": PROMPT, "n_predict": -1, "ignore_eos": True}, lambda e: started.set()
-        )
-        box["done"] = time.perf_counter()
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    assert started.wait(30)
+    worker, box = run_in_background(fresh_ctx, {"prompt": PROMPT, "n_predict": -1, "ignore_eos": True})
     time.sleep(0.3)
     asked = time.perf_counter()
     fresh_ctx.stop_completion()

@@ -318,7 +318,7 @@ class LlamaCppAdapter(Adapter):
             raise UnsupportedFeatureError(f"{what} needs the model's weights: this context was created with vocab_only=True")
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
-        self._require_context("completion")
+        # (a vocab_only context declares completion "missing"; LlamaContext refuses before we get here)
         self._sampler = self._build_sampler(sampling, prompt)  # grammar errors before any work
         reuse = 0
         for a, b in zip(self._tokens, prompt):
