@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import threading
 import warnings
 import weakref
@@ -31,12 +32,14 @@ from .errors import (
     InvalidParamsError,
     LlamaCompatWarning,
     ModelLoadError,
+    SessionError,
     UnsupportedFeatureError,
 )
 from .gguf_info import load_model_info
 from .models import resolve_model
 from .registry import select_backend
-from .types import CompletionResult, EmbeddingResult, TokenCallback, TokenData, TokenizeResult
+from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
+from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenCallback, TokenData, TokenizeResult
 
 __all__ = [
     "LlamaContext",
@@ -201,6 +204,11 @@ class LlamaContext:
             self._busy.release()
             raise ContextReleasedError()
 
+    def _require(self, feature: str, what: str) -> None:
+        if not self._adapter.capabilities.supports(feature):
+            hint = " (it was created with vocab_only=True)" if self._params["vocab_only"] else ""
+            raise UnsupportedFeatureError(f"{what} is not available on this {self.backend} context{hint}")
+
     def _exclusive(self, fn: Callable[..., Any], *args: Any) -> Any:
         self._enter()
         try:
@@ -251,9 +259,7 @@ class LlamaContext:
 
     def _generation(self, params: dict[str, Any] | None) -> Generator[TokenData, None, CompletionResult]:
         """Validate, then run; the caller holds ``_busy``."""
-        if not self._adapter.capabilities.supports("completion"):
-            hint = " (it was created with vocab_only=True)" if self._params["vocab_only"] else ""
-            raise UnsupportedFeatureError(f"completion is not available on this {self.backend} context{hint}")
+        self._require("completion", "completion")
         request = self._request(params)
         self._stop.clear()
         result = yield from generate(self._adapter, request, self._stop)
@@ -354,6 +360,55 @@ class LlamaContext:
                 raise InvalidParamsError(f"bench: '{name}' must be an int >= 1, got {value!r}")
         return self._exclusive(self._adapter.bench, pp, tg, pl, nr)
 
+    # -- sessions ------------------------------------------------------------
+    def load_session(self, path: str) -> SessionLoadResult:
+        """Restore a saved KV cache; the next completion reuses it as a cached prefix.
+
+        A wrong, damaged or foreign file raises ``SessionError`` and leaves the context as it was.
+        """
+        path = _session_path(path, "load_session")
+
+        def run() -> SessionLoadResult:
+            self._require("session", "load_session")
+            if not os.path.isfile(path):
+                raise SessionError(f"Failed to load session: no such file: {path}")
+            saved = read_sidecar(path)
+            if saved is not None:
+                check_identity(saved, self._adapter.session_identity(), path)
+            tokens = self._adapter.load_session(path)
+            return {"tokens_loaded": len(tokens), "prompt": self._adapter.detokenize(tokens)}
+
+        return self._exclusive(run)
+
+    def save_session(self, path: str, token_size: int = -1) -> int:
+        """Save the cached tokens (the first ``token_size`` if > 0) and KV state; return the token count.
+
+        The file is written atomically (temporary file, fsync, rename): a failure leaves
+        any previous file intact. The model identity goes to ``<path>.llamacompat.json``.
+        """
+        path = _session_path(path, "save_session")
+        if isinstance(token_size, bool) or not isinstance(token_size, int):
+            raise InvalidParamsError(f"save_session: token_size must be an int (<= 0 saves all tokens), got {token_size!r}")
+
+        def run() -> int:
+            self._require("session", "save_session")
+            if os.path.isdir(path):
+                raise SessionError(f"Failed to save session: {path} is a folder; pass a file path")
+            saved: list[int] = []
+            try:
+                atomic_write(path, lambda tmp: saved.append(self._adapter.save_session(tmp, token_size)))
+            except SessionError:
+                raise
+            except OSError as err:
+                raise SessionError(f"Failed to save session: {path}: {err.strerror or err}") from err
+            try:
+                write_sidecar(path, self._adapter.session_identity(), saved[0])
+            except OSError as err:  # the session itself is saved; it just loads without the identity check
+                logger.warning("session %s saved, but its identity sidecar could not be written: %s", path, err)
+            return saved[0]
+
+        return self._exclusive(run)
+
     # -- lifetime ------------------------------------------------------------
     def release(self) -> None:
         """Interrupt any running completion, wait for it, free the model. Idempotent."""
@@ -381,6 +436,14 @@ class LlamaContext:
     def __repr__(self) -> str:
         state = "released" if self._released else "live"
         return f"<LlamaContext id={self.id} backend={self.backend} model={self._params['model']!r} {state}>"
+
+
+def _session_path(path: Any, where: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise InvalidParamsError(f"{where}: path must be a non-empty string, got {path!r}")
+    if path.startswith("file://"):  # llama.rn strips it on load only; we accept it on both
+        path = path[len("file://"):]
+    return os.path.expanduser(path)
 
 
 def _drain(gen: Generator[TokenData, None, CompletionResult], callback: TokenCallback | None) -> CompletionResult:
@@ -485,6 +548,10 @@ class AsyncLlamaContext:
         raise AttributeError(name)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run an exclusive call on the worker; busy/released raise at once, as in the sync context."""
+        self._ctx._check_alive()
+        if self._ctx._busy.locked():  # a completion holds the context (claimed before it was queued)
+            raise ContextBusyError()
         return await self._await(asyncio.get_running_loop().run_in_executor(self._executor, fn, *args))
 
     async def _await(self, future: "asyncio.Future[Any]") -> Any:
@@ -531,6 +598,12 @@ class AsyncLlamaContext:
 
     async def bench(self, pp: int, tg: int, pl: int = 1, nr: int = 1) -> dict[str, Any]:
         return await self._run(self._ctx.bench, pp, tg, pl, nr)
+
+    async def load_session(self, path: str) -> SessionLoadResult:
+        return await self._run(self._ctx.load_session, path)
+
+    async def save_session(self, path: str, token_size: int = -1) -> int:
+        return await self._run(self._ctx.save_session, path, token_size)
 
     async def release(self) -> None:
         self._ctx._stop.set()

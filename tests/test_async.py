@@ -101,3 +101,20 @@ def test_async_stream_aclose_frees_the_context():
         await ctx.release()
 
     run(main())
+
+
+def test_async_sessions(tmp_path):
+    path = str(tmp_path / "a.session")
+
+    async def main():
+        async with await init_llama_async({"n_ctx": 512}) as ctx:
+            await ctx.completion({"prompt": "Tell me about bees.", "n_predict": 0})
+            n = await ctx.save_session(path)
+            assert await ctx.load_session(path) == {"tokens_loaded": n, "prompt": "Tell me about bees."}
+            task = await _start_endless(ctx)
+            with pytest.raises(ContextBusyError):
+                await ctx.save_session(path)
+            ctx.stop_completion()
+            assert (await task)["interrupted"] is True
+
+    run(main())

@@ -8,6 +8,8 @@ so every backend behaves the same.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -167,6 +169,30 @@ class Adapter(ABC):
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
         """llama.rn's bench result (camelCase keys)."""
         raise UnsupportedFeatureError(f"bench is not supported by the {self.name} backend")
+
+    # -- sessions -----------------------------------------------------------
+    def save_session(self, path: str, n_tokens: int) -> int:
+        """Write the first ``n_tokens`` cached tokens (all if <= 0) and the state to ``path``; return the count.
+
+        ``path`` is a fresh temporary file: the context makes the write atomic.
+        """
+        raise UnsupportedFeatureError(f"sessions are not supported by the {self.name} backend")
+
+    def load_session(self, path: str) -> list[int]:
+        """Check and load the session at ``path``; return its tokens.
+
+        Raises ``SessionError`` with the cache exactly as it was before the call.
+        """
+        raise UnsupportedFeatureError(f"sessions are not supported by the {self.name} backend")
+
+    def session_identity(self) -> dict[str, Any]:
+        """Who would write a session: backend, model fingerprint and KV layout (the sidecar's content)."""
+        info = self.model_info()
+        summary = {key: info.get(key) for key in ("desc", "size", "n_params", "n_embd", "metadata")}
+        digest = hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()
+        name = (info.get("metadata") or {}).get("general.name")
+        return {"backend": self.name, "model": {"desc": info.get("desc"), "name": name, "fingerprint": digest},
+                "layout": {}}
 
     @abstractmethod
     def close(self) -> None:

@@ -27,8 +27,10 @@ from ..errors import (
     InvalidParamsError,
     ModelLoadError,
     OutOfMemoryError,
+    SessionError,
     UnsupportedFeatureError,
 )
+from ..sessions import check_header, read_header
 from .base import Adapter, Capabilities, Interrupted, SamplingParams
 
 try:
@@ -86,6 +88,18 @@ _NULL_ABORT = lc.ggml_abort_callback()
 _QUIET_PROGRESS = lc.llama_progress_callback(lambda _fraction, _user: True)
 
 
+# What a native session-load failure usually means, and the fix.
+_SESSION_HINTS = {
+    "V transposition": " (saved with another flash-attention setting: match 'flash_attn_type'; "
+                       "llama-cpp-python's Llama defaults to flash_attn=False, i.e. 'off')",
+    "key type": " (saved with another 'cache_type_k')",
+    "value type": " (saved with another 'cache_type_v')",
+    "row size": " (saved by a model of another shape)",
+    "layer count": " (saved by a model with another layer count)",
+    "cells": " (the file holds more tokens than this context's n_ctx)",
+}
+
+
 def default_threads() -> int:
     """Half the cores, at least one (llama.rn's iOS rule; the decode is memory bound)."""
     return max(1, (os.cpu_count() or 2) // 2)
@@ -129,7 +143,7 @@ class LlamaCppAdapter(Adapter):
         mparams.progress_callback = progress_cb
 
         _recent_problems.clear()
-        model = lc.llama_model_load_from_file(path.encode(), mparams)
+        model = lc.llama_model_load_from_file(os.fsencode(path), mparams)
         if not model:
             detail = _native_detail()
             raise ModelLoadError(f"Failed to load model: {path}" + (f" ({detail})" if detail else ""))
@@ -172,6 +186,7 @@ class LlamaCppAdapter(Adapter):
         cparams.embeddings = False  # switched on only inside embedding()
         cparams.no_perf = True
         self._flash_attn = cparams.flash_attn_type
+        self._cache_types = (params["cache_type_k"], params["cache_type_v"])
         self._n_gpu_layers = params["n_gpu_layers"] if lc.llama_supports_gpu_offload() else 0
         if not params["vocab_only"]:
             self._ctx = lc.llama_init_from_model(model, cparams)
@@ -204,6 +219,7 @@ class LlamaCppAdapter(Adapter):
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
             **({"completion": "missing", "embedding": "missing", "bench": "missing"} if self._ctx is None else {}),
             "interrupt_prompt": "native", "chat_template": "emulated",
+            "session": "native" if self._ctx is not None else "missing",
         })
 
     # -- model description -------------------------------------------------
@@ -486,6 +502,67 @@ class LlamaCppAdapter(Adapter):
             "tTg": t_tg, "speedTg": tg / t_tg if t_tg else 0.0,
             "t": t_pp + t_tg, "speed": (pp + tg) / (t_pp + t_tg) if t_pp + t_tg else 0.0,
         }
+
+    # -- sessions: llama.cpp's own ggsn files ------------------------------
+    def session_identity(self) -> dict[str, Any]:
+        identity = super().session_identity()
+        identity["layout"] = {"cache_type_k": self._cache_types[0], "cache_type_v": self._cache_types[1]}
+        return identity
+
+    def save_session(self, path: str, n_tokens: int) -> int:
+        self._require_context("save_session")
+        tokens = self._tokens[:n_tokens] if n_tokens > 0 else self._tokens
+        arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
+        # The whole KV state is written even when n_tokens trims the list (llama.rn does the same);
+        # load_session drops the cells past the saved tokens.
+        expected = 12 + 4 * len(tokens) + lc.llama_state_get_size(self._ctx)
+        _recent_problems.clear()
+        if not lc.llama_state_save_file(self._ctx, os.fsencode(path), arr, len(tokens)):
+            raise SessionError(f"Failed to save session: {_native_detail() or 'llama_state_save_file failed'}")
+        written = os.path.getsize(path)
+        if written != expected:  # llama.cpp does not check the final flush: a full disk shows up here
+            raise SessionError(f"Failed to save session: wrote {written} of {expected} bytes (is the disk full?)")
+        return len(tokens)
+
+    def load_session(self, path: str) -> list[int]:
+        self._require_context("load_session")
+        header = read_header(path)
+        check_header(header, path, version=lc.LLAMA_SESSION_VERSION, capacity=self.n_ctx, n_vocab=self.n_vocab,
+                     arch=self._metadata.get("general.architecture"))
+        snapshot = self._snapshot()
+        buf = (lc.llama_token * max(1, header.n_tokens))()
+        count = ctypes.c_size_t(0)
+        _recent_problems.clear()
+        ok = lc.llama_state_load_file(self._ctx, os.fsencode(path), buf, header.n_tokens, ctypes.byref(count))
+        tokens = buf[: count.value] if ok else []
+        cached = lc.llama_memory_seq_pos_max(self._mem, 0) + 1
+        if not ok or cached < len(tokens):
+            detail = _native_detail() if not ok else f"its KV state holds {cached} of {len(tokens)} tokens"
+            self._restore(snapshot)
+            hint = next((h for key, h in _SESSION_HINTS.items() if key in detail), "")
+            raise SessionError(f"Failed to load session: {path}: {detail or 'llama_state_load_file failed'}{hint}")
+        if cached > len(tokens):  # saved with token_size: keep only the listed tokens
+            lc.llama_memory_seq_rm(self._mem, -1, len(tokens), -1)
+        self._tokens = list(tokens)
+        self._pending = None
+        return list(tokens)
+
+    def _snapshot(self) -> tuple[Any, list[int]] | None:
+        """The KV state in memory, so a failed load can put it back (None when the cache is empty)."""
+        if not self._tokens:
+            return None
+        size = lc.llama_state_get_size(self._ctx)
+        data = (ctypes.c_uint8 * size)()
+        lc.llama_state_get_data(self._ctx, data, size)
+        return data, list(self._tokens)
+
+    def _restore(self, snapshot: tuple[Any, list[int]] | None) -> None:
+        lc.llama_memory_clear(self._mem, True)
+        self._tokens, self._pending = [], None
+        if snapshot is not None:
+            data, tokens = snapshot
+            if lc.llama_state_set_data(self._ctx, data, len(data)) == len(data):
+                self._tokens = tokens
 
     def close(self) -> None:
         self.end()
