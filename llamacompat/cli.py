@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from . import init_llama, load_llama_model_info
 from .errors import LlamaError
 from .models import DEFAULT_MODEL
+from .sessions import read_header, read_sidecar
 
 __all__ = ["main"]
 
@@ -38,7 +39,40 @@ def _build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a GGUF file's metadata without loading it")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
+    session = sub.add_parser("session", help="work with session files").add_subparsers(dest="action", required=True)
+    inspect = session.add_parser("inspect", help="print a session file's header, identity and (with --model) its text")
+    inspect.add_argument("file")
+    inspect.add_argument("--model", help="model whose vocabulary turns the tokens back into text")
+    inspect.add_argument("--json", action="store_true")
     return parser
+
+
+def _inspect_session(args: argparse.Namespace) -> int:
+    path = args.file[len("file://"):] if args.file.startswith("file://") else args.file
+    header = read_header(path)
+    sidecar = read_sidecar(path)
+    report: dict[str, Any] = {
+        "file": path, "size": header.file_size, "format": "llama.cpp session (ggsn)", "version": header.version,
+        "arch": header.arch, "n_tokens": header.n_tokens, "state_bytes": header.state_size,
+        "saved_by": {k: sidecar[k] for k in ("backend", "model", "layout")} if sidecar else None,
+    }
+    if args.model:
+        with init_llama({"model": args.model, "vocab_only": True}) as ctx:
+            report["prompt"] = ctx.detokenize(header.tokens)
+    if args.json:
+        print(json.dumps({**report, "tokens": header.tokens}, indent=2, ensure_ascii=False))
+        return 0
+    saved_by = "unknown (no sidecar, or the file was rewritten since)"
+    if sidecar:
+        model, layout = sidecar["model"], sidecar["layout"]
+        saved_by = f"{sidecar['backend']}: {model.get('name') or model.get('desc')} [{model.get('fingerprint', '')[:12]}]"
+        saved_by += "".join(f", {k}={v}" for k, v in sorted(layout.items()))
+    print(f"file      {path} ({header.file_size} bytes)")
+    print(f"format    llama.cpp session (ggsn), version {header.version}, arch {header.arch}")
+    print(f"tokens    {header.n_tokens} (+ {header.state_size} bytes of state)")
+    print(f"saved by  {saved_by}")
+    print(f"prompt    {report['prompt']!r}" if "prompt" in report else "prompt    (pass --model to show the text)")
+    return 0
 
 
 def _run_completion(args: argparse.Namespace, request: dict[str, Any]) -> int:
@@ -74,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     value = value if len(value) <= 100 else value[:97] + "..."
                     print(f"{key:<{width}}  {value}".replace("\n", "\\n"))
             return 0
+        if args.command == "session":
+            return _inspect_session(args)
         if args.command == "complete":
             return _run_completion(args, {"prompt": args.prompt})
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

@@ -56,3 +56,18 @@ def test_library_logs_nothing_to_stderr_on_interrupts():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stderr == ""
+
+
+def test_session_inspect(capsys, ctx, tmp_path):
+    path = str(tmp_path / "s.session")
+    ctx.completion({"prompt": "Hello, sea", "n_predict": 0})
+    n = ctx.save_session(path)
+    assert main(["session", "inspect", path, "--model", "smollm2"]) == 0
+    out = capsys.readouterr().out
+    assert f"tokens    {n} " in out and "saved by  llama_cpp: Smollm2" in out and "prompt    'Hello, sea'" in out
+    assert main(["session", "inspect", "file://" + path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == ctx.tokenize("Hello, sea")["tokens"] and report["saved_by"]["backend"] == "llama_cpp"
+    (tmp_path / "junk").write_bytes(b"not a session at all")
+    assert main(["session", "inspect", str(tmp_path / "junk")]) == 1
+    assert "not a llama.cpp session file" in capsys.readouterr().err
