@@ -39,12 +39,35 @@ def _build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a GGUF file's metadata without loading it")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
+    conformance = sub.add_parser("conformance", help="run the conformance checks against a backend and print a table")
+    conformance.add_argument("--backend", action="append", default=[],
+                             help="backend to check (repeatable; default: every installed built-in backend)")
+    conformance.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                             help="init_llama param (repeatable; VALUE is JSON or a string), e.g. model=/path/to.gguf")
+    conformance.add_argument("--check", action="append", default=[], help="run only this check (repeatable)")
     session = sub.add_parser("session", help="work with session files").add_subparsers(dest="action", required=True)
     inspect = session.add_parser("inspect", help="print a session file's header, identity and (with --model) its text")
     inspect.add_argument("file")
     inspect.add_argument("--model", help="model whose vocabulary turns the tokens back into text")
     inspect.add_argument("--json", action="store_true")
     return parser
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from .conformance import CHECKS, run_checks
+    from .conformance.plugin import installed_builtin_backends, parse_params
+    from .conformance.report import format_report
+
+    unknown = [name for name in args.check if name not in CHECKS]
+    if unknown:
+        print(f"llamacompat: unknown check {unknown[0]!r}; checks: {', '.join(CHECKS)}", file=sys.stderr)
+        return 2
+    failed = False
+    for backend in args.backend or installed_builtin_backends():
+        outcomes = run_checks(backend, parse_params(args.param), args.check or None)
+        print(format_report(backend, outcomes))
+        failed = failed or any(o.status == "failed" for o in outcomes)
+    return 1 if failed else 0
 
 
 def _inspect_session(args: argparse.Namespace) -> int:
@@ -108,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     value = value if len(value) <= 100 else value[:97] + "..."
                     print(f"{key:<{width}}  {value}".replace("\n", "\\n"))
             return 0
+        if args.command == "conformance":
+            return _conformance(args)
         if args.command == "session":
             return _inspect_session(args)
         if args.command == "complete":

@@ -253,9 +253,20 @@ class LlamaContext:
         ignored = None if self._strict else P.COMPLETION_IGNORED
         p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET,
                        ignored=ignored)
+        self._check_features(p)
         tokens = self._prompt_tokens(p)
         sampling = SamplingParams.from_params(p, self._resolve_logit_bias(p["logit_bias"]))
         return CompletionRequest(tokens, sampling, p["n_predict"], tuple(p["stop"]), p["n_probs"])
+
+    def _check_features(self, p: dict[str, Any]) -> None:
+        caps = self._adapter.capabilities
+        for feature, name in P.features_used(p):
+            if caps.supports(feature):
+                continue
+            message = f"completion: '{name}' needs '{feature}', which the {self.backend} backend does not support"
+            if feature in P.REFUSED_WHEN_MISSING:
+                raise UnsupportedFeatureError(message + " (refused rather than generating unconstrained output)")
+            _unsupported(self._strict, message + " (ignored)")
 
     def _generation(self, params: dict[str, Any] | None) -> Generator[TokenData, None, CompletionResult]:
         """Validate, then run; the caller holds ``_busy``."""

@@ -55,13 +55,14 @@ def _is_message_list(value: Any) -> bool:
 
 
 _SEED_MAX = 2**32 - 1
+_INT32_MAX = 2**31 - 1  # llama.rn's native side holds n_predict in an int32
 
 COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field((str,), None, nullable=True),
     "messages": Field((list,), None, _is_message_list, "a non-empty list of message dicts", nullable=True),
     "chat_template": Field((str,), None, nullable=True),
     "add_generation_prompt": _bool(True),
-    "n_predict": _int(-1, lambda v: v >= -1, "-1 (no limit) or >= 0"),
+    "n_predict": _int(-1, lambda v: -1 <= v <= _INT32_MAX, f"-1 (no limit) or 0..{_INT32_MAX}"),
     "stop": Field((list, tuple), (), lambda v: _is_str_list(v) and all(v), "a list of non-empty strings"),
     "temperature": _number(0.8, lambda v: v >= 0 and math.isfinite(v), ">= 0 (0 = greedy)"),
     "top_k": _int(40, lambda v: v >= 0, ">= 0 (0 = disabled)"),
@@ -93,6 +94,42 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "reasoning_format": Field((str,), "none", lambda v: v == "none", "'none' (reasoning parsing comes with chat parsing)"),
     "jinja": _bool(True),
 }
+
+# Capability name -> the completion params that use it (used = not the default).
+# A backend that lacks the feature refuses a grammar outright (never unconstrained
+# output) and ignores a sampling setting with a LlamaCompatWarning (an error with strict).
+FEATURE_PARAMS: dict[str, tuple[str, ...]] = {
+    "grammar": ("grammar",),
+    "top_k": ("top_k",),
+    "top_p": ("top_p",),
+    "min_p": ("min_p",),
+    "typical_p": ("typical_p",),
+    "xtc": ("xtc_probability",),
+    "top_n_sigma": ("top_n_sigma",),
+    "penalties": ("penalty_repeat", "penalty_freq", "penalty_present"),
+    "mirostat": ("mirostat",),
+    "dry": ("dry_multiplier",),
+    "seed": ("seed",),
+    "logit_bias": ("logit_bias",),
+    "ignore_eos": ("ignore_eos",),
+    "n_probs": ("n_probs",),
+}
+REFUSED_WHEN_MISSING = frozenset({"grammar"})
+
+
+def features_used(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(feature, param) for every capability a validated completion request relies on."""
+    used = []
+    for feature, names in FEATURE_PARAMS.items():
+        for name in names:
+            default = COMPLETION_FIELDS[name].default
+            value = params.get(name, default)
+            if value is None or value == default or (isinstance(default, tuple) and not value):
+                continue
+            used.append((feature, name))
+            break
+    return used
+
 
 # llama.rn completion keys that change what is generated and that llamacompat
 # does not implement yet: refusing them beats silently unconstrained output.

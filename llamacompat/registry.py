@@ -11,7 +11,7 @@ from .adapters.base import Adapter
 from .errors import BackendUnavailableError
 from .params import unknown_key_error
 
-__all__ = ["BUILTIN", "get_adapter", "available_backends", "select_backend"]
+__all__ = ["BUILTIN", "get_adapter", "available_backends", "select_backend", "register_adapter", "unregister_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,21 @@ ENTRY_POINT_GROUP = "llamacompat.adapters"
 BUILTIN = {"llama_cpp": "llamacompat.adapters.llama_cpp:LlamaCppAdapter"}
 # the order "auto" tries backends in
 AUTO_ORDER = ("llama_cpp",)
+# adapters registered at run time (tests, or an adapter under development before it has an entry point)
+_registered: dict[str, Type[Adapter]] = {}
+
+
+def register_adapter(name: str, adapter: Type[Adapter]) -> None:
+    """Make ``adapter`` available as ``backend: name`` in this process (entry points do it for installs)."""
+    if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+        raise TypeError(f"register_adapter: {adapter!r} is not an llamacompat Adapter subclass")
+    if name in BUILTIN or name == "auto":
+        raise ValueError(f"register_adapter: '{name}' is a built-in backend name")
+    _registered[name] = adapter
+
+
+def unregister_adapter(name: str) -> None:
+    _registered.pop(name, None)
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
@@ -28,11 +43,13 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 
 def available_backends() -> list[str]:
     """Every backend name known (built-in and registered), installed or not."""
-    return sorted(set(BUILTIN) | set(_entry_points()))
+    return sorted(set(BUILTIN) | set(_registered) | set(_entry_points()))
 
 
 def get_adapter(name: str) -> Type[Adapter]:
     """The adapter class for ``name``; ``BackendUnavailableError`` says what to install."""
+    if name in _registered:
+        return _registered[name]
     if name in BUILTIN:
         module_name, _, class_name = BUILTIN[name].partition(":")
         try:
