@@ -45,12 +45,50 @@ def _build_parser() -> argparse.ArgumentParser:
     conformance.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                              help="init_llama param (repeatable; VALUE is JSON or a string), e.g. model=/path/to.gguf")
     conformance.add_argument("--check", action="append", default=[], help="run only this check (repeatable)")
+    grammar = sub.add_parser("grammar", help="check GBNF grammars, list and show the built-in ones")
+    grammar_sub = grammar.add_subparsers(dest="action", required=True)
+    check = grammar_sub.add_parser("check", help="parse and check GBNF files ('-' reads standard input)")
+    check.add_argument("files", nargs="+")
+    grammar_sub.add_parser("list", help="list the built-in grammars")
+    show = grammar_sub.add_parser("show", help="print a built-in grammar")
+    show.add_argument("name")
     session = sub.add_parser("session", help="work with session files").add_subparsers(dest="action", required=True)
     inspect = session.add_parser("inspect", help="print a session file's header, identity and (with --model) its text")
     inspect.add_argument("file")
     inspect.add_argument("--model", help="model whose vocabulary turns the tokens back into text")
     inspect.add_argument("--json", action="store_true")
     return parser
+
+
+def _grammar(args: argparse.Namespace) -> int:
+    from .grammars import BUILTIN_GRAMMARS, builtin_grammar, parse_gbnf
+
+    if args.action == "list":
+        for name in BUILTIN_GRAMMARS:
+            first = builtin_grammar(name).splitlines()[0].lstrip("# ")
+            print(f"{name:<12} {first}")
+        return 0
+    if args.action == "show":
+        sys.stdout.write(builtin_grammar(args.name))
+        return 0
+    failed = 0
+    for path in args.files:
+        try:
+            source = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"{path}: cannot read: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            grammar = parse_gbnf(source)
+        except LlamaError as err:
+            line, column = getattr(err, "line", 0), getattr(err, "column", 0)
+            print(f"{path}:{line}:{column}: {getattr(err, 'problem', str(err))}"
+                  + (f" (rule '{err.rule}')" if getattr(err, "rule", None) else ""), file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: ok ({len(grammar.rules)} rules)")
+    return 1 if failed else 0
 
 
 def _conformance(args: argparse.Namespace) -> int:
@@ -131,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     value = value if len(value) <= 100 else value[:97] + "..."
                     print(f"{key:<{width}}  {value}".replace("\n", "\\n"))
             return 0
+        if args.command == "grammar":
+            return _grammar(args)
         if args.command == "conformance":
             return _conformance(args)
         if args.command == "session":

@@ -36,6 +36,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .gguf_info import load_model_info
+from .grammars.builtin import checked_grammar
 from .models import resolve_model
 from .registry import select_backend
 from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
@@ -254,6 +255,8 @@ class LlamaContext:
         p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET,
                        ignored=ignored)
         self._check_features(p)
+        if p["grammar"] is not None:  # checked here, so a bad grammar fails the same way on every backend
+            p["grammar"] = checked_grammar(p["grammar"])
         tokens = self._prompt_tokens(p)
         sampling = SamplingParams.from_params(p, self._resolve_logit_bias(p["logit_bias"]))
         return CompletionRequest(tokens, sampling, p["n_predict"], tuple(p["stop"]), p["n_probs"])

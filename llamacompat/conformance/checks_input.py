@@ -98,7 +98,12 @@ def check_bad_input(kit: Kit) -> None:
         ("unknown init key", InvalidParamsError, lambda: init_llama({**kit.params, "n_ctxx": 64}), "n_ctx"),
     ]
     if kit.supports("grammar"):
-        cases.append(("invalid grammar", GrammarError, lambda: ctx.completion({**request, "grammar": 'root ::= "a'}), ""))
+        cases += [
+            ("invalid grammar", GrammarError, lambda: ctx.completion({**request, "grammar": 'root ::= "a'}), "line 1"),
+            # well-formed GBNF, but the token is not in the vocabulary: only the backend can tell
+            ("grammar with an unknown token", GrammarError,
+             lambda: ctx.completion({**request, "grammar": "root ::= <|no-such-token-here|>"}), ""),
+        ]
     for what, error, call, match in cases:
         _expect(error, call, what, match)
         after = ctx.completion({**request, "n_predict": 2})
