@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from . import init_llama, load_llama_model_info
 from .errors import LlamaError
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, local_path
 from .sessions import read_header, read_sidecar
 
 __all__ = ["main"]
@@ -93,23 +93,29 @@ def _grammar(args: argparse.Namespace) -> int:
 
 def _conformance(args: argparse.Namespace) -> int:
     from .conformance import CHECKS, run_checks
-    from .conformance.plugin import installed_builtin_backends, parse_params
+    from .conformance.kit import parse_params
     from .conformance.report import format_report
+    from .registry import installed_builtin_backends
 
     unknown = [name for name in args.check if name not in CHECKS]
     if unknown:
         print(f"llamacompat: unknown check {unknown[0]!r}; checks: {', '.join(CHECKS)}", file=sys.stderr)
         return 2
+    try:
+        params = parse_params(args.param)
+    except ValueError as err:
+        print(f"llamacompat: --param: {err}", file=sys.stderr)
+        return 2
     failed = False
     for backend in args.backend or installed_builtin_backends():
-        outcomes = run_checks(backend, parse_params(args.param), args.check or None)
+        outcomes = run_checks(backend, params, args.check or None)
         print(format_report(backend, outcomes))
         failed = failed or any(o.status == "failed" for o in outcomes)
     return 1 if failed else 0
 
 
 def _inspect_session(args: argparse.Namespace) -> int:
-    path = args.file[len("file://"):] if args.file.startswith("file://") else args.file
+    path = local_path(args.file)
     header = read_header(path)
     sidecar = read_sidecar(path)
     report: dict[str, Any] = {

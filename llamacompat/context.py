@@ -37,7 +37,7 @@ from .errors import (
 )
 from .gguf_info import load_model_info
 from .grammars.builtin import checked_grammar
-from .models import resolve_model
+from .models import local_path, resolve_model
 from .registry import select_backend
 from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
 from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenCallback, TokenData, TokenizeResult
@@ -351,6 +351,7 @@ class LlamaContext:
         def run() -> EmbeddingResult:
             if not self._params["embedding"]:
                 raise EmbeddingDisabledError("Embedding is not enabled: create the context with 'embedding': True")
+            self._require("embedding", "embedding")
             tokens = self._adapter.tokenize(text, True)
             return {"embedding": normalize_embedding(self._adapter.embedding(tokens), mode)}
 
@@ -372,7 +373,12 @@ class LlamaContext:
         for name, value in (("pp", pp), ("tg", tg), ("pl", pl), ("nr", nr)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParamsError(f"bench: '{name}' must be an int >= 1, got {value!r}")
-        return self._exclusive(self._adapter.bench, pp, tg, pl, nr)
+
+        def run() -> dict[str, Any]:
+            self._require("bench", "bench")
+            return self._adapter.bench(pp, tg, pl, nr)
+
+        return self._exclusive(run)
 
     # -- sessions ------------------------------------------------------------
     def load_session(self, path: str) -> SessionLoadResult:
@@ -455,9 +461,7 @@ class LlamaContext:
 def _session_path(path: Any, where: str) -> str:
     if not isinstance(path, str) or not path:
         raise InvalidParamsError(f"{where}: path must be a non-empty string, got {path!r}")
-    if path.startswith("file://"):  # llama.rn strips it on load only; we accept it on both
-        path = path[len("file://"):]
-    return os.path.expanduser(path)
+    return local_path(path)  # llama.rn strips file:// on load only; we accept it on both
 
 
 def _drain(gen: Generator[TokenData, None, CompletionResult], callback: TokenCallback | None) -> CompletionResult:

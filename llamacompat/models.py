@@ -12,7 +12,7 @@ import os
 
 from .errors import ModelLoadError
 
-__all__ = ["DEFAULT_MODEL", "default_model_path", "resolve_model"]
+__all__ = ["DEFAULT_MODEL", "default_model_path", "resolve_model", "local_path"]
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +36,11 @@ def resolve_model(model: str | None) -> str:
     """``None`` or ``"smollm2"`` → the packaged file; ``file://`` stripped as llama.rn does."""
     if model in (None, "", DEFAULT_MODEL):
         return default_model_path()
-    if model.startswith("file://"):
-        model = model[len("file://"):]
-    return os.path.expanduser(model)
+    return local_path(model)
+
+
+def local_path(path: str) -> str:
+    """A file path as llama.rn apps pass it: ``file://`` stripped, ``~`` expanded."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return os.path.expanduser(path)

@@ -11,7 +11,8 @@ from .adapters.base import Adapter
 from .errors import BackendUnavailableError
 from .params import unknown_key_error
 
-__all__ = ["BUILTIN", "get_adapter", "available_backends", "select_backend", "register_adapter", "unregister_adapter"]
+__all__ = ["BUILTIN", "get_adapter", "available_backends", "installed_builtin_backends", "select_backend",
+           "register_adapter", "unregister_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,18 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 def available_backends() -> list[str]:
     """Every backend name known (built-in and registered), installed or not."""
     return sorted(set(BUILTIN) | set(_registered) | set(_entry_points()))
+
+
+def installed_builtin_backends() -> list[str]:
+    """The built-in backends whose runtime is installed (their adapter imports)."""
+    names = []
+    for name in BUILTIN:
+        try:
+            get_adapter(name)
+        except BackendUnavailableError:
+            continue
+        names.append(name)
+    return names
 
 
 def get_adapter(name: str) -> Type[Adapter]:

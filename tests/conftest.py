@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from llamacompat import init_llama, release_all_llama
+from llamacompat.conformance.kit import GREEDY, run_in_background  # noqa: F401  (shared with the suite)
 from llamacompat.models import default_model_path
 
 
@@ -41,22 +39,3 @@ def fresh_ctx():
     yield context
     context.release()
 
-
-GREEDY = {"temperature": 0}
-
-
-def run_in_background(ctx, params):
-    """Start ``ctx.completion(params)`` on a thread; return (thread, box) once the first token arrived.
-
-    ``box["result"]`` holds the result and ``box["done"]`` the perf_counter time it returned.
-    """
-    started, box = threading.Event(), {}
-
-    def run():
-        box["result"] = ctx.completion(params, lambda e: started.set())
-        box["done"] = time.perf_counter()
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    assert started.wait(30), "no token within 30 s"
-    return worker, box

@@ -28,7 +28,6 @@ from ..errors import (
     ModelLoadError,
     OutOfMemoryError,
     SessionError,
-    UnsupportedFeatureError,
 )
 from ..sessions import check_header, read_header
 from .base import Adapter, Capabilities, Interrupted, SamplingParams
@@ -329,12 +328,9 @@ class LlamaCppAdapter(Adapter):
                 keep = 0
             del self._tokens[keep:]
 
-    def _require_context(self, what: str) -> None:
-        if self._ctx is None:
-            raise UnsupportedFeatureError(f"{what} needs the model's weights: this context was created with vocab_only=True")
-
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
-        # (a vocab_only context declares completion "missing"; LlamaContext refuses before we get here)
+        # (a vocab_only context lists completion, embedding, bench and session as "missing":
+        # LlamaContext refuses those calls before they reach the adapter)
         self._sampler = self._build_sampler(sampling, prompt)  # grammar errors before any work
         reuse = 0
         for a, b in zip(self._tokens, prompt):
@@ -450,7 +446,6 @@ class LlamaCppAdapter(Adapter):
 
     # -- embeddings and bench ----------------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:
-        self._require_context("embedding")
         if len(tokens) > self._n_batch:
             raise ContextFullError(f"Context is full: {len(tokens)} tokens to embed, n_batch is {self._n_batch}")
         lc.llama_memory_clear(self._mem, True)  # llama.rn clears the KV cache too
@@ -473,7 +468,6 @@ class LlamaCppAdapter(Adapter):
             lc.llama_memory_clear(self._mem, True)
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
-        self._require_context("bench")
         if pl != 1:
             raise InvalidParamsError(f"bench: pl must be 1 (this context holds one sequence), got {pl}")
         if pp + tg > self.n_ctx:
@@ -510,7 +504,6 @@ class LlamaCppAdapter(Adapter):
         return identity
 
     def save_session(self, path: str, n_tokens: int) -> int:
-        self._require_context("save_session")
         tokens = self._tokens[:n_tokens] if n_tokens > 0 else self._tokens
         arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
         # The whole KV state is written even when n_tokens trims the list (llama.rn does the same);
@@ -525,7 +518,6 @@ class LlamaCppAdapter(Adapter):
         return len(tokens)
 
     def load_session(self, path: str) -> list[int]:
-        self._require_context("load_session")
         header = read_header(path)
         check_header(header, path, version=lc.LLAMA_SESSION_VERSION, capacity=self.n_ctx, n_vocab=self.n_vocab,
                      arch=self._metadata.get("general.architecture"))

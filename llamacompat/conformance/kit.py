@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -12,7 +14,7 @@ from ..context import LlamaContext, init_llama
 from ..errors import LlamaCompatWarning, UnsupportedFeatureError
 
 __all__ = ["Kit", "Check", "CHECKS", "check", "NotApplicable", "GREEDY", "run_in_background", "refused",
-           "assert_refused", "no_warnings"]
+           "assert_refused", "no_warnings", "parse_params"]
 
 GREEDY = {"temperature": 0}
 
@@ -50,6 +52,20 @@ class Kit:
             self._shared = None
 
 
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["n_ctx=512", "model=/m.gguf"]`` -> init params; values are JSON where they parse, else strings."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    return params
+
+
 def _supports(ctx: LlamaContext, feature: str) -> bool:
     return ctx.capabilities["features"].get(feature, "missing") != "missing"
 
@@ -80,7 +96,10 @@ def check(title: str) -> Callable[[Callable[[Kit], None]], Callable[[Kit], None]
 
 
 def run_in_background(ctx: LlamaContext, params: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Start a completion on a thread; return once its first token arrived. ``box`` gets result or error."""
+    """Start a completion on a thread; return once its first token arrived.
+
+    ``box`` gets ``result`` or ``error``, and ``done``: the perf_counter time the call returned.
+    """
     started, box = threading.Event(), {}
 
     def run() -> None:
@@ -89,6 +108,7 @@ def run_in_background(ctx: LlamaContext, params: dict[str, Any]) -> tuple[thread
         except BaseException as err:  # reported by the check, not lost on the thread
             box["error"] = err
         finally:
+            box["done"] = time.perf_counter()
             started.set()
 
     worker = threading.Thread(target=run, daemon=True)

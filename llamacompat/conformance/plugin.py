@@ -7,10 +7,12 @@ values parsed as JSON when they can be) adds init params, e.g. ``model=/path.ggu
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
+
+from ..registry import installed_builtin_backends
+from .kit import Kit, parse_params
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -21,31 +23,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="init_llama param for the checked contexts (repeatable; VALUE is JSON or a string)")
 
 
-def parse_params(items: list[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise pytest.UsageError(f"--llamacompat-param wants KEY=VALUE, got {item!r}")
-        try:
-            params[key] = json.loads(raw)
-        except ValueError:
-            params[key] = raw
-    return params
-
-
-def installed_builtin_backends() -> list[str]:
-    from ..errors import BackendUnavailableError
-    from ..registry import BUILTIN, get_adapter
-
-    names = []
-    for name in BUILTIN:
-        try:
-            get_adapter(name)
-        except BackendUnavailableError:
-            continue
-        names.append(name)
-    return names
+def _params(config: pytest.Config) -> dict[str, Any]:
+    try:
+        return parse_params(config.getoption("llamacompat_param"))
+    except ValueError as err:
+        raise pytest.UsageError(f"--llamacompat-param: {err}") from None
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -56,8 +38,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def conformance_kit(request: pytest.FixtureRequest, conformance_backend: str):
-    from .kit import Kit
-
-    kit = Kit(conformance_backend, parse_params(request.config.getoption("llamacompat_param")))
+    kit = Kit(conformance_backend, _params(request.config))
     yield kit
     kit.close()
