@@ -36,6 +36,7 @@ from .errors import (
     TemplateError,
     UnsupportedFeatureError,
 )
+from .grammars.schema import convert_json_schema_to_grammar
 from .registry import available_backends
 
 # A library logs; the application decides where logs go (no stderr output by default).
@@ -48,6 +49,7 @@ __all__ = [
     "init_llama_async",
     "release_all_llama",
     "load_llama_model_info",
+    "convert_json_schema_to_grammar",
     "available_backends",
     "LlamaContext",
     "AsyncLlamaContext",

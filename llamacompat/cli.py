@@ -8,7 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from . import init_llama, load_llama_model_info
-from .errors import LlamaError
+from .errors import LlamaCompatWarning, LlamaError
 from .models import DEFAULT_MODEL, local_path
 from .sessions import read_header, read_sidecar
 
@@ -45,10 +45,18 @@ def _build_parser() -> argparse.ArgumentParser:
     conformance.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                              help="init_llama param (repeatable; VALUE is JSON or a string), e.g. model=/path/to.gguf")
     conformance.add_argument("--check", action="append", default=[], help="run only this check (repeatable)")
-    grammar = sub.add_parser("grammar", help="check GBNF grammars, list and show the built-in ones")
+    grammar = sub.add_parser("grammar", help="check and test GBNF grammars, convert JSON schemas, list and show the built-in ones")
     grammar_sub = grammar.add_subparsers(dest="action", required=True)
     check = grammar_sub.add_parser("check", help="parse and check GBNF files ('-' reads standard input)")
     check.add_argument("files", nargs="+")
+    from_schema = grammar_sub.add_parser("from-schema", help="convert a JSON schema file to GBNF ('-' reads standard input)")
+    from_schema.add_argument("file")
+    from_schema.add_argument("--prop-order", default="", help="comma-separated properties to put first")
+    from_schema.add_argument("--dotall", action="store_true", help="let '.' in patterns match line breaks")
+    from_schema.add_argument("--strict", action="store_true", help="refuse keywords the grammar cannot enforce")
+    test = grammar_sub.add_parser("test", help="say whether a text is in a grammar's language (exit 0 if it is)")
+    test.add_argument("grammar", help="GBNF file, or the name of a built-in grammar")
+    test.add_argument("text", help="the text, or '-' to read it from standard input")
     grammar_sub.add_parser("list", help="list the built-in grammars")
     show = grammar_sub.add_parser("show", help="print a built-in grammar")
     show.add_argument("name")
@@ -71,10 +79,14 @@ def _grammar(args: argparse.Namespace) -> int:
     if args.action == "show":
         sys.stdout.write(builtin_grammar(args.name))
         return 0
+    if args.action == "from-schema":
+        return _from_schema(args)
+    if args.action == "test":
+        return _test_grammar(args)
     failed = 0
     for path in args.files:
         try:
-            source = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+            source = _read(path)
         except (OSError, UnicodeDecodeError) as err:
             print(f"{path}: cannot read: {err}", file=sys.stderr)
             failed += 1
@@ -89,6 +101,47 @@ def _grammar(args: argparse.Namespace) -> int:
             continue
         print(f"{path}: ok ({len(grammar.rules)} rules)")
     return 1 if failed else 0
+
+
+def _read(path: str) -> str:
+    return sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+
+
+def _from_schema(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .grammars import convert_json_schema_to_grammar
+
+    try:
+        text = _read(args.file)
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"{args.file}: cannot read: {err}", file=sys.stderr)
+        return 1
+    order = [name for name in args.prop_order.split(",") if name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LlamaCompatWarning)
+        grammar = convert_json_schema_to_grammar(text, order or None, args.dotall, strict=args.strict)
+    for warning in caught:
+        print(f"llamacompat: warning: {warning.message}", file=sys.stderr)
+    sys.stdout.write(grammar)
+    return 0
+
+
+def _test_grammar(args: argparse.Namespace) -> int:
+    from .grammars import accepts, resolve_grammar
+
+    source = args.grammar if "::=" in args.grammar else None
+    if source is None:
+        try:
+            source = _read(args.grammar)
+        except OSError:
+            source = resolve_grammar(args.grammar)  # a built-in grammar's name
+    text = _read(args.text) if args.text == "-" else args.text
+    if accepts(source, text):
+        print("accepted")
+        return 0
+    print("rejected")
+    return 1
 
 
 def _conformance(args: argparse.Namespace) -> int:

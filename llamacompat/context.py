@@ -37,6 +37,7 @@ from .errors import (
 )
 from .gguf_info import load_model_info
 from .grammars.builtin import checked_grammar
+from .grammars.schema import convert_json_schema_to_grammar
 from .models import local_path, resolve_model
 from .registry import select_backend
 from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
@@ -254,9 +255,16 @@ class LlamaContext:
         ignored = None if self._strict else P.COMPLETION_IGNORED
         p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET,
                        ignored=ignored)
+        if P.response_format_schema(p["response_format"]) is None:
+            p["response_format"] = None  # plain text: nothing to constrain
         self._check_features(p)
-        if p["grammar"] is not None:  # checked here, so a bad grammar fails the same way on every backend
+        # Checked here, so a bad grammar or schema fails the same way on every backend.
+        if p["grammar"] is not None:
             p["grammar"] = checked_grammar(p["grammar"])
+        else:
+            schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
+            if schema is not None:
+                p["grammar"] = convert_json_schema_to_grammar(schema, strict=self._strict)
         tokens = self._prompt_tokens(p)
         sampling = SamplingParams.from_params(p, self._resolve_logit_bias(p["logit_bias"]))
         return CompletionRequest(tokens, sampling, p["n_predict"], tuple(p["stop"]), p["n_probs"])

@@ -89,6 +89,8 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "logit_bias": Field((list, tuple, dict), (), None),  # shape checked by normalize_logit_bias
     "n_probs": _int(0, lambda v: 0 <= v <= 1000, "between 0 and 1000"),
     "grammar": Field((str,), None, nullable=True),
+    "json_schema": Field((str, dict, bool), None, nullable=True),  # ignored when 'grammar' is set, as in llama.rn
+    "response_format": Field((dict,), None, nullable=True),
     # llama.rn sends these; the native defaults are what llamacompat does.
     "emit_partial_completion": _bool(False),
     "reasoning_format": Field((str,), "none", lambda v: v == "none", "'none' (reasoning parsing comes with chat parsing)"),
@@ -99,7 +101,7 @@ COMPLETION_FIELDS: dict[str, Field] = {
 # A backend that lacks the feature refuses a grammar outright (never unconstrained
 # output) and ignores a sampling setting with a LlamaCompatWarning (an error with strict).
 FEATURE_PARAMS: dict[str, tuple[str, ...]] = {
-    "grammar": ("grammar",),
+    "grammar": ("grammar", "json_schema", "response_format"),
     "top_k": ("top_k",),
     "top_p": ("top_p",),
     "min_p": ("min_p",),
@@ -115,6 +117,26 @@ FEATURE_PARAMS: dict[str, tuple[str, ...]] = {
     "n_probs": ("n_probs",),
 }
 REFUSED_WHEN_MISSING = frozenset({"grammar"})
+
+
+def response_format_schema(value: Mapping[str, Any] | None) -> Any:
+    """The JSON schema a ``response_format`` asks for, or None for plain text (llama.cpp server's rules)."""
+    if value is None:
+        return None
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":  # any JSON value, unless a schema is given
+        return value.get("schema", {})
+    if kind == "json_schema":
+        inner = value.get("json_schema")
+        schema = inner.get("schema") if isinstance(inner, Mapping) else value.get("schema")
+        if schema is None:
+            raise InvalidParamsError("completion: response_format of type 'json_schema' needs "
+                                     "{'json_schema': {'schema': {...}}}")
+        return schema
+    raise InvalidParamsError(f"completion: response_format 'type' must be 'text', 'json_object' or 'json_schema', "
+                             f"got {kind!r}")
 
 
 def features_used(params: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -137,8 +159,6 @@ COMPLETION_NOT_YET = {
     "tools": "tool calling",
     "tool_choice": "tool calling",
     "parallel_tool_calls": "tool calling",
-    "response_format": "response_format / JSON schema",
-    "json_schema": "JSON schema constrained output",
     "grammar_lazy": "lazy grammars",
     "grammar_triggers": "lazy grammars",
     "preserved_tokens": "lazy grammars",

@@ -29,7 +29,7 @@ FAULTS = {
     "abort_raises": "an interrupted decode raises instead of stopping quietly",
     "seed_ignored": "the seed is replaced by a random one",
     "grammar_ignored": "the grammar is dropped",
-    "claims_json_schema": "capabilities list json_schema, which it does not implement",
+    "long_grammar_ignored": "grammars over 400 characters (every JSON schema) are dropped, as by an engine's size limit",
     "poisoned_after_error": "a failed sampler setup leaves the adapter unusable",
     "dry_unimplemented": "capabilities list dry, but using it raises",
     "close_raises": "close() raises",
@@ -49,8 +49,6 @@ class BrokenAdapter(LlamaCppAdapter):
         self.fault = params["fault"]
         self._poisoned = False
         self._stop_event: threading.Event | None = None
-        if self.fault == "claims_json_schema":
-            self.capabilities.features["json_schema"] = "native"
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         if self._poisoned:
@@ -61,6 +59,8 @@ class BrokenAdapter(LlamaCppAdapter):
             sampling = dataclasses.replace(sampling, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=random_seed)
         if self.fault == "seed_ignored" and sampling.seed >= 0:
             sampling = dataclasses.replace(sampling, seed=random_seed)
+        if self.fault == "long_grammar_ignored" and sampling.grammar and len(sampling.grammar) > 400:
+            sampling = dataclasses.replace(sampling, grammar=None)
         if self.fault == "grammar_ignored":
             sampling = dataclasses.replace(sampling, grammar=None)
         if self.fault == "dry_unimplemented" and sampling.dry_multiplier > 0:
