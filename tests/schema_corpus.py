@@ -128,7 +128,7 @@ EDGE_CASES = [
                                             "additionalProperties": False}, "error", "required"),
     Case("property schema false", obj({"a": S, "gone": False}, ["a"])),
     Case("required property false", obj({"a": False}, ["a"]), "error", "schema is false"),
-    Case("keys needing escapes", obj({'quote"key': S, "slash\\key": I, "ünïcode": B, "space key": {"type": "null"}})),
+    Case("keys needing escapes", obj({'quote"key': S, "two  spaces": S, "slash\\key": I, "ünïcode": B, "space key": {"type": "null"}})),
     Case("empty key", obj({"": S})),
     Case("prop_order", obj({"c": I, "b": I, "a": I}), prop_order=("a", "b")),
     Case("nested objects", obj({"outer": obj({"inner": obj({"leaf": {"type": "string", "maxLength": 8}})})})),

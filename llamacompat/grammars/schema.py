@@ -108,6 +108,7 @@ _PRIMITIVE_NEEDS = {"string": ["json-char"], "value": ["object", "array", "strin
                     ["format-date", "format-time"], "format-ipv4": ["ipv4-octet"],
                     "format-email": ["email-atom", "email-label"]}
 _COMMA = '"," ws'
+_EMPTY = '""'
 
 
 class SchemaError(GrammarError):
@@ -549,7 +550,7 @@ class _Converter:
             key = self.add(f"{hint}-additional-key", self.key_except(set(declared)))
             extra_member = self.add(f"{hint}-additional-kv", f'{key} ws ":" ws {value} ws')
         body = self.members(members, extra_member, 0, first=True)
-        return self.add(hint, f'"{{" {self.primitive("ws")} {body} "}}"'.replace("  ", " "))
+        return self.add(hint, _sequence('"{"', self.primitive("ws"), body, '"}"'))
 
     def members(self, members: list[tuple[str, bool]], extra: str | None, index: int, first: bool) -> str:
         """Members from ``index`` on: each ends with ws, and all but the first of the object start with a comma."""
@@ -567,7 +568,7 @@ class _Converter:
         if is_required:
             return taken
         skipped = self.members(members, extra, index + 1, first=True)
-        return f"({taken} | {skipped or chr(34) * 2})"
+        return f"({taken} | {skipped or _EMPTY})"
 
     def key_except(self, names: set[str]) -> str:
         """A key with no escapes that is none of ``names`` (those are declared properties)."""
@@ -623,7 +624,11 @@ class _Converter:
         for index in range(count - 1, -1, -1):
             part = f"{_COMMA + ' ' if index else ''}{elements[index]} {ws} {body}".strip()
             body = f"({part})?" if index >= low else part
-        return self.add(hint, f'"[" {ws} {body} "]"'.replace("  ", " "))
+        return self.add(hint, _sequence('"["', ws, body, '"]"'))
+
+
+def _sequence(*parts: str) -> str:
+    return " ".join(part for part in parts if part)
 
 
 def _class_escape(char: str) -> str:
