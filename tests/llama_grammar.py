@@ -15,8 +15,8 @@ def _vocab(ctx: LlamaContext):
 
 
 def native_parses(ctx: LlamaContext, grammar: str) -> bool:
-    """True when llama.cpp's grammar parser accepts ``grammar`` (call only after parse_gbnf accepted it:
-    llama-cpp-python crashes on some invalid grammars)."""
+    """True when llama.cpp's grammar parser accepts ``grammar``. Some invalid grammars crash
+    llama-cpp-python (backends.md): pass only grammars parse_gbnf accepts or known not to crash it."""
     sampler = lc.llama_sampler_init_grammar(_vocab(ctx), grammar.encode("utf-8"), b"root")
     if not sampler:
         return False

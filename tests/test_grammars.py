@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import llama_cpp as lc
 import pytest
 
 from llamacompat import GrammarError
@@ -13,28 +12,23 @@ from llamacompat.cli import main
 from llamacompat.grammars import BUILTIN_GRAMMARS, GbnfError, builtin_grammar, parse_gbnf
 
 from .conftest import GREEDY
+from .llama_grammar import native_parses
 
 
 @pytest.fixture(scope="module")
 def vocab():
+    """A vocabulary-only context: all llama.cpp's grammar parser needs."""
     from llamacompat import init_llama
 
     with init_llama({"vocab_only": True}) as ctx:
-        yield ctx._adapter._vocab
-
-
-def native_accepts(vocab, source: str) -> bool:
-    sampler = lc.llama_sampler_init_grammar(vocab, source.encode(), b"root")
-    if sampler:
-        lc.llama_sampler_free(sampler)
-    return bool(sampler)
+        yield ctx
 
 
 @pytest.mark.parametrize("name", BUILTIN_GRAMMARS)
 def test_builtin_grammars_pass_both_parsers(name, vocab):
     source = builtin_grammar(name)
     assert "root" in parse_gbnf(source).rules
-    assert native_accepts(vocab, source)
+    assert native_parses(vocab, source)
 
 
 # source, line, column, rule, what the message says, whether llama.cpp's parser also rejects it
@@ -67,7 +61,7 @@ def test_bad_grammar_names_line_column_and_rule(source, line, column, rule, mess
     err = caught.value
     assert (err.line, err.column, err.rule) == (line, column, rule)
     assert message in str(err) and str(err).startswith("Failed to initialize sampling: invalid grammar at line")
-    assert native_accepts(vocab, source) is not native_rejects  # where we are stricter than llama.cpp, it is on purpose
+    assert native_parses(vocab, source) is not native_rejects  # where we are stricter than llama.cpp, it is on purpose
 
 
 def test_a_grammar_that_crashes_llama_cpp_never_reaches_it(ctx, capfd):

@@ -38,19 +38,16 @@ JSON = st.recursive(
 )
 
 
-def _grammar(case):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "ok" cases convert without a warning
-        return parse_gbnf(convert_json_schema_to_grammar(case.schema, list(case.prop_order) or None))
-
-
 _grammars: dict[str, tuple[str, object]] = {}
 
 
 def grammar_of(case):
+    """The case's grammar text and parsed form, converted once; "ok" cases convert without a warning."""
     if case.name not in _grammars:
-        text = convert_json_schema_to_grammar(case.schema, list(case.prop_order) or None)
-        _grammars[case.name] = (text, _grammar(case))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            text = convert_json_schema_to_grammar(case.schema, list(case.prop_order) or None)
+        _grammars[case.name] = (text, parse_gbnf(text))
     return _grammars[case.name]
 
 
