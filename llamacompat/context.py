@@ -255,14 +255,15 @@ class LlamaContext:
         ignored = None if self._strict else P.COMPLETION_IGNORED
         p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET,
                        ignored=ignored)
-        if P.response_format_schema(p["response_format"]) is None:
+        format_schema = P.response_format_schema(p["response_format"])
+        if format_schema is None:
             p["response_format"] = None  # plain text: nothing to constrain
         self._check_features(p)
         # Checked here, so a bad grammar or schema fails the same way on every backend.
         if p["grammar"] is not None:
             p["grammar"] = checked_grammar(p["grammar"])
         else:
-            schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
+            schema = p["json_schema"] if p["json_schema"] is not None else format_schema
             if schema is not None:
                 p["grammar"] = convert_json_schema_to_grammar(schema, strict=self._strict)
         tokens = self._prompt_tokens(p)

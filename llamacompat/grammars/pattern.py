@@ -80,10 +80,6 @@ class _Anchor:
 _Node = Union[_Chars, _Seq, _Alt, _Rep, _Anchor]
 
 
-def _negate(ranges: Ranges) -> Ranges:
-    return complement(ranges)
-
-
 class _Parser:
     def __init__(self, pattern: str, dotall: bool) -> None:
         self.src, self.pos, self.dotall = pattern, 0, dotall
@@ -174,7 +170,7 @@ class _Parser:
         if char == "[":
             return _Chars(tuple(self.char_class(start)))
         if char == ".":
-            return _Chars(tuple([(0, MAX_CODE_POINT)] if self.dotall else _negate(_LINE_TERMINATORS)))
+            return _Chars(tuple([(0, MAX_CODE_POINT)] if self.dotall else complement(_LINE_TERMINATORS)))
         if char in ("^", "$"):
             return _Anchor(char == "^", start)
         if char == "\\":
@@ -197,7 +193,7 @@ class _Parser:
         self.pos += 1
         if char in _CLASS_ESCAPES:
             ranges, negated = _CLASS_ESCAPES[char]
-            return _negate(ranges) if negated else list(ranges)
+            return complement(ranges) if negated else list(ranges)
         if char in _CONTROL_ESCAPES:
             return [(_CONTROL_ESCAPES[char],) * 2]
         if char == "b" and in_class:
@@ -264,7 +260,7 @@ class _Parser:
             else:
                 ranges.extend(low)
         self.pos += 1
-        return _negate(ranges) if negated else merge_ranges(ranges)
+        return complement(ranges) if negated else merge_ranges(ranges)
 
 
 # -- emitting GBNF -----------------------------------------------------------------------------------
@@ -280,9 +276,9 @@ def _hex_any_case(text: str) -> str:
 
 def json_chars(ranges: Ranges) -> str:
     """GBNF for one character from ``ranges``, as it is written inside a JSON string."""
-    ranges = [(lo, hi) for lo, hi in merge_ranges(ranges)]
+    ranges = merge_ranges(ranges)
     specials = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0xD800, 0xDFFF)]
-    raw = [r for r in _intersect(ranges, complement(specials))]
+    raw = _intersect(ranges, complement(specials))
     alternatives = [char_class(raw)] if raw else []
     controls = [c for lo, hi in _intersect(ranges, [(0x00, 0x1F)]) for c in range(lo, hi + 1)]
     if len(controls) == 32:
@@ -315,15 +311,11 @@ def _single(node: _Node) -> int | None:
 
 
 class _Emitter:
-    def __init__(self) -> None:
-        self.empty = False  # set when some character set matches nothing
-
     def node(self, node: _Node) -> str:
         if isinstance(node, _Chars):
             expression = json_chars(list(node.ranges))
             if not expression:
-                self.empty = True
-                return '[^\\x00-\\U0010FFFF]'  # matches nothing
+                return '[^\\x00-\\U0010FFFF]'  # an empty class ([] in ECMA-262): matches nothing
             return expression
         if isinstance(node, _Rep):
             inner = f"({self.node(node.node)})"

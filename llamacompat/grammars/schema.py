@@ -34,7 +34,7 @@ from decimal import Decimal
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import GrammarError, LlamaCompatWarning
-from .emit import literal
+from .emit import char_class, literal
 from .gbnf import MAX_REPETITIONS, GbnfError, parse_gbnf
 from .numbers import INTEGER, NUMBER, integer_range, number_range
 from .pattern import JSON_STRING_CHAR, PatternError, pattern_to_gbnf
@@ -86,6 +86,7 @@ FORMATS = {
     "email": 'email-atom ("." email-atom)* "@" email-label ("." email-label)+',
     "ipv4": 'ipv4-octet ("." ipv4-octet){3}',
 }
+_KEY_EXCLUDED = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]  # what a key writes only as an escape
 _PRIMITIVES = {
     "ws": '"" | " " | "\\n" [ \\t]{0,20}',
     "json-char": JSON_STRING_CHAR,
@@ -97,7 +98,7 @@ _PRIMITIVES = {
     "value": "object | array | string | number | boolean | null",
     "object": '"{" ws (string ws ":" ws value ws ("," ws string ws ":" ws value ws)*)? "}"',
     "array": '"[" ws (value ws ("," ws value ws)*)? "]"',
-    "key-char": '[^"\\\\\\x00-\\x1F]',
+    "key-char": char_class(_KEY_EXCLUDED, negated=True),
     "email-atom": "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,64}",
     "email-label": "[A-Za-z0-9] ([A-Za-z0-9-]{0,61} [A-Za-z0-9])?",
     "ipv4-octet": '[0-9] | [1-9] [0-9] | "1" [0-9]{2} | "2" [0-4] [0-9] | "25" [0-5]',
@@ -184,8 +185,6 @@ class _Converter:
             self.rules[name] = _PRIMITIVES[name]
             for needed in _PRIMITIVE_NEEDS.get(name, ()):
                 self.primitive(needed)
-        if name in ("object", "array", "value"):
-            self.primitive("ws")
         return name
 
     def warn(self, pointer: str, message: str, keyword: str) -> None:
@@ -306,11 +305,11 @@ class _Converter:
         if not isinstance(branches, list) or not branches:
             raise SchemaError(f"'{key}' must be a non-empty list of schemas", _pointer(ptr, key), key)
         siblings = {k: v for k, v in schema.items() if k != key}
-        options = []
-        for index, branch in enumerate(branches):
-            sub = self.merge([siblings, branch], ptr) if siblings else branch
-            options.append(self.visit(sub, _pointer(ptr, key, index), f"{hint}-{index}"))
-        if key == "oneOf" and not self.disjoint([self.merge([siblings, b], ptr) for b in branches]):
+        # Siblings apply to every branch; without them a branch is visited as written (a $ref stays a rule).
+        merged = [self.merge([siblings, b], ptr) for b in branches] if siblings or key == "oneOf" else branches
+        options = [self.visit(merged[i] if siblings else branch, _pointer(ptr, key, i), f"{hint}-{i}")
+                   for i, branch in enumerate(branches)]
+        if key == "oneOf" and not self.disjoint(merged):
             self.warn(_pointer(ptr, key), "'oneOf' branches may overlap; the grammar allows an instance that "
                       "matches several (use 'anyOf', or give each branch a distinct 'type' or 'const')", key)
         return self.add(hint, " | ".join(dict.fromkeys(options)))
@@ -584,7 +583,8 @@ class _Converter:
             """Having read a prefix of some names (``node`` in the trie): the rest of the key and its quote."""
             options = [] if "" in node else ['"\\""']  # ending here is fine unless the prefix is a name
             children = [c for c in node if c and c not in '"\\' and ord(c) >= 0x20]
-            other = '[^"\\\\\\x00-\\x1F' + "".join(_class_escape(c) for c in children) + "]" if children else "key-char"
+            other = char_class(_KEY_EXCLUDED + [(ord(c), ord(c)) for c in children], negated=True) \
+                if children else "key-char"
             options.append(f'{other} key-char* "\\""')
             options.extend(f"{literal(c)} {after(node[c])}" for c in children)
             return options[0] if len(options) == 1 else "(" + " | ".join(options) + ")"
@@ -629,10 +629,6 @@ class _Converter:
 
 def _sequence(*parts: str) -> str:
     return " ".join(part for part in parts if part)
-
-
-def _class_escape(char: str) -> str:
-    return {"]": "\\]", "[": "\\[", "-": "\\-", "^": "\\x5E"}.get(char, char)
 
 
 def _order(prop_order: Sequence[str] | Mapping[str, int] | None) -> dict[str, int]:
@@ -686,4 +682,4 @@ def _convert(schema_text: str | bytes, prop_order: tuple[tuple[str, int], ...], 
     except GbnfError as err:
         problem = "it refers to itself without any text in between" if "left recursion" in err.problem else err.problem
         raise SchemaError(f"no grammar can express this schema: {problem}", "#") from None
-    return text, tuple(converter.warnings)
+    return text, tuple(dict.fromkeys(converter.warnings))  # a merged schema can repeat a sibling's warning
