@@ -152,9 +152,10 @@ def _repeat(expression: str, low: int, high: int | None) -> str:
 
 
 class _Converter:
-    def __init__(self, root: Any, prop_order: Mapping[str, int], dotall: bool, strict: bool) -> None:
+    def __init__(self, root: Any, prop_order: Mapping[str, int], dotall: bool, strict: bool, root_name: str) -> None:
         self.root, self.prop_order, self.dotall, self.strict = root, prop_order, dotall, strict
-        self.rules: dict[str, str] = {"root": ""}
+        self.root_name = root_name
+        self.rules: dict[str, str] = {"root": "", root_name: ""}  # "root" stays reserved when embedded
         self.by_body: dict[str, str] = {}
         self.ref_rules: dict[str, str] = {}
         self.merging: list[str] = []
@@ -175,7 +176,7 @@ class _Converter:
         if re.fullmatch(r"[a-zA-Z0-9-]+", body):
             return body
         if body not in self.by_body:
-            name = "root" if hint == "root" and self.rules["root"] == "" else self.name_for(hint)
+            name = hint if hint == self.root_name and self.rules[hint] == "" else self.name_for(hint)
             self.rules[name] = body
             self.by_body[body] = name
         return self.by_body[body]
@@ -645,12 +646,14 @@ def _order(prop_order: Sequence[str] | Mapping[str, int] | None) -> dict[str, in
 
 
 def convert_json_schema_to_grammar(schema: Any, prop_order: Sequence[str] | Mapping[str, int] | None = None,
-                                   dotall: bool = False, *, strict: bool = False) -> str:
+                                   dotall: bool = False, *, strict: bool = False, root_name: str = "root") -> str:
     """GBNF whose language is the JSON instances of ``schema`` (a dict, a bool, or JSON text).
 
     ``prop_order`` puts these properties first, in this order (a list, or llama.cpp's name -> position
     mapping); ``dotall`` lets ``.`` in patterns match line breaks. Raises ``SchemaError`` for what the
     grammar cannot honour; warns (``LlamaCompatWarning``) where a keyword is dropped, or raises with ``strict``.
+    With ``root_name``, the schema's rule gets that name and no ``root`` rule is written, so the
+    text can be embedded in a larger grammar that defines ``root`` itself.
     """
     if not isinstance(schema, (str, bytes)):
         try:
@@ -658,7 +661,7 @@ def convert_json_schema_to_grammar(schema: Any, prop_order: Sequence[str] | Mapp
         except (TypeError, ValueError) as err:
             raise SchemaError(f"the schema is not JSON data: {err}", "#") from None
     order = _order(prop_order)
-    text, dropped = _convert(schema, tuple(order.items()), dotall, strict)
+    text, dropped = _convert(schema, tuple(order.items()), dotall, strict, root_name)
     for message in dropped:
         warnings.warn(message, LlamaCompatWarning, stacklevel=2)
     return text
@@ -666,19 +669,19 @@ def convert_json_schema_to_grammar(schema: Any, prop_order: Sequence[str] | Mapp
 
 @functools.lru_cache(maxsize=64)
 def _convert(schema_text: str | bytes, prop_order: tuple[tuple[str, int], ...], dotall: bool,
-             strict: bool) -> tuple[str, tuple[str, ...]]:
+             strict: bool, root_name: str) -> tuple[str, tuple[str, ...]]:
     """The grammar and the warnings for one schema, cached: apps send the same schema with every request."""
     try:
         schema = json.loads(schema_text)
     except ValueError as err:
         raise SchemaError(f"the schema is not valid JSON: {err}", "#") from None
-    converter = _Converter(schema, dict(prop_order), dotall, strict)
-    root = converter.visit(schema, "#", "root")
-    if root != "root":
-        converter.rules["root"] = root
+    converter = _Converter(schema, dict(prop_order), dotall, strict, root_name)
+    root = converter.visit(schema, "#", root_name)
+    if root != root_name:
+        converter.rules[root_name] = root
     text = "\n".join(f"{name} ::= {body}" for name, body in converter.rules.items() if body) + "\n"
     try:
-        parse_gbnf(text)
+        parse_gbnf(text if root_name == "root" else f"root ::= {root_name}\n{text}")
     except GbnfError as err:
         problem = "it refers to itself without any text in between" if "left recursion" in err.problem else err.problem
         raise SchemaError(f"no grammar can express this schema: {problem}", "#") from None
