@@ -22,7 +22,8 @@ from typing import Any, AsyncIterator, Callable, Generator, Iterator
 
 from . import params as P
 from .adapters.base import Adapter, SamplingParams
-from .chat import normalize_messages, render_chat
+from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
+from .chat.formats import CONTENT
 from .embeddings import normalize_embedding
 from .engine import CompletionRequest, generate
 from .errors import (
@@ -219,25 +220,11 @@ class LlamaContext:
             self._busy.release()
 
     # -- completion ----------------------------------------------------------
-    def _prompt_tokens(self, p: dict[str, Any]) -> list[int]:
-        adapter = self._adapter
-        if p["messages"] is not None:
-            if p["prompt"] is not None:
-                raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
-            text = self._format_chat(p["messages"], p["chat_template"], p["add_generation_prompt"])
-        elif p["prompt"]:
-            text = p["prompt"]
-        else:
-            raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
-        return adapter.tokenize(text, True)
-
-    def _format_chat(self, messages: Any, template: str | None, add_generation_prompt: bool = True) -> str:
+    def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:
         adapter = self._adapter
         source = template or self._params["chat_template"] or adapter.chat_template or "chatml"
-        return render_chat(
-            source, normalize_messages(messages), bos_token=adapter.bos_text, eos_token=adapter.eos_text,
-            add_generation_prompt=add_generation_prompt, strip_bos=adapter.add_bos,
-        )
+        tokens = TemplateTokens(adapter.bos_text, adapter.eos_text, adapter.add_bos)
+        return format_chat(source, messages, tokens, ChatOptions.from_params(p), has_grammar=has_grammar)
 
     def _resolve_logit_bias(self, value: Any) -> tuple[tuple[int, float], ...]:
         out: list[tuple[int, float]] = []
@@ -258,17 +245,33 @@ class LlamaContext:
         format_schema = P.response_format_schema(p["response_format"])
         if format_schema is None:
             p["response_format"] = None  # plain text: nothing to constrain
-        self._check_features(p)
+        schema = p["json_schema"] if p["json_schema"] is not None else format_schema
         # Checked here, so a bad grammar or schema fails the same way on every backend.
         if p["grammar"] is not None:
             p["grammar"] = checked_grammar(p["grammar"])
-        else:
-            schema = p["json_schema"] if p["json_schema"] is not None else format_schema
-            if schema is not None:
-                p["grammar"] = convert_json_schema_to_grammar(schema, strict=self._strict)
-        tokens = self._prompt_tokens(p)
+        elif schema is not None:
+            p["grammar"] = convert_json_schema_to_grammar(schema, strict=self._strict)
+        text, stops, chat_format, parse = self._prompt(p)
+        self._check_features(p)
+        tokens = self._adapter.tokenize(text, True)
         sampling = SamplingParams.from_params(p, self._resolve_logit_bias(p["logit_bias"]))
-        return CompletionRequest(tokens, sampling, p["n_predict"], tuple(p["stop"]), p["n_probs"])
+        return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
+
+    def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, ReplyParser | None]:
+        """Prompt text, stop strings, chat format and reply parser; a chat's tool grammar goes into ``p``."""
+        if p["messages"] is None:
+            if not p["prompt"]:
+                raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
+            if p["tools"]:
+                raise InvalidParamsError("completion: 'tools' need 'messages' (the chat template describes them)")
+            parse = ReplyParser(CONTENT, p["reasoning_format"]) if p["reasoning_format"] != "none" else None
+            return p["prompt"], p["stop"], 0, parse
+        if p["prompt"] is not None:
+            raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
+        chat = self._chat(p["messages"], p["chat_template"], p, has_grammar=p["grammar"] is not None)
+        if chat.grammar:
+            p["grammar"] = chat.grammar
+        return chat.prompt, p["stop"] + chat.additional_stops, chat.tool_format.chat_format, chat.parser()
 
     def _check_features(self, p: dict[str, Any]) -> None:
         caps = self._adapter.capabilities
@@ -368,14 +371,16 @@ class LlamaContext:
 
     def get_formatted_chat(self, messages: list[dict[str, Any]], template: str | None = None,
                            params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Render ``messages`` with the model's (or the given) chat template."""
+        """llama.rn's getFormattedChat: the prompt, plus the grammar, stops and thinking tags a completion would use."""
         self._check_alive()
-        p = P.validate(params, {"add_generation_prompt": P.COMPLETION_FIELDS["add_generation_prompt"],
-                                "jinja": P.COMPLETION_FIELDS["jinja"]}, "get_formatted_chat")
-        prompt = self._format_chat(messages, template, p["add_generation_prompt"])
-        return {"type": "jinja", "prompt": prompt, "chat_format": 0, "grammar": "", "grammar_lazy": False,
-                "grammar_triggers": [], "preserved_tokens": [], "additional_stops": [],
-                "has_media": False, "media_paths": []}
+        if template is not None and not isinstance(template, str):
+            raise InvalidParamsError(f"get_formatted_chat: template must be a string, got {type(template).__name__}")
+        p = P.validate(params, {name: P.COMPLETION_FIELDS[name] for name in P.CHAT_FIELDS}, "get_formatted_chat")
+        schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
+        chat = self._chat(messages, template or p["chat_template"], p, has_grammar=schema is not None)
+        if schema is not None and not chat.grammar:
+            chat.grammar = convert_json_schema_to_grammar(schema, strict=self._strict)
+        return chat.as_result()
 
     def bench(self, pp: int, tg: int, pl: int = 1, nr: int = 1) -> dict[str, Any]:
         """llama.rn's bench: prompt-processing and generation speed (camelCase keys)."""

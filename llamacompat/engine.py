@@ -14,7 +14,7 @@ import codecs
 import threading
 import time
 from dataclasses import dataclass
-from typing import Generator
+from typing import Any, Callable, Generator
 
 from .adapters.base import Adapter, Interrupted, SamplingParams
 from .errors import ContextFullError
@@ -30,6 +30,9 @@ class CompletionRequest:
     n_predict: int = -1
     stop: tuple[str, ...] = ()
     n_probs: int = 0
+    # (text so far, partial?) -> content / reasoning_content / tool_calls; None: the text is the content.
+    parse: Callable[[str, bool], dict[str, Any]] | None = None
+    chat_format: int = 0
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str | None, int]:
@@ -88,7 +91,8 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
         decode = codecs.getincrementaldecoder("utf-8")("replace").decode
         stops, n_probs, n_ctx = request.stop, request.n_probs, adapter.n_ctx
         limit = request.n_predict if request.n_predict >= 0 else float("inf")
-        held = ""
+        held = so_far = ""
+        parse = request.parse
         pending_probs: list[CompletionProbability] = []
         next_token, token_to_piece, is_eog = adapter.next_token, adapter.token_to_piece, adapter.is_eog
         while not interrupted and n_generated < limit:
@@ -123,6 +127,9 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
                     event["completion_probabilities"] = pending_probs
                     all_probs.extend(pending_probs)
                     pending_probs = []
+                if parse is not None:  # llama.rn streams cumulative parses, not deltas
+                    so_far += piece
+                    event.update(parse(so_far, True))  # type: ignore[typeddict-item]
                 yield event
             if stopped_word:
                 break
@@ -132,6 +139,8 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
             if n_probs:
                 event["completion_probabilities"] = pending_probs
                 all_probs.extend(pending_probs)
+            if parse is not None:
+                event.update(parse(so_far + held, True))  # type: ignore[typeddict-item]
             yield event
     finally:
         adapter.end()
@@ -144,7 +153,7 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
     text = "".join(parts)
     result: CompletionResult = {
         "text": text,
-        "chat_format": 0,
+        "chat_format": request.chat_format,
         "completion_probabilities": all_probs,
         "tokens_predicted": n_generated,
         "tokens_evaluated": n_prompt,
@@ -170,8 +179,11 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
             "predicted_per_second": predicted_per_second,
         },
     }
-    if text and not interrupted:  # llama.rn: content only when non-empty, never when interrupted
-        result["content"] = text
+    if not interrupted:  # llama.rn: parsed fields only when non-empty, never when interrupted
+        if request.parse is not None:
+            result.update(request.parse(text, False))  # type: ignore[typeddict-item]
+        elif text:
+            result["content"] = text
     return result
 
 

@@ -91,11 +91,24 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "grammar": Field((str,), None, nullable=True),
     "json_schema": Field((str, dict, bool), None, nullable=True),  # ignored when 'grammar' is set, as in llama.rn
     "response_format": Field((dict,), None, nullable=True),
-    # llama.rn sends these; the native defaults are what llamacompat does.
-    "emit_partial_completion": _bool(False),
-    "reasoning_format": Field((str,), "none", lambda v: v == "none", "'none' (reasoning parsing comes with chat parsing)"),
+    # Chat: tools, reasoning and template inputs (llamacompat.chat).
+    "tools": Field((list,), None, nullable=True),
+    "tool_choice": Field((str,), "auto", lambda v: v in ("auto", "none", "required"), "'auto', 'none' or 'required'"),
+    "parallel_tool_calls": _bool(False),
+    "reasoning_format": Field((str,), "none", lambda v: v in ("none", "auto", "deepseek", "deepseek-legacy"),
+                              "'none', 'auto', 'deepseek' or 'deepseek-legacy' (Unknown reasoning format)"),
+    "enable_thinking": _bool(True),
+    "chat_template_kwargs": Field((dict,), None, nullable=True),
+    "now": Field((int, float), None, lambda v: v >= 0, "milliseconds since the epoch", nullable=True),
     "jinja": _bool(True),
+    # llama.rn sends this; the native default is what llamacompat does.
+    "emit_partial_completion": _bool(False),
 }
+
+# The completion params that also shape get_formatted_chat.
+CHAT_FIELDS = ("chat_template", "add_generation_prompt", "tools", "tool_choice", "parallel_tool_calls",
+               "reasoning_format", "enable_thinking", "chat_template_kwargs", "now", "jinja", "json_schema",
+               "response_format")
 
 # Capability name -> the completion params that use it (used = not the default).
 # A backend that lacks the feature refuses a grammar outright (never unconstrained
@@ -156,9 +169,6 @@ def features_used(params: Mapping[str, Any]) -> list[tuple[str, str]]:
 # llama.rn completion keys that change what is generated and that llamacompat
 # does not implement yet: refusing them beats silently unconstrained output.
 COMPLETION_NOT_YET = {
-    "tools": "tool calling",
-    "tool_choice": "tool calling",
-    "parallel_tool_calls": "tool calling",
     "grammar_lazy": "lazy grammars",
     "grammar_triggers": "lazy grammars",
     "preserved_tokens": "lazy grammars",
@@ -173,10 +183,7 @@ COMPLETION_IGNORED = {
     "n_threads": "set n_threads at init_llama",
     "chat_format": "the chat format is derived from the template",
     "chatTemplate": "use chat_template",
-    "enable_thinking": "thinking control comes with chat parsing",
-    "thinking_forced_open": "thinking control comes with chat parsing",
-    "now": "templates get the current time",
-    "chat_template_kwargs": "template kwargs come with chat parsing",
+    "thinking_forced_open": "it is derived from the template's generation prompt",
 }
 
 CONTEXT_FIELDS: dict[str, Field] = {

@@ -91,7 +91,17 @@ class CompletionParams(TypedDict, total=False):
     logit_bias: List[list]
     n_probs: int
     grammar: str
+    json_schema: Union[str, dict, bool]
+    response_format: dict
     add_generation_prompt: bool
+    tools: List[dict]
+    tool_choice: Literal["auto", "none", "required"]
+    parallel_tool_calls: bool
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"]
+    enable_thinking: bool
+    chat_template_kwargs: dict
+    now: float
+    jinja: bool
 
 
 class TokenProb(TypedDict):
@@ -107,6 +117,10 @@ class CompletionProbability(TypedDict):
 class TokenData(TypedDict, total=False):
     token: str
     completion_probabilities: List[CompletionProbability]
+    # Chat completions: cumulative parses of the reply so far (only the non-empty ones).
+    content: str
+    reasoning_content: str
+    tool_calls: List[dict]
 
 
 class Timings(TypedDict):

@@ -1,5 +1,7 @@
-"""Chat formatting: messages → prompt text through the model's Jinja template."""
+"""Chat formatting: messages → prompt through the model's Jinja template, and replies → content, reasoning, tool calls."""
 
-from .template import BUILTIN_TEMPLATES, normalize_messages, render_chat
+from .builtin import BUILTIN_TEMPLATES
+from .formatter import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
+from .template import render
 
-__all__ = ["BUILTIN_TEMPLATES", "normalize_messages", "render_chat"]
+__all__ = ["BUILTIN_TEMPLATES", "ChatOptions", "FormattedChat", "ReplyParser", "TemplateTokens", "format_chat", "render"]

@@ -1,0 +1,187 @@
+"""Messages in, prompt and reply parser out: llama.rn's ``getFormattedChat`` and its completion path.
+
+The Jinja path follows llama.cpp's ``common_chat_templates_apply``: the model's
+template (or a built-in one) renders the messages shaped for it, with
+``bos_token``, ``eos_token``, ``enable_thinking``, ``tools``, ``datetime`` /
+``date_string`` and the caller's ``chat_template_kwargs``; a leading BOS (and
+trailing EOS) that the tokenizer adds anyway is cut. The legacy path
+(``jinja: false``) renders the built-in that llama.cpp's detection picks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidParamsError, UnsupportedFeatureError
+from .builtin import BUILTIN_TEMPLATES, legacy_name, template_source
+from .formats import CONTENT, Generic, ToolFormat, pick_format
+from .messages import joined_text, shape_for_template, validate_messages, validate_tools
+from .reasoning import split_reasoning, validate_reasoning_format
+from .template import render, template_caps
+
+__all__ = ["ChatOptions", "TemplateTokens", "FormattedChat", "ReplyParser", "format_chat"]
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class TemplateTokens:
+    """What the template sees of the vocabulary, and what the tokenizer adds by itself."""
+
+    bos: str = ""
+    eos: str = ""
+    add_bos: bool = False
+    add_eos: bool = False
+
+
+@dataclass
+class ChatOptions:
+    """The completion / get_formatted_chat params that shape a chat prompt (llama.rn names)."""
+
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = False
+    reasoning_format: str = "none"
+    enable_thinking: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    add_generation_prompt: bool = True
+    jinja: bool = True
+    now: datetime.datetime | None = None
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> "ChatOptions":
+        now = p.get("now")
+        if now is not None and not isinstance(now, datetime.datetime):
+            now = datetime.datetime.fromtimestamp(now / 1000)  # llama.rn: milliseconds since the epoch
+        return cls(tools=p.get("tools") or None, tool_choice=p.get("tool_choice") or "auto",
+                   parallel_tool_calls=bool(p.get("parallel_tool_calls")),
+                   reasoning_format=validate_reasoning_format(p.get("reasoning_format", "none")),
+                   enable_thinking=p.get("enable_thinking", True), chat_template_kwargs=p.get("chat_template_kwargs") or {},
+                   add_generation_prompt=p.get("add_generation_prompt", True), jinja=p.get("jinja", True), now=now)
+
+
+class ReplyParser:
+    """Generated text → llama.rn's ``content`` / ``reasoning_content`` / ``tool_calls`` (only non-empty ones)."""
+
+    def __init__(self, tool_format: ToolFormat, reasoning_format: str, forced_open: bool = False) -> None:
+        self.tool_format, self.reasoning_format, self.forced_open = tool_format, reasoning_format, forced_open
+        self._id_prefix = "call_" + secrets.token_hex(6) + "_"  # stable across one reply's stream
+
+    def __call__(self, text: str, partial: bool) -> dict[str, Any]:
+        reasoning, content = split_reasoning(text, self.reasoning_format, partial, self.forced_open, THINK_START, THINK_END)
+        content, calls = self.tool_format.parse(content, partial)
+        out: dict[str, Any] = {}
+        if content:
+            out["content"] = content
+        if reasoning:
+            out["reasoning_content"] = reasoning
+        if calls:
+            out["tool_calls"] = [{**call, "id": call.get("id") or f"{self._id_prefix}{i}"} for i, call in enumerate(calls)]
+        return out
+
+
+@dataclass
+class FormattedChat:
+    prompt: str
+    tool_format: ToolFormat = CONTENT
+    grammar: str = ""
+    preserved_tokens: list[str] = field(default_factory=list)
+    additional_stops: list[str] = field(default_factory=list)
+    generation_prompt: str = ""
+    thinking_forced_open: bool = False
+    reasoning_format: str = "none"
+    legacy: bool = False
+
+    def parser(self) -> ReplyParser | None:
+        """None when the reply is plain content (the engine's fast path)."""
+        if self.tool_format is CONTENT and self.reasoning_format == "none":
+            return None
+        return ReplyParser(self.tool_format, self.reasoning_format, self.thinking_forced_open)
+
+    def as_result(self) -> dict[str, Any]:
+        """llama.rn's getFormattedChat result."""
+        if self.legacy:
+            return {"type": "llama-chat", "prompt": self.prompt, "has_media": False, "media_paths": []}
+        result: dict[str, Any] = {
+            "type": "jinja", "prompt": self.prompt, "chat_format": self.tool_format.chat_format,
+            "grammar": self.grammar, "grammar_lazy": False, "grammar_triggers": [],
+            "preserved_tokens": self.preserved_tokens, "additional_stops": self.additional_stops,
+            "generation_prompt": self.generation_prompt, "thinking_forced_open": self.thinking_forced_open,
+            "has_media": False, "media_paths": [],
+        }
+        if THINK_START in self.prompt or self.thinking_forced_open or self.reasoning_format != "none":
+            result.update(thinking_start_tag=THINK_START, thinking_end_tag=THINK_END)
+        return result
+
+
+def _context(options: ChatOptions, tokens: TemplateTokens) -> dict[str, Any]:
+    now = options.now or datetime.datetime.now()
+    variables: dict[str, Any] = {"bos_token": tokens.bos, "eos_token": tokens.eos,
+                                 "enable_thinking": options.enable_thinking,
+                                 "datetime": now.strftime("%b %d %Y"), "date_string": now.strftime("%d %b %Y")}
+    if options.tools:
+        variables["tools"] = options.tools
+    variables.update(options.chat_template_kwargs)
+    return variables
+
+
+def _render(source: str, messages: list[dict[str, Any]], variables: dict[str, Any], generation: bool,
+            tokens: TemplateTokens, now: datetime.datetime | None) -> str:
+    extra = {"add_generation_prompt": True} if generation else {}
+    prompt = render(source, {"messages": messages, **variables, **extra}, now)
+    if tokens.add_bos and tokens.bos and prompt.startswith(tokens.bos):
+        prompt = prompt[len(tokens.bos):]
+    if tokens.add_eos and tokens.eos and prompt.endswith(tokens.eos):
+        prompt = prompt[: -len(tokens.eos)]
+    return prompt
+
+
+def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: ChatOptions,
+                *, has_grammar: bool = False) -> FormattedChat:
+    """Render ``messages`` with ``template`` (Jinja source or a built-in name) and plan the reply."""
+    checked = validate_messages(messages)
+    tools = validate_tools(options.tools) if options.tools else []
+    if options.tool_choice not in ("auto", "none", "required"):
+        raise InvalidParamsError(f"completion: 'tool_choice' must be 'auto', 'none' or 'required', got {options.tool_choice!r}")
+    if options.tool_choice == "required" and not tools:
+        raise InvalidParamsError("completion: tool_choice 'required' needs at least one tool in 'tools'")
+    if not options.jinja:
+        if tools:
+            raise UnsupportedFeatureError("tools need the Jinja template path: pass jinja: true")
+        plain = [{**m, "content": joined_text(m["content"])} for m in checked]
+        variables = {"add_generation_prompt": True} if options.add_generation_prompt else {}
+        prompt = render(BUILTIN_TEMPLATES[legacy_name(template)], {"messages": plain, **variables})
+        return FormattedChat(prompt, legacy=True, reasoning_format=options.reasoning_format)
+
+    source = template_source(template)
+    caps = template_caps(source)
+    tool_format = CONTENT
+    calling = bool(tools) and options.tool_choice != "none"
+    if calling:
+        if has_grammar:
+            raise InvalidParamsError("completion: cannot combine 'grammar' / 'json_schema' with tools; "
+                                     "drop one, or pass tool_choice: 'none'")
+        tool_format = pick_format(source, caps)
+        checked = tool_format.prepare(checked, tools, options.tool_choice, options.parallel_tool_calls, caps)
+    shaped = shape_for_template(checked, caps)
+    variables = _context(options, tokens)
+    prompt = _render(source, shaped, variables, options.add_generation_prompt, tokens, options.now)
+    generation = ""
+    if options.add_generation_prompt:
+        without = _render(source, shaped, variables, False, tokens, options.now)
+        generation = prompt[len(os.path.commonprefix([prompt, without])):]
+    grammar = ""
+    if calling and (options.tool_choice == "required" or isinstance(tool_format, Generic)):
+        grammar = tool_format.grammar(tools, options.tool_choice, options.parallel_tool_calls)
+    return FormattedChat(
+        prompt, tool_format, grammar,
+        preserved_tokens=[tool_format.trigger] if calling and tool_format.trigger else [],
+        additional_stops=list(tool_format.stops) if calling else [],
+        generation_prompt=generation,
+        thinking_forced_open=generation.rstrip().endswith(THINK_START),
+        reasoning_format=options.reasoning_format,
+    )

@@ -1,0 +1,194 @@
+"""llama.rn chat messages and tools: validation, then the shape a template receives.
+
+Validation names the message and field at fault. Shaping follows llama.cpp's
+Jinja path: content is always present, tool-call arguments are JSON strings
+(objects for templates that write them out themselves), text parts are joined
+for templates that only take strings, ``developer`` becomes ``system``, and a
+system message is folded into the next one for templates without a system role.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import InvalidParamsError, UnsupportedFeatureError
+from .template import Caps
+
+__all__ = ["validate_messages", "validate_tools", "shape_for_template", "joined_text"]
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+_MEDIA_PARTS = ("image_url", "input_audio", "media_marker")
+
+
+def _fail(where: str, problem: str) -> InvalidParamsError:
+    return InvalidParamsError(f"{where}: {problem}")
+
+
+def _check_parts(content: list[Any], where: str) -> list[dict[str, str]]:
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            raise UnsupportedFeatureError(f"{where}[{j}]: '{kind}' parts (media) are not supported yet; send text parts")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise _fail(f"{where}[{j}]", f"must be {{'type': 'text', 'text': str}}, got {part!r}")
+        parts.append({"type": "text", "text": part["text"]})
+    return parts
+
+
+def _check_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise _fail(where, f"must be a list of {{'type': 'function', 'function': {{name, arguments}}}}, got {calls!r}")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise _fail(at, f"must be a dict, got {type(call).__name__}")
+        if call.get("type", "function") != "function":
+            raise _fail(f"{at}.type", f"must be 'function', got {call.get('type')!r}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise _fail(f"{at}.function", "must be a dict with 'name' and 'arguments'")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise _fail(f"{at}.function.name", f"must be a non-empty string, got {name!r}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+        elif not isinstance(arguments, str):
+            raise _fail(f"{at}.function.arguments", f"must be a JSON string or a dict, got {type(arguments).__name__}")
+        shaped: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        ident = call.get("id")
+        if ident is not None and not isinstance(ident, str):
+            raise _fail(f"{at}.id", f"must be a string, got {ident!r}")
+        if ident:
+            shaped["id"] = ident
+        out.append(shaped)
+    return out
+
+
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check llama.rn messages; returns clean copies (content str or text parts, never None)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParamsError("messages must be a non-empty list of {role, content} dicts")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _fail(where, f"must be a dict, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _fail(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        clean: dict[str, Any] = {"role": role}
+        content = message.get("content")
+        if isinstance(content, list):
+            clean["content"] = _check_parts(content, f"{where}.content")
+        elif content is None or isinstance(content, str):
+            clean["content"] = content or ""
+        else:
+            raise _fail(f"{where}.content", f"must be a string or a list of text parts, got {type(content).__name__}")
+        calls = message.get("tool_calls")
+        if content is None and not calls:
+            raise _fail(where, "needs 'content' (or 'tool_calls' for an assistant turn)")
+        if calls:
+            if role != "assistant":
+                raise _fail(f"{where}.tool_calls", f"only assistant messages carry tool calls, not {role!r}")
+            clean["tool_calls"] = _check_tool_calls(calls, f"{where}.tool_calls")
+        for key in ("reasoning_content", "name", "tool_call_id"):
+            value = message.get(key)
+            if value is not None and not isinstance(value, str):
+                raise _fail(f"{where}.{key}", f"must be a string, got {type(value).__name__}")
+            if value:
+                clean[key] = value
+        out.append(clean)
+    return out
+
+
+def validate_tools(tools: Any) -> list[dict[str, Any]]:
+    """Check OpenAI-shaped tools: ``[{type: 'function', function: {name, description?, parameters?}}]``."""
+    if not isinstance(tools, list):
+        raise InvalidParamsError(f"completion: 'tools' must be a list of {{'type': 'function', 'function': {{...}}}}, "
+                                 f"got {type(tools).__name__}")
+    names = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise _fail(where, f"must be {{'type': 'function', 'function': {{name, description, parameters}}}}, got {tool!r}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _fail(f"{where}.function", "must be a dict with 'name' (and 'description', 'parameters')")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise _fail(f"{where}.function.name", f"must be a non-empty string, got {name!r}")
+        if name in names:
+            raise _fail(f"{where}.function.name", f"{name!r} is declared twice")
+        names.add(name)
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, (dict, bool)):
+            raise _fail(f"{where}.function.parameters", f"must be a JSON schema object, got {type(parameters).__name__}")
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise _fail(f"{where}.function.description", f"must be a string, got {type(description).__name__}")
+    return tools
+
+
+def joined_text(content: str | list[dict[str, str]]) -> str:
+    """Text parts joined with newlines, as llama.cpp does for string-only templates."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part["text"] for part in content)
+
+
+def shape_for_template(messages: list[dict[str, Any]], caps: Caps) -> list[dict[str, Any]]:
+    """The messages as llama.cpp hands them to this template (see the module docstring)."""
+    shaped = []
+    for i, message in enumerate(messages):
+        message = dict(message)
+        content = message["content"]
+        if caps.typed_content and not caps.string_content and isinstance(content, str):
+            message["content"] = [{"type": "text", "text": content}]
+        elif not (caps.typed_content and caps.string_content) and isinstance(content, list):
+            message["content"] = joined_text(content)
+        if message["role"] == "developer":
+            message["role"] = "system"
+        if caps.object_arguments and "tool_calls" in message:
+            message["tool_calls"] = [_with_object_arguments(call, i) for call in message["tool_calls"]]
+        shaped.append(_written_out(message, caps))
+    if not caps.system_role and shaped and shaped[0]["role"] == "system":
+        system = shaped.pop(0)
+        if shaped:
+            shaped[0]["content"] = joined_text(system["content"]) + "\n" + joined_text(shaped[0]["content"])
+    return shaped
+
+
+def _written_out(message: dict[str, Any], caps: Caps) -> dict[str, Any]:
+    """Calls and results for a template that would drop them, as the JSON the generic tool format uses."""
+    if message.get("tool_calls") and not caps.tool_calls:
+        calls = []
+        for call in message["tool_calls"]:
+            try:
+                arguments = json.loads(call["function"]["arguments"] or "{}")
+            except json.JSONDecodeError:
+                arguments = call["function"]["arguments"]
+            calls.append({"name": call["function"]["name"], "arguments": arguments})
+        reply = {"tool_call": calls[0]} if len(calls) == 1 else {"tool_calls": calls}
+        text = json.dumps(reply, ensure_ascii=False)
+        content = joined_text(message["content"])
+        message = {k: v for k, v in message.items() if k != "tool_calls"}
+        message["content"] = f"{content}\n{text}" if content else text
+    elif message["role"] == "tool" and not caps.tool_responses:
+        response = {"tool_response": {"tool_call_id": message.get("tool_call_id", ""),
+                                      "content": joined_text(message["content"])}}
+        message = {"role": "user", "content": json.dumps(response, ensure_ascii=False)}
+    return message
+
+
+def _with_object_arguments(call: dict[str, Any], index: int) -> dict[str, Any]:
+    function = call["function"]
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError as err:
+        raise _fail(f"messages[{index}].tool_calls", f"arguments of {function['name']!r} are not valid JSON ({err}); "
+                    "this template needs them as an object") from None
+    return {**call, "function": {**function, "arguments": arguments}}

@@ -1,0 +1,216 @@
+"""Chat templates: llamacompat's prompts are byte-identical to llama.cpp's.
+
+Two references: llama-cpp-python's Jinja formatter for real model templates
+(tests/data/chat_templates), given the messages as llama.cpp's Jinja path
+shapes them, and llama.cpp's own ``llama_chat_apply_template`` for the built-in
+names.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+from pathlib import Path
+
+import jinja2
+import llama_cpp
+import pytest
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from llamacompat.chat import BUILTIN_TEMPLATES, ChatOptions, TemplateTokens, format_chat
+from llamacompat.chat.template import template_caps
+from llamacompat.errors import TemplateError
+
+DATA = Path(__file__).parent / "data" / "chat_templates"
+NOW = datetime.datetime(2026, 11, 22, 9, 30)
+
+# template file -> (bos, eos) of its model; add_bos where the model's tokenizer adds one.
+MODELS = {
+    "meta-llama-Llama-3.1-8B-Instruct": ("<|begin_of_text|>", "<|eot_id|>", True),
+    "meta-llama-Llama-3.2-3B-Instruct": ("<|begin_of_text|>", "<|eot_id|>", True),
+    "Qwen-Qwen2.5-7B-Instruct": ("", "<|im_end|>", False),
+    "Qwen-Qwen3-0.6B": ("", "<|im_end|>", False),
+    "mistralai-Mistral-Nemo-Instruct-2407": ("<s>", "</s>", True),
+    "google-gemma-2-2b-it": ("<bos>", "<eos>", True),
+    "microsoft-Phi-3.5-mini-instruct": ("<s>", "<|endoftext|>", True),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True),
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": ("<|begin_of_text|>", "<|im_end|>", True),
+    "ibm-granite-granite-3.3-2B-Instruct": ("<|end_of_text|>", "<|end_of_text|>", False),
+}
+
+SYSTEM = {"role": "system", "content": "You are terse. Ünïcödé is fine: ✓"}
+TURNS = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Name the capital of France."},
+]
+CONVERSATIONS = {
+    "single": [{"role": "user", "content": "Which city is the capital of France?"}],
+    "system": [SYSTEM, *TURNS],
+    "multi-turn": TURNS,
+    "parts": [{"role": "user", "content": [{"type": "text", "text": "First line"}, {"type": "text", "text": "second"}]}],
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                   "required": ["city"]}}}
+TOOL_TURNS = [
+    SYSTEM,
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "id": "call12345", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": '{"sky": "sunny"}'},
+]
+
+
+def _source(name: str) -> str:
+    return (DATA / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _as_llama_cpp_shapes(name: str, messages: list[dict], source: str) -> list[dict]:
+    """The messages as llama.cpp's Jinja path hands them over, written out by hand per case."""
+    caps = template_caps(source)
+    out = []
+    for m in messages:
+        m = dict(m)
+        if isinstance(m["content"], list):
+            m["content"] = "\n".join(p["text"] for p in m["content"])
+        if "tool_calls" in m and caps.object_arguments:
+            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                               for c in m["tool_calls"]]
+        out.append(m)
+    if name == "google-gemma-2-2b-it" and out[0]["role"] == "system":  # no system role: merged into the next turn
+        system = out.pop(0)
+        out[0] = {**out[0], "content": system["content"] + "\n" + out[0]["content"]}
+    return out
+
+
+def _reference(name: str, messages: list[dict], tools: list[dict] | None = None, generation: bool = True) -> str:
+    bos, eos, add_bos = MODELS[name]
+    source = _source(name)
+    formatter = Jinja2ChatFormatter(source, eos_token=eos, bos_token=bos, add_generation_prompt=generation)
+    # llama.cpp leaves 'tools' undefined without tools; the formatter would pass None.
+    extra = {"tools": tools or jinja2.Undefined(name="tools")}
+    prompt = formatter(messages=_as_llama_cpp_shapes(name, messages, source), enable_thinking=True,
+                       datetime=NOW.strftime("%b %d %Y"), date_string=NOW.strftime("%d %b %Y"), **extra).prompt
+    return prompt[len(bos):] if add_bos and bos and prompt.startswith(bos) else prompt
+
+
+def _ours(name: str, messages: list[dict], tools: list[dict] | None = None, generation: bool = True) -> str:
+    bos, eos, add_bos = MODELS[name]
+    options = ChatOptions(tools=tools, tool_choice="none" if tools else "auto", add_generation_prompt=generation, now=NOW)
+    return format_chat(_source(name), messages, TemplateTokens(bos, eos, add_bos), options).prompt
+
+
+def test_there_are_at_least_eight_templates():
+    assert len(MODELS) >= 8 and all((DATA / f"{name}.jinja").exists() for name in MODELS)
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prompt_is_byte_identical_to_llama_cpp_python(name, conversation):
+    messages = CONVERSATIONS[conversation]
+    ours = _ours(name, messages)
+    assert ours == _reference(name, messages)
+    assert "Name the capital" in ours or "capital of France" in ours or "second" in ours
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_without_generation_prompt_too(name):
+    assert _ours(name, CONVERSATIONS["system"], generation=False) == _reference(name, CONVERSATIONS["system"], generation=False)
+
+
+TOOL_TEMPLATES = ["Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B", "meta-llama-Llama-3.1-8B-Instruct",
+                  "meta-llama-Llama-3.2-3B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407",
+                  "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use"]
+
+
+@pytest.mark.parametrize("name", TOOL_TEMPLATES)
+def test_tools_calls_and_results_render_as_llama_cpp(name):
+    ours = _ours(name, TOOL_TURNS, tools=[WEATHER])
+    assert ours == _reference(name, TOOL_TURNS, tools=[WEATHER])
+    assert "get_weather" in ours and "sunny" in ours
+
+
+def test_template_caps_match_what_the_templates_do():
+    caps = {name: template_caps(_source(name)) for name in MODELS}
+    assert not caps["google-gemma-2-2b-it"].system_role
+    assert all(c.system_role for n, c in caps.items() if n != "google-gemma-2-2b-it")
+    for name in TOOL_TEMPLATES:
+        assert caps[name].tools and caps[name].tool_calls and caps[name].object_arguments, name
+    assert not caps["microsoft-Phi-3.5-mini-instruct"].tools
+
+
+def test_the_date_reaches_templates_that_print_it():
+    prompt = _ours("meta-llama-Llama-3.1-8B-Instruct", CONVERSATIONS["single"], tools=[WEATHER])
+    assert "Today Date: 22 Nov 2026" in prompt
+
+
+def test_enable_thinking_false_reaches_the_template():
+    options = ChatOptions(enable_thinking=False, now=NOW)
+    prompt = format_chat(_source("Qwen-Qwen3-0.6B"), CONVERSATIONS["single"], TemplateTokens("", "<|im_end|>"), options).prompt
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+# -- built-in names against llama.cpp's llama_chat_apply_template ---------------------------------
+def _llama_cpp_legacy(name: str, messages: list[dict], add_ass: bool) -> str:
+    array = (llama_cpp.llama_chat_message * len(messages))(
+        *(llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages))
+    size = 1 << 16
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_chat_apply_template(name.encode(), array, len(messages), add_ass, buf, size)
+    assert 0 < n < size, f"llama.cpp does not know {name!r}"
+    return buf.raw[:n].decode()
+
+
+LEGACY_CASES = {
+    "system": [{"role": "system", "content": "  Be brief.  "}, *TURNS],
+    "multi-turn": TURNS + [{"role": "assistant", "content": " Paris. "}, {"role": "user", "content": "Thanks"}],
+    "single": [{"role": "user", "content": "Hi"}],
+}
+LEGACY_NAMES = sorted(set(BUILTIN_TEMPLATES) - {"hermes"}) + ["mistral"]
+
+
+@pytest.mark.parametrize("add_ass", [True, False])
+@pytest.mark.parametrize("case", sorted(LEGACY_CASES))
+@pytest.mark.parametrize("name", LEGACY_NAMES)
+def test_builtin_names_render_exactly_as_llama_cpp(name, case, add_ass):
+    messages = LEGACY_CASES[case]
+    expected = _llama_cpp_legacy(name, messages, add_ass)
+    for jinja in (True, False):
+        options = ChatOptions(add_generation_prompt=add_ass, jinja=jinja, now=NOW)
+        assert format_chat(name, messages, TemplateTokens(), options).prompt == expected, (name, jinja)
+
+
+def test_the_hermes_builtin_matches_qwen_2_5_when_a_system_message_is_given():
+    qwen = _source("Qwen-Qwen2.5-7B-Instruct")
+    for tools in (None, [WEATHER]):
+        options = ChatOptions(tools=tools, tool_choice="none", now=NOW)
+        tokens = TemplateTokens("", "<|im_end|>")
+        assert format_chat("hermes", TOOL_TURNS, tokens, options).prompt == format_chat(qwen, TOOL_TURNS, tokens, options).prompt
+
+
+# What llama.cpp's legacy detection picks for each model template; None: a format not built in here.
+LEGACY_PICKS = {
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": "chatml", "Qwen-Qwen2.5-7B-Instruct": "chatml",
+    "Qwen-Qwen3-0.6B": "chatml", "google-gemma-2-2b-it": "gemma", "meta-llama-Llama-3.1-8B-Instruct": "llama3",
+    "meta-llama-Llama-3.2-3B-Instruct": "llama3", "microsoft-Phi-3.5-mini-instruct": "phi3",
+    "mistralai-Mistral-Nemo-Instruct-2407": "mistral-v3-tekken",
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": None, "ibm-granite-granite-3.3-2B-Instruct": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY_PICKS))
+def test_legacy_path_renders_what_llama_cpp_renders_for_the_model_template(name):
+    """jinja: false renders the built-in that llama_chat_apply_template(model template) uses."""
+    source = _source(name)
+    messages = LEGACY_CASES["system"]
+    reference = _llama_cpp_legacy(source, messages, True)
+    options = ChatOptions(jinja=False, now=NOW)
+    if LEGACY_PICKS[name] is None:
+        with pytest.raises(TemplateError, match="not supported by the legacy formatter"):
+            format_chat(source, messages, TemplateTokens(), options)
+        return
+    assert format_chat(source, messages, TemplateTokens(), options).prompt == reference
+    assert reference == _llama_cpp_legacy(LEGACY_PICKS[name], messages, True)
