@@ -12,6 +12,7 @@ from llamacompat.chat import ChatOptions, ReplyParser, TemplateTokens, format_ch
 from llamacompat.chat.formats import FORMATS
 from llamacompat.chat.partial_json import MISSING, parse_partial
 from llamacompat.chat.reasoning import split_reasoning
+from llamacompat.grammars.recognise import accepts
 
 GREEDY = {"temperature": 0, "seed": 1}
 FORMAT = {f.name: f for f in FORMATS}
@@ -251,6 +252,18 @@ def test_tool_call_round_trip_with_tool_choice_required(ctx):
     answer = ctx.completion({"messages": history, "tools": [WEATHER], "tool_choice": "none", "n_predict": 48, **GREEDY})
     assert "tool_calls" not in answer
     assert "sunny" in answer["content"].lower() or "18" in answer["content"]
+
+
+@pytest.mark.parametrize("template, wrap", [
+    ("chatml", '{{"tool_call": {{"name": "get_weather", "arguments": {}}}}}'),
+    ("hermes", '<tool_call>\n{{"name": "get_weather", "arguments": {}}}\n</tool_call>'),
+])
+def test_required_call_grammars_hold_only_the_declared_arguments(template, wrap):
+    grammar = _format(template, tools=[WEATHER], tool_choice="required").grammar
+    assert accepts(grammar, wrap.format('{"city": "Paris"}'))
+    assert not accepts(grammar, wrap.format('{"city": "Paris", "type": "string"}'))
+    assert not accepts(grammar, wrap.format("{}"))  # 'city' is required
+    assert not accepts(grammar, wrap.format('{"city": "Paris"}').replace("get_weather", "get_time"))
 
 
 def test_hermes_template_with_required_tool_choice_forces_a_tagged_call(ctx):

@@ -69,11 +69,18 @@ def _value(text: str, partial: bool) -> tuple[Any, int]:
         return (parse_partial(stripped) if partial else MISSING), len(text)
 
 
+def _closed_object(parameters: Any) -> Any:
+    """Arguments hold the declared parameters only, unless the schema asks for more (as llama.cpp's grammars do)."""
+    if isinstance(parameters, dict) and "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters or {}
+
+
 def _call_schema(tools: list[dict[str, Any]], args_key: str, with_id: bool = False) -> dict[str, Any]:
     branches = []
     for tool in tools:
         function = tool["function"]
-        properties: dict[str, Any] = {"name": {"const": function["name"]}, args_key: function.get("parameters") or {}}
+        properties: dict[str, Any] = {"name": {"const": function["name"]}, args_key: _closed_object(function.get("parameters"))}
         required = ["name", args_key]
         if with_id:
             properties["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
