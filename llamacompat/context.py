@@ -24,6 +24,7 @@ from . import params as P
 from .adapters.base import Adapter, SamplingParams
 from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
 from .chat.formats import CONTENT
+from .chat.template import template_caps
 from .embeddings import normalize_embedding
 from .engine import CompletionRequest, generate
 from .errors import (
@@ -34,6 +35,7 @@ from .errors import (
     LlamaCompatWarning,
     ModelLoadError,
     SessionError,
+    TemplateError,
     UnsupportedFeatureError,
 )
 from .gguf_info import load_model_info
@@ -157,6 +159,17 @@ def load_llama_model_info(path: str) -> dict[str, str]:
     return load_model_info(resolve_model(path))
 
 
+def _caps(adapter: Adapter) -> dict[str, bool] | None:
+    """llama.rn's ``defaultCaps`` of the model's own template (snake_case), probed as llama.cpp does."""
+    if not adapter.chat_template:
+        return None
+    try:
+        caps = template_caps(adapter.chat_template)
+    except TemplateError:  # a broken template fails when it is used, with its line
+        return None
+    return {"tools": caps.tools, "tool_calls": caps.tool_calls, "system_role": caps.system_role}
+
+
 # -- the sync context ---------------------------------------------------------
 class LlamaContext:
     """A loaded model on one backend, with llama.rn's methods."""
@@ -179,7 +192,8 @@ class LlamaContext:
         has_template = bool(adapter.chat_template)
         self.model = {
             **info,
-            "chat_templates": {"llama_chat": has_template, "jinja": {"default": has_template, "tool_use": False}},
+            "chat_templates": {"llama_chat": has_template, "jinja": {"default": has_template, "default_caps": _caps(adapter),
+                                                                     "tool_use": False}},
             "is_chat_template_supported": has_template,
         }
         _live[self.id] = self
