@@ -54,6 +54,8 @@ def _is_message_list(value: Any) -> bool:
     return len(value) > 0 and all(isinstance(item, dict) for item in value)
 
 
+TOOL_CHOICES = ("auto", "none", "required")
+REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 _SEED_MAX = 2**32 - 1
 _INT32_MAX = 2**31 - 1  # llama.rn's native side holds n_predict in an int32
 
@@ -93,9 +95,9 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "response_format": Field((dict,), None, nullable=True),
     # Chat: tools, reasoning and template inputs (llamacompat.chat).
     "tools": Field((list,), None, nullable=True),
-    "tool_choice": Field((str,), "auto", lambda v: v in ("auto", "none", "required"), "'auto', 'none' or 'required'"),
+    "tool_choice": Field((str,), "auto", lambda v: v in TOOL_CHOICES, "'auto', 'none' or 'required'"),
     "parallel_tool_calls": _bool(False),
-    "reasoning_format": Field((str,), "none", lambda v: v in ("none", "auto", "deepseek", "deepseek-legacy"),
+    "reasoning_format": Field((str,), "none", lambda v: v in REASONING_FORMATS,
                               "'none', 'auto', 'deepseek' or 'deepseek-legacy' (Unknown reasoning format)"),
     "enable_thinking": _bool(True),
     "chat_template_kwargs": Field((dict,), None, nullable=True),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..engine import find_stop
 from ..errors import UnsupportedFeatureError
 from ..grammars.schema import convert_json_schema_to_grammar
 from .messages import joined_text
@@ -33,11 +34,12 @@ _decoder = json.JSONDecoder()
 
 
 def held_back(text: str, marker: str) -> str:
-    """``text`` without a trailing prefix of ``marker`` (it may still turn into the marker)."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:size]):
-            return text[:-size]
-    return text
+    """``text`` (without ``marker``) minus a trailing prefix of it, which may still become the marker.
+
+    The engine's stop-string hold-back does the same for stop strings.
+    """
+    _, _, hold = find_stop(text, (marker,))
+    return text[: len(text) - hold]
 
 
 def _arguments(value: Any) -> str:

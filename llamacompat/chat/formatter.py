@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidParamsError, UnsupportedFeatureError
+from ..params import REASONING_FORMATS, TOOL_CHOICES
 from .builtin import BUILTIN_TEMPLATES, legacy_name, template_source
 from .formats import CONTENT, Generic, ToolFormat, pick_format
 from .messages import joined_text, shape_for_template, validate_messages, validate_tools
-from .reasoning import split_reasoning, validate_reasoning_format
+from .reasoning import split_reasoning
 from .template import render, template_caps
 
 __all__ = ["ChatOptions", "TemplateTokens", "FormattedChat", "ReplyParser", "format_chat"]
@@ -59,7 +60,7 @@ class ChatOptions:
             now = datetime.datetime.fromtimestamp(now / 1000)  # llama.rn: milliseconds since the epoch
         return cls(tools=p.get("tools") or None, tool_choice=p.get("tool_choice") or "auto",
                    parallel_tool_calls=bool(p.get("parallel_tool_calls")),
-                   reasoning_format=validate_reasoning_format(p.get("reasoning_format", "none")),
+                   reasoning_format=p.get("reasoning_format", "none"),
                    enable_thinking=p.get("enable_thinking", True), chat_template_kwargs=p.get("chat_template_kwargs") or {},
                    add_generation_prompt=p.get("add_generation_prompt", True), jinja=p.get("jinja", True), now=now)
 
@@ -145,8 +146,11 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
     """Render ``messages`` with ``template`` (Jinja source or a built-in name) and plan the reply."""
     checked = validate_messages(messages)
     tools = validate_tools(options.tools) if options.tools else []
-    if options.tool_choice not in ("auto", "none", "required"):
+    if options.tool_choice not in TOOL_CHOICES:
         raise InvalidParamsError(f"completion: 'tool_choice' must be 'auto', 'none' or 'required', got {options.tool_choice!r}")
+    if options.reasoning_format not in REASONING_FORMATS:
+        raise InvalidParamsError(f"Unknown reasoning format: {options.reasoning_format!r}; "
+                                 f"use one of {', '.join(REASONING_FORMATS)}")
     if options.tool_choice == "required" and not tools:
         raise InvalidParamsError("completion: tool_choice 'required' needs at least one tool in 'tools'")
     if not options.jinja:

@@ -10,18 +10,9 @@ with ``<think>``) makes the reply start inside it ("forced open").
 
 from __future__ import annotations
 
-from ..errors import InvalidParamsError
 from .formats import held_back
 
-__all__ = ["REASONING_FORMATS", "split_reasoning", "validate_reasoning_format"]
-
-REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
-
-
-def validate_reasoning_format(value: object) -> str:
-    if value not in REASONING_FORMATS:
-        raise InvalidParamsError(f"Unknown reasoning format: {value!r}; use one of {', '.join(REASONING_FORMATS)}")
-    return value  # type: ignore[return-value]
+__all__ = ["split_reasoning"]
 
 
 def split_reasoning(text: str, mode: str, partial: bool, forced_open: bool = False,
