@@ -2,7 +2,8 @@
 
 Instances come from hypothesis-jsonschema, are checked with jsonschema (patterns read as ECMA-262, formats
 checked), and are written the grammar's way (schema_instances.canonical). Two recognisers judge each text:
-this package's (over the parse_gbnf AST) and llama.cpp's own grammar engine.
+this package's (over the parse_gbnf AST) and llama.cpp's own grammar engine; a third, llguidance on our
+Lark translation (the mlx backend's engine), must agree.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
 from llamacompat.grammars import accepts, convert_json_schema_to_grammar, parse_gbnf
+from .lark_grammar import lark_accepts
 from .llama_grammar import native_accepts, tokenizable
 from .schema_corpus import CORPUS
 from .schema_instances import OutsideLanguage, canonical, is_valid
@@ -66,6 +68,7 @@ def test_instances_are_accepted(case, ctx):
         assert accepts(grammar, written), f"the grammar rejects an instance: {written}"
         if tokenizable(ctx, written):
             assert native_accepts(ctx, text, written), f"llama.cpp's engine rejects an instance: {written}"
+            assert lark_accepts(text, written), f"llguidance rejects an instance: {written}"
 
     run()
 
@@ -120,5 +123,6 @@ def test_non_instances_are_rejected(case, ctx):
             assert not accepts(grammar, written), f"the grammar accepts a non-instance: {written}"
             if tokenizable(ctx, written):
                 assert not native_accepts(ctx, text, written), f"llama.cpp's engine accepts a non-instance: {written}"
+                assert not lark_accepts(text, written), f"llguidance accepts a non-instance: {written}"
 
     run()
