@@ -18,9 +18,9 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "llamacompat.adapters"
 # name -> "module:Class"; imported lazily so a missing optional backend costs nothing.
-BUILTIN = {"llama_cpp": "llamacompat.adapters.llama_cpp:LlamaCppAdapter"}
+BUILTIN = {"llama_cpp": "llamacompat.adapters.llama_cpp:LlamaCppAdapter", "mlx": "llamacompat.adapters.mlx:MlxAdapter"}
 # the order "auto" tries backends in
-AUTO_ORDER = ("llama_cpp",)
+AUTO_ORDER = ("llama_cpp", "mlx")
 # adapters registered at run time (tests, or an adapter under development before it has an entry point)
 _registered: dict[str, Type[Adapter]] = {}
 

@@ -1,0 +1,5 @@
+"""The mlx backend: mlx-lm models, GGUF files included (see adapter.py)."""
+
+from .adapter import MlxAdapter
+
+__all__ = ["MlxAdapter"]

@@ -1,0 +1,163 @@
+"""The vocabulary for the mlx backend: a ``tokenizers.Tokenizer`` plus llama.cpp's token facts.
+
+A GGUF file carries its tokenizer as metadata (``tokenizer.ggml.*``); we rebuild
+it with the ``tokenizers`` library so that ``tokenize`` gives llama.cpp's ids
+(``transformers``' own GGUF loader needs torch). An mlx-lm folder brings a
+``tokenizer.json`` that ``tokenizers`` reads as it is. Either way the bytes of
+each token (``pieces``), the end-of-generation set and BOS handling follow
+llama.cpp's rules, so both backends stream the same text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from ...errors import ModelLoadError
+
+try:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+except ImportError as err:  # pragma: no cover - the mlx extra installs it
+    from ...errors import BackendUnavailableError
+
+    raise BackendUnavailableError("the mlx backend needs tokenizers: pip install 'llamacompat[mlx]'") from err
+
+__all__ = ["Vocab", "vocab_from_gguf", "vocab_from_tokenizer"]
+
+# llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by ``tokenizer.ggml.pre``.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# name -> (regexes applied in turn, ignore_merges: a word found whole in the vocab is one token)
+_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "olmo", "mpt", "jais", "roberta-bpe"), ((_GPT2,), False)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                    ((r"\p{N}", _GPT2), False)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), ((_LLAMA3,), True)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), ((_QWEN2,), False)),
+}
+
+# Token texts llama.cpp treats as end of generation (llama_vocab::impl::load), plus its FIM pad/repo/sep names.
+_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+    "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
+    "<reponame>", "<|file_sep|>",
+})
+# GGUF token types (llama_token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable stand-in character -> the byte it encodes."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(visible), 0
+    for byte in range(256):
+        if byte not in visible:
+            visible.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(visible, codes)}
+
+
+_BYTE_OF = _byte_decoder()
+
+
+@dataclass
+class Vocab:
+    tokenizer: Tokenizer
+    pieces: list[bytes]  # what each token prints, special tokens as their text (llama.cpp's token_to_piece)
+    eog: frozenset[int]
+    bos: int | None
+    eos: int | None
+    add_bos: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.pieces)
+
+    def encode(self, text: str, add_special: bool) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos is not None:
+            ids.insert(0, self.bos)
+        return ids
+
+    def decode(self, tokens: Iterable[int]) -> str:
+        pieces = self.pieces
+        return b"".join(pieces[token] for token in tokens).decode("utf-8", "replace")
+
+
+def _piece(text: str, byte_level: bool) -> bytes:
+    if byte_level:
+        try:
+            return bytes(_BYTE_OF[char] for char in text)
+        except KeyError:  # an added token written in plain text
+            return text.encode("utf-8")
+    if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):  # SentencePiece byte fallback
+        return bytes([int(text[3:5], 16)])
+    return text.replace("\u2581", " ").encode("utf-8")
+
+
+def _eog(texts: list[str], explicit: Iterable[int | None]) -> frozenset[int]:
+    ids = {i for i, text in enumerate(texts) if text in _EOG_TEXTS}
+    ids.update(i for i in explicit if i is not None and 0 <= i < len(texts))
+    return frozenset(ids)
+
+
+def vocab_from_gguf(meta: dict[str, Any], path: str) -> Vocab:
+    """Rebuild a GGUF file's BPE tokenizer from its metadata; ``ModelLoadError`` for what we cannot."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelLoadError(
+            f"Failed to load model: {path}: the mlx backend rebuilds byte-level BPE ('gpt2') GGUF tokenizers only, "
+            f"this file's is {kind!r}; use the llama_cpp backend or an mlx-lm model folder"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise ModelLoadError(
+            f"Failed to load model: {path}: the mlx backend does not know the pre-tokenizer {pre!r} "
+            f"(known: {', '.join(sorted(_PRE_TOKENIZERS))}); use the llama_cpp backend"
+        )
+    regexes, ignore_merges = _PRE_TOKENIZERS[pre]
+    texts: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types = meta.get("tokenizer.ggml.token_type")
+    types = types.tolist() if types is not None else [_NORMAL] * len(texts)  # (iterating an mx.array is slow)
+    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
+    tokenizer = Tokenizer(models.BPE(vocab={text: i for i, text in enumerate(texts)}, merges=merges,
+                                     ignore_merges=ignore_merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in regexes]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    # llama.cpp parses control and user-defined tokens in the text (parse_special=True).
+    tokenizer.add_special_tokens([
+        AddedToken(text, special=kind_ == _CONTROL, normalized=False)
+        for text, kind_ in zip(texts, types) if kind_ in (_CONTROL, _USER_DEFINED)
+    ])
+    pieces = [text.encode("utf-8") if kind_ in (_CONTROL, _USER_DEFINED) else _piece(text, True)
+              for text, kind_ in zip(texts, types)]
+
+    def token_id(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return None if value is None else int(value.item() if hasattr(value, "item") else value)
+
+    bos, eos = token_id("bos"), token_id("eos")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    return Vocab(tokenizer, pieces, _eog(texts, (eos, token_id("eot"), token_id("eom"))), bos, eos,
+                 bool(add_bos.item() if hasattr(add_bos, "item") else add_bos) if add_bos is not None else False)
+
+
+def vocab_from_tokenizer(tokenizer: Tokenizer, eos_ids: Iterable[int], bos: int | None, add_bos: bool) -> Vocab:
+    """The vocabulary of an mlx-lm folder's ``tokenizer.json``."""
+    spec = json.loads(tokenizer.to_str())
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) or "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    added = {token["id"] for token in spec.get("added_tokens", [])}
+    texts = [tokenizer.id_to_token(i) or "" for i in range(size)]
+    pieces = [text.encode("utf-8") if i in added else _piece(text, byte_level) for i, text in enumerate(texts)]
+    eos = next(iter(eos_ids), None)
+    return Vocab(tokenizer, pieces, _eog(texts, eos_ids), bos, eos, add_bos)
