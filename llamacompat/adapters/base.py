@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
-from ..errors import UnsupportedFeatureError
+import numpy as np
+
+from ..errors import InvalidParamsError, UnsupportedFeatureError
 from ..params import Field
 
 __all__ = ["Adapter", "Capabilities", "Interrupted", "SamplingParams", "Support"]
@@ -169,6 +172,32 @@ class Adapter(ABC):
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
         """llama.rn's bench result (camelCase keys)."""
         raise UnsupportedFeatureError(f"bench is not supported by the {self.name} backend")
+
+    def timed_bench(self, pp: int, tg: int, pl: int, nr: int, fresh: Callable[[], Callable[[list[int]], None]],
+                    settings: dict[str, Any]) -> dict[str, Any]:
+        """llama.rn's bench over random tokens: ``fresh()`` empties the cache and returns an evaluate function."""
+        if pl != 1:
+            raise InvalidParamsError(f"bench: pl must be 1 (this context holds one sequence), got {pl}")
+        if pp + tg > self.n_ctx:
+            raise InvalidParamsError(f"bench: pp + tg = {pp + tg} exceeds n_ctx {self.n_ctx}")
+        rng = np.random.default_rng(0)
+        t_pp = t_tg = 0.0
+        for _ in range(nr):
+            evaluate = fresh()
+            start = time.perf_counter()
+            evaluate(rng.integers(0, self.n_vocab, pp).tolist())
+            t_pp += time.perf_counter() - start
+            start = time.perf_counter()
+            for token in rng.integers(0, self.n_vocab, tg).tolist():
+                evaluate([token])
+            t_tg += time.perf_counter() - start
+        t_pp, t_tg = t_pp / nr, t_tg / nr
+        return {
+            "nKvMax": self.n_ctx, **settings, "pp": pp, "tg": tg, "pl": pl, "nKv": pp + tg,
+            "tPp": t_pp, "speedPp": pp / t_pp if t_pp else 0.0,
+            "tTg": t_tg, "speedTg": tg / t_tg if t_tg else 0.0,
+            "t": t_pp + t_tg, "speed": (pp + tg) / (t_pp + t_tg) if t_pp + t_tg else 0.0,
+        }
 
     # -- sessions -----------------------------------------------------------
     def save_session(self, path: str, n_tokens: int) -> int:

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import threading
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -468,34 +467,20 @@ class LlamaCppAdapter(Adapter):
             lc.llama_memory_clear(self._mem, True)
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
-        if pl != 1:
-            raise InvalidParamsError(f"bench: pl must be 1 (this context holds one sequence), got {pl}")
-        if pp + tg > self.n_ctx:
-            raise InvalidParamsError(f"bench: pp + tg = {pp + tg} exceeds n_ctx {self.n_ctx}")
-        rng = np.random.default_rng(0)
-        t_pp = t_tg = 0.0
-        for _ in range(nr):
+        def fresh() -> Callable[[list[int]], None]:
             lc.llama_memory_clear(self._mem, True)
             self._tokens.clear()
-            start = time.perf_counter()
-            self._decode(rng.integers(0, self.n_vocab, pp).tolist())
-            t_pp += time.perf_counter() - start
-            start = time.perf_counter()
-            for token in rng.integers(0, self.n_vocab, tg).tolist():
-                self._decode([token])
-            t_tg += time.perf_counter() - start
-        lc.llama_memory_clear(self._mem, True)
-        self._tokens.clear()
-        t_pp, t_tg = t_pp / nr, t_tg / nr
-        return {
-            "nKvMax": self.n_ctx, "nBatch": self._n_batch, "nUBatch": lc.llama_n_ubatch(self._ctx),
-            "flashAttn": self._flash_attn, "isPpShared": 0, "nGpuLayers": self._n_gpu_layers,
-            "nThreads": self.n_threads, "nThreadsBatch": self.n_threads,
-            "pp": pp, "tg": tg, "pl": pl, "nKv": pp + tg,
-            "tPp": t_pp, "speedPp": pp / t_pp if t_pp else 0.0,
-            "tTg": t_tg, "speedTg": tg / t_tg if t_tg else 0.0,
-            "t": t_pp + t_tg, "speed": (pp + tg) / (t_pp + t_tg) if t_pp + t_tg else 0.0,
-        }
+            return self._decode
+
+        try:
+            return self.timed_bench(pp, tg, pl, nr, fresh, {
+                "nBatch": self._n_batch, "nUBatch": lc.llama_n_ubatch(self._ctx), "flashAttn": self._flash_attn,
+                "isPpShared": 0, "nGpuLayers": self._n_gpu_layers, "nThreads": self.n_threads,
+                "nThreadsBatch": self.n_threads,
+            })
+        finally:
+            lc.llama_memory_clear(self._mem, True)
+            self._tokens.clear()
 
     # -- sessions: llama.cpp's own ggsn files ------------------------------
     def session_identity(self) -> dict[str, Any]:

@@ -15,11 +15,9 @@ import logging
 import os
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
 from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError
 from ...gguf_info import load_model_info
@@ -234,28 +232,14 @@ class MlxAdapter(Adapter):
         return pooled.tolist()
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
-        if pl != 1:
-            raise InvalidParamsError(f"bench: pl must be 1 (this context holds one sequence), got {pl}")
-        if pp + tg > self.n_ctx:
-            raise InvalidParamsError(f"bench: pp + tg = {pp + tg} exceeds n_ctx {self.n_ctx}")
-        rng = np.random.default_rng(0)
-        t_pp = t_tg = 0.0
-        for _ in range(nr):
+        def fresh() -> Callable[[list[int]], None]:  # a cache of its own: the context's stays as it is
             cache = make_prompt_cache(self._model)
-            start = time.perf_counter()
-            mx.eval(self._model(mx.array([rng.integers(0, self.n_vocab, pp).tolist()]), cache=cache))
-            t_pp += time.perf_counter() - start
-            start = time.perf_counter()
-            for token in rng.integers(0, self.n_vocab, tg).tolist():
-                mx.eval(self._model(mx.array([[token]]), cache=cache))
-            t_tg += time.perf_counter() - start
-        t_pp, t_tg = t_pp / nr, t_tg / nr
-        return {
-            "nKvMax": self.n_ctx, "nBatch": self._n_batch, "nUBatch": self._n_batch, "flashAttn": 0, "isPpShared": 0,
-            "nGpuLayers": 0, "nThreads": 0, "nThreadsBatch": 0, "pp": pp, "tg": tg, "pl": pl, "nKv": pp + tg,
-            "tPp": t_pp, "speedPp": pp / t_pp if t_pp else 0.0, "tTg": t_tg, "speedTg": tg / t_tg if t_tg else 0.0,
-            "t": t_pp + t_tg, "speed": (pp + tg) / (t_pp + t_tg) if t_pp + t_tg else 0.0,
-        }
+            return lambda tokens: mx.eval(self._model(mx.array([tokens]), cache=cache))
+
+        return self.timed_bench(pp, tg, pl, nr, fresh, {
+            "nBatch": self._n_batch, "nUBatch": self._n_batch, "flashAttn": 0, "isPpShared": 0, "nGpuLayers": 0,
+            "nThreads": 0, "nThreadsBatch": 0,
+        })
 
     # -- sessions: mlx-lm's prompt cache with our header -------------------
     def save_session(self, path: str, n_tokens: int) -> int:
