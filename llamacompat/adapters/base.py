@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InvalidParamsError, UnsupportedFeatureError
 from ..params import Field
 
-__all__ = ["Adapter", "Capabilities", "Interrupted", "SamplingParams", "Support"]
+__all__ = ["Adapter", "Capabilities", "Interrupted", "SamplingParams", "Support", "reusable_prefix"]
 
 Support = Literal["native", "emulated", "missing"]
 
@@ -35,6 +35,16 @@ class Interrupted(Exception):
     def __init__(self, cache_n: int = 0) -> None:
         super().__init__("interrupted during prompt evaluation")
         self.cache_n = cache_n
+
+
+def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many leading prompt tokens the cache already holds; the last one is always evaluated, for its logits."""
+    reuse = 0
+    for a, b in zip(cached, prompt):
+        if a != b:
+            break
+        reuse += 1
+    return min(reuse, len(prompt) - 1)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from ..errors import (
     SessionError,
 )
 from ..sessions import check_header, read_header
-from .base import Adapter, Capabilities, Interrupted, SamplingParams
+from .base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
 
 try:
     import llama_cpp as lc
@@ -331,12 +331,7 @@ class LlamaCppAdapter(Adapter):
         # (a vocab_only context lists completion, embedding, bench and session as "missing":
         # LlamaContext refuses those calls before they reach the adapter)
         self._sampler = self._build_sampler(sampling, prompt)  # grammar errors before any work
-        reuse = 0
-        for a, b in zip(self._tokens, prompt):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        reuse = reusable_prefix(self._tokens, prompt)
         self._rewind(reuse)
         cached = len(self._tokens)
         self._pending = None

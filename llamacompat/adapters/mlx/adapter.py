@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError
 from ...gguf_info import load_model_info
-from ..base import Adapter, Capabilities, Interrupted, SamplingParams
+from ..base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
 
 try:
     import mlx.core as mx
@@ -151,12 +151,7 @@ class MlxAdapter(Adapter):
         if sampling.seed >= 0:
             mx.random.seed(sampling.seed)
         chain = Sampling(sampling, self._n_logits, self.n_ctx, self._eog, prompt, grammar)
-        reuse = 0
-        for a, b in zip(self._tokens, prompt):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        reuse = reusable_prefix(self._tokens, prompt)
         self._rewind(reuse)
         try:
             first = self._prefill(prompt[reuse:], chain, stop)
