@@ -11,13 +11,11 @@ a stop check between prefill chunks, and an exact count of what the KV cache hol
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
 
 from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError
 from ...gguf_info import load_model_info
@@ -30,14 +28,12 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise BackendUnavailableError("the mlx backend needs mlx and mlx-lm: pip install 'llamacompat[mlx]'") from err
 
-from .gguf import load_gguf, model_from_gguf
+from .gguf import load_gguf, meta_value, model_from_gguf
 from .grammar import GrammarMask, token_table
 from .sampling import Sampling
 from .vocab import Vocab, vocab_from_gguf, vocab_from_tokenizer
 
 __all__ = ["MlxAdapter"]
-
-logger = logging.getLogger(__name__)
 
 SESSION_FORMAT = "llamacompat-mlx-session/1"
 _POOLING = ("mean", "cls", "last", "none")
@@ -69,7 +65,7 @@ class MlxAdapter(Adapter):
             model = model_from_gguf(tensors, meta, path)
             template = meta.get("tokenizer.chat_template")
             info = {"desc": _gguf_desc(meta), "size": os.path.getsize(path), "metadata": load_model_info(path),
-                    "n_ctx_train": int(meta["llama.context_length"].item()) if "llama.context_length" in meta else 0}
+                    "n_ctx_train": meta_value(meta, "llama.context_length", 0)}
         else:
             raise ModelLoadError(f"Failed to load model: no such file or folder: {path}")
         step(0.8)
@@ -82,9 +78,10 @@ class MlxAdapter(Adapter):
         self._model = model
         self._vocab = vocab
         self._info = info
-        args = model.args
+        # counted once: model_info() also serves every session save and load (the model fingerprint)
+        self._n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
         self.n_vocab = vocab.size
-        self.n_embd = args.hidden_size
+        self.n_embd = model.args.hidden_size
         self.n_ctx = params["n_ctx"] or info.get("n_ctx_train") or 4096
         self._n_batch = max(1, min(params["n_batch"], self.n_ctx))
         self.add_bos = vocab.add_bos
@@ -123,8 +120,7 @@ class MlxAdapter(Adapter):
 
     # -- model description -------------------------------------------------
     def model_info(self) -> dict[str, Any]:
-        n_params = sum(v.size for _, v in tree_flatten(self._model.parameters()))
-        return {"desc": self._info["desc"], "size": self._info["size"], "n_embd": self.n_embd, "n_params": n_params,
+        return {"desc": self._info["desc"], "size": self._info["size"], "n_embd": self.n_embd, "n_params": self._n_params,
                 "n_ctx_train": self._info.get("n_ctx_train", 0), "is_recurrent": False, "is_hybrid": False,
                 "metadata": dict(self._info["metadata"])}
 
@@ -309,9 +305,9 @@ def _load_folder(path: str) -> tuple[Any, Vocab, str | None, dict[str, Any]]:
         text = value.get("content") if isinstance(value, dict) else value
         return tokenizer.token_to_id(text) if isinstance(text, str) else None
 
-    eos_ids = config.get("eos_token_id", generation.get("eos_token_id"))
-    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
-    eos_ids = [*([token_id(settings.get("eos_token"))] if token_id(settings.get("eos_token")) is not None else []), *eos_ids]
+    configured = config.get("eos_token_id", generation.get("eos_token_id"))
+    eos_ids = [token_id(settings.get("eos_token")), *([configured] if isinstance(configured, int) else configured or [])]
+    eos_ids = [i for i in eos_ids if i is not None]  # the tokenizer's own EOS first: it is the one rendered as eos_text
     bos = token_id(settings.get("bos_token"))
     vocab = vocab_from_tokenizer(tokenizer, eos_ids, bos, bool(settings.get("add_bos_token", False)))
     template = settings.get("chat_template")

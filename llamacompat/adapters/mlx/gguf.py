@@ -17,7 +17,7 @@ from mlx_lm.models import llama
 
 from ...errors import ModelLoadError
 
-__all__ = ["load_gguf", "model_from_gguf"]
+__all__ = ["load_gguf", "meta_value", "model_from_gguf"]
 
 # GGUF tensor name (after "blk.N.") -> mlx-lm llama module path
 _LAYER_TENSORS = {
@@ -38,11 +38,17 @@ def load_gguf(path: str) -> tuple[dict[str, mx.array], dict[str, Any]]:
         raise ModelLoadError(f"Failed to load model: {path}: MLX cannot read this GGUF file ({err})") from err
 
 
-def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+def meta_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A metadata scalar as a Python value (``mx.load`` returns numbers and booleans as 0-d arrays)."""
     value = meta.get(key, default)
+    return value.item() if isinstance(value, mx.array) else value
+
+
+def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = meta_value(meta, key, default)
     if value is None:
         raise ModelLoadError(f"Failed to load model: the GGUF metadata has no '{key}'")
-    return value.item() if isinstance(value, mx.array) else value
+    return value
 
 
 def _model_args(meta: dict[str, Any], tensors: dict[str, mx.array], n_vocab: int) -> llama.ModelArgs:

@@ -44,10 +44,6 @@ class Sampling:
         self._n_vocab = n_vocab
         self._draw = self._chain(s, n_vocab)
 
-    @property
-    def processes(self) -> bool:
-        return self._bias is not None or self._penalised or self._grammar is not None
-
     def process(self, logits: Logits, token: mx.array | None) -> Logits:
         """Apply bias, penalties and grammar; ``token`` is the one just sampled (None after the prompt)."""
         if self._bias is not None:

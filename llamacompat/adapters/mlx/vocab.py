@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ...errors import ModelLoadError
+from .gguf import meta_value
 
 try:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -47,8 +48,8 @@ _EOG_TEXTS = frozenset({
     "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
     "<reponame>", "<|file_sep|>",
 })
-# GGUF token types (llama_token_type)
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# GGUF token types (llama_token_type) that matter here
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -141,14 +142,9 @@ def vocab_from_gguf(meta: dict[str, Any], path: str) -> Vocab:
     pieces = [text.encode("utf-8") if kind_ in (_CONTROL, _USER_DEFINED) else _piece(text, True)
               for text, kind_ in zip(texts, types)]
 
-    def token_id(key: str) -> int | None:
-        value = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return None if value is None else int(value.item() if hasattr(value, "item") else value)
-
-    bos, eos = token_id("bos"), token_id("eos")
-    add_bos = meta.get("tokenizer.ggml.add_bos_token")
-    return Vocab(tokenizer, pieces, _eog(texts, (eos, token_id("eot"), token_id("eom"))), bos, eos,
-                 bool(add_bos.item() if hasattr(add_bos, "item") else add_bos) if add_bos is not None else False)
+    bos, eos, eot, eom = (meta_value(meta, f"tokenizer.ggml.{kind}_token_id") for kind in ("bos", "eos", "eot", "eom"))
+    add_bos = bool(meta_value(meta, "tokenizer.ggml.add_bos_token", False))
+    return Vocab(tokenizer, pieces, _eog(texts, (eos, eot, eom)), bos, eos, add_bos)
 
 
 def vocab_from_tokenizer(tokenizer: Tokenizer, eos_ids: Iterable[int], bos: int | None, add_bos: bool) -> Vocab:
