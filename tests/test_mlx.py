@@ -172,6 +172,8 @@ def test_filters_and_sigma_keep_only_the_best_tokens(mctx):
     greedy = mctx.completion({**params, **GREEDY})["text"]
     assert {mctx.completion({**params, "top_k": 1, "seed": s})["text"] for s in range(4)} == {greedy}
     assert {mctx.completion({**params, "top_n_sigma": 0.001, "top_k": 0, "seed": s})["text"] for s in range(4)} == {greedy}
+    for narrow in ({"top_p": 0.01}, {"min_p": 0.99}):  # only the best token is left to draw
+        assert {mctx.completion({**params, **narrow, "top_k": 0, "seed": s})["text"] for s in range(4)} == {greedy}, narrow
 
 
 @pytest.mark.parametrize("feature, param", [("typical_p", {"typical_p": 0.5}), ("mirostat", {"mirostat": 2}),
@@ -297,6 +299,20 @@ def test_foreign_or_damaged_sessions_are_refused_and_the_context_kept(mctx, mode
             mctx.load_session(str(bad))
         assert mctx._adapter._tokens == tokens
     assert mctx.completion(prompt)["timings"]["cache_n"] == len(mctx.tokenize(mctx.get_formatted_chat(MESSAGES)["prompt"])["tokens"]) - 1
+
+
+def test_a_session_from_another_model_is_refused(mctx, model_path, tmp_path):
+    mctx.completion({"messages": MESSAGES, **GREEDY, "n_predict": 2})
+    path = tmp_path / "other.session"
+    mctx.save_session(str(path))
+    renamed = _patched_copy(model_path, tmp_path, b"Smollm2 135M 8k Lc100K Mix1 Ep2", b"Another model, same arch.......")
+    with init_llama({"backend": "mlx", "model": renamed, "n_ctx": 1024}) as other:
+        with pytest.raises(SessionError, match="model"):
+            other.load_session(str(path))
+        path.with_name(path.name + ".llamacompat.json").unlink()  # without the sidecar, the file's own header refuses it
+        with pytest.raises(SessionError, match="saved with another model"):
+            other.load_session(str(path))
+        assert other._adapter.n_past == 0
 
 
 # -- embeddings -----------------------------------------------------------------
