@@ -35,7 +35,7 @@ def main() -> int:
     n = args.tokens
 
     ours = init_llama({"backend": "mlx", "n_ctx": 2048})
-    adapter = ours._adapter
+    adapter = ours._core.adapter
     model, vocab = adapter._model, adapter._vocab
     prompt_tokens = ours.tokenize(PROMPT)["tokens"]
     greedy = make_sampler(temp=0.0)
@@ -70,7 +70,7 @@ def main() -> int:
         for _ in range(args.rounds):
             start = time.perf_counter()
             lctx.completion({"prompt": PROMPT, "temperature": 0, "n_predict": n, "ignore_eos": True})
-            lctx._adapter._rewind(0)
+            lctx._core.adapter._rewind(0)
             llama_cpp.append(n / (time.perf_counter() - start))
 
     best = {k: max(v) for k, v in times.items()}

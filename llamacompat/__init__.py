@@ -20,6 +20,7 @@ from .context import (
     release_all_llama,
 )
 from .errors import (
+    AuthenticationError,
     BackendUnavailableError,
     ContextBusyError,
     ContextFullError,
@@ -69,6 +70,7 @@ __all__ = [
     "BackendUnavailableError",
     "GenerationError",
     "OutOfMemoryError",
+    "AuthenticationError",
     "LlamaCompatWarning",
     "__version__",
 ]

@@ -1,7 +1,8 @@
 """``LlamaContext`` (blocking) and ``AsyncLlamaContext`` (awaitable) over one shared core.
 
-The sync class owns validation, the busy/released state and delegation to the
-engine and adapter. The async class runs the same calls on one worker thread
+The sync class owns argument checks, the busy/released state and streams; the
+work goes to its core: ``LocalCore`` for a model in this process, the bridge
+client for a model served by ``llamacompat serve``. The async class runs the same calls on one worker thread
 per context, so the event loop stays free and ``stop_completion`` works from
 another task.
 """
@@ -14,36 +15,23 @@ import contextlib
 import inspect
 import itertools
 import logging
-import os
 import threading
-import warnings
 import weakref
-from typing import Any, AsyncIterator, Callable, Generator, Iterator
+from typing import Any, AsyncIterator, Callable, Generator, Iterator, Protocol
 
 from . import params as P
-from .adapters.base import Adapter, SamplingParams
-from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
-from .chat.formats import CONTENT
-from .chat.template import template_caps
-from .embeddings import normalize_embedding
-from .engine import CompletionRequest, generate
+from .adapters.base import Adapter
 from .errors import (
     ContextBusyError,
     ContextReleasedError,
     EmbeddingDisabledError,
     InvalidParamsError,
-    LlamaCompatWarning,
     ModelLoadError,
-    SessionError,
-    TemplateError,
-    UnsupportedFeatureError,
 )
 from .gguf_info import load_model_info
-from .grammars.builtin import checked_grammar
-from .grammars.schema import convert_json_schema_to_grammar
-from .models import local_path, resolve_model
+from .local import LocalCore, unsupported
+from .models import resolve_model
 from .registry import select_backend
-from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
 from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenCallback, TokenData, TokenizeResult
 
 __all__ = [
@@ -87,37 +75,34 @@ def _progress_reporter(on_progress: Callable[[int], Any] | None):
     return (lambda fraction: emit(min(100, max(0, int(fraction * 100))))), (lambda: emit(0)), reraise
 
 
-def _context_params(params: dict[str, Any] | None) -> tuple[type[Adapter], dict[str, Any]]:
+def _raw_params(params: dict[str, Any] | None) -> dict[str, Any]:
     if params is not None and not isinstance(params, dict):
         raise InvalidParamsError(f"init_llama: params must be a dict, got {type(params).__name__}")
     raw = dict(params or {})
-    backend = raw.get("backend", "auto")
-    if not isinstance(backend, str):
-        raise InvalidParamsError(f"init_llama: 'backend' must be a string, got {backend!r}")
+    if not isinstance(raw.get("backend", "auto"), str):
+        raise InvalidParamsError(f"init_llama: 'backend' must be a string, got {raw['backend']!r}")
     model = raw.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidParamsError(f"init_llama: 'model' must be a string path, got {type(model).__name__}")
-    model_path = resolve_model(model)
-    adapter_cls = select_backend(backend, model_path)
+    return raw
+
+
+def _context_params(raw: dict[str, Any]) -> tuple[type[Adapter], dict[str, Any]]:
+    model_path = resolve_model(raw.get("model"))
+    adapter_cls = select_backend(raw.get("backend", "auto"), model_path)
     checked = P.validate(raw, P.CONTEXT_FIELDS, "init_llama", extra=adapter_cls.context_fields)
     checked["model"] = model_path
     if "flash_attn" in raw and "flash_attn_type" not in raw:  # llama.rn's deprecated bool
         checked["flash_attn_type"] = "on" if raw["flash_attn"] else "off"
     if checked["ctx_shift"]:
-        _unsupported(checked["strict"], "init_llama: ctx_shift=True is not implemented; a full context stops generation")
+        unsupported(checked["strict"], "init_llama: ctx_shift=True is not implemented; a full context stops generation")
         checked["ctx_shift"] = False
     return adapter_cls, checked
 
 
-def _unsupported(strict: bool, message: str) -> None:
-    if strict:
-        raise UnsupportedFeatureError(message)
-    warnings.warn(message, LlamaCompatWarning, stacklevel=4)
-
-
-def init_llama(params: dict[str, Any] | None = None, on_progress: Callable[[int], Any] | None = None) -> "LlamaContext":
-    """Load a model and return a context (llama.rn's ``initLlama``). Blocks while loading."""
-    adapter_cls, checked = _context_params(params)
+def load_local(params: dict[str, Any] | None, on_progress: Callable[[int], Any] | None = None) -> LocalCore:
+    """Load a model in this process (what ``init_llama`` does for every backend but the bridge)."""
+    adapter_cls, checked = _context_params(_raw_params(params))
     native_progress, start, reraise = _progress_reporter(on_progress)
     start()
     try:
@@ -128,7 +113,22 @@ def init_llama(params: dict[str, Any] | None = None, on_progress: Callable[[int]
     reraise()
     if native_progress is not None:
         native_progress(1.0)
-    return LlamaContext(adapter, checked)
+    return LocalCore(adapter, checked)
+
+
+def init_llama(params: dict[str, Any] | None = None, on_progress: Callable[[int], Any] | None = None) -> "LlamaContext":
+    """Load a model and return a context (llama.rn's ``initLlama``). Blocks while loading.
+
+    ``backend: "bridge"`` connects to a ``llamacompat serve`` process instead of loading.
+    """
+    raw = _raw_params(params)
+    if raw.get("backend") == "bridge":
+        from .bridge.client import connect
+
+        core = connect(raw)
+    else:
+        core = load_local(raw, on_progress)
+    return LlamaContext(core)
 
 
 async def init_llama_async(params: dict[str, Any] | None = None, on_progress: Callable[[int], Any] | None = None) -> "AsyncLlamaContext":
@@ -159,50 +159,54 @@ def load_llama_model_info(path: str) -> dict[str, str]:
     return load_model_info(resolve_model(path))
 
 
-def _caps(adapter: Adapter) -> dict[str, bool] | None:
-    """llama.rn's ``defaultCaps`` of the model's own template (snake_case), probed as llama.cpp does."""
-    if not adapter.chat_template:
-        return None
-    try:
-        caps = template_caps(adapter.chat_template)
-    except TemplateError:  # a broken template fails when it is used, with its line
-        return None
-    return {"tools": caps.tools, "tool_calls": caps.tool_calls, "system_role": caps.system_role}
-
-
 # -- the sync context ---------------------------------------------------------
+class Core(Protocol):
+    """What a context delegates to: ``LocalCore`` (a model in this process) or the bridge client."""
+
+    backend: str
+    model: dict[str, Any]
+    params: dict[str, Any]  # the checked init params
+
+    @property
+    def capabilities(self) -> dict[str, Any]: ...
+    def generation(self, params: dict[str, Any] | None, stop: threading.Event,
+                   strict: bool) -> Generator[TokenData, None, CompletionResult]: ...
+    def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult: ...
+    def detokenize(self, tokens: list[int]) -> str: ...
+    def embedding(self, text: str, normalize: int) -> EmbeddingResult: ...
+    def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+                       strict: bool) -> dict[str, Any]: ...
+    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]: ...
+    def load_session(self, path: str) -> SessionLoadResult: ...
+    def save_session(self, path: str, token_size: int) -> int: ...
+    def close(self) -> None: ...
+
+
 class LlamaContext:
     """A loaded model on one backend, with llama.rn's methods."""
 
-    def __init__(self, adapter: Adapter, params: dict[str, Any]) -> None:
-        self._adapter = adapter
-        self._params = params
-        self._strict = params["strict"]
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._params = core.params
+        self._strict = core.params["strict"]
         self._busy = threading.Lock()  # held by completion / embedding / bench
         self._use = threading.Lock()  # held briefly by tokenize / detokenize, and by release
         self._stop = threading.Event()
         self._released = False
         self._stream: CompletionStream | None = None
         self.id = next(_ids)
-        self.backend = adapter.name
+        self.backend = core.backend
         self.gpu = False
         self.reason_no_gpu = "GPU backend is not available"
         self.devices: list[str] = []
-        info = adapter.model_info()
-        has_template = bool(adapter.chat_template)
-        self.model = {
-            **info,
-            "chat_templates": {"llama_chat": has_template, "jinja": {"default": has_template, "default_caps": _caps(adapter),
-                                                                     "tool_use": False}},
-            "is_chat_template_supported": has_template,
-        }
+        self.model = core.model
         _live[self.id] = self
 
     # -- state ---------------------------------------------------------------
     @property
     def capabilities(self) -> dict[str, Any]:
         """What this backend does natively, emulates or lacks."""
-        return self._adapter.capabilities.as_dict()
+        return self._core.capabilities
 
     @property
     def released(self) -> bool:
@@ -221,11 +225,6 @@ class LlamaContext:
             self._busy.release()
             raise ContextReleasedError()
 
-    def _require(self, feature: str, what: str) -> None:
-        if not self._adapter.capabilities.supports(feature):
-            hint = " (it was created with vocab_only=True)" if self._params["vocab_only"] else ""
-            raise UnsupportedFeatureError(f"{what} is not available on this {self.backend} context{hint}")
-
     def _exclusive(self, fn: Callable[..., Any], *args: Any) -> Any:
         self._enter()
         try:
@@ -234,75 +233,10 @@ class LlamaContext:
             self._busy.release()
 
     # -- completion ----------------------------------------------------------
-    def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:
-        adapter = self._adapter
-        source = template or self._params["chat_template"] or adapter.chat_template or "chatml"
-        tokens = TemplateTokens(adapter.bos_text, adapter.eos_text, adapter.add_bos)
-        return format_chat(source, messages, tokens, ChatOptions.from_params(p), has_grammar=has_grammar)
-
-    def _resolve_logit_bias(self, value: Any) -> tuple[tuple[int, float], ...]:
-        out: list[tuple[int, float]] = []
-        for token, bias in P.normalize_logit_bias(value):
-            ids = self._adapter.tokenize(token, False) if isinstance(token, str) else [token]
-            for tid in ids:
-                if not 0 <= tid < self._adapter.n_vocab:
-                    raise InvalidParamsError(
-                        f"completion: logit_bias token {tid} is outside the vocabulary (0..{self._adapter.n_vocab - 1})"
-                    )
-                out.append((tid, bias))
-        return tuple(out)
-
-    def _request(self, params: dict[str, Any] | None) -> CompletionRequest:
-        ignored = None if self._strict else P.COMPLETION_IGNORED
-        p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET,
-                       ignored=ignored)
-        format_schema = P.response_format_schema(p["response_format"])
-        if format_schema is None:
-            p["response_format"] = None  # plain text: nothing to constrain
-        schema = p["json_schema"] if p["json_schema"] is not None else format_schema
-        # Checked here, so a bad grammar or schema fails the same way on every backend.
-        if p["grammar"] is not None:
-            p["grammar"] = checked_grammar(p["grammar"])
-        elif schema is not None:
-            p["grammar"] = convert_json_schema_to_grammar(schema, strict=self._strict)
-        text, stops, chat_format, parse = self._prompt(p)
-        self._check_features(p)
-        tokens = self._adapter.tokenize(text, True)
-        sampling = SamplingParams.from_params(p, self._resolve_logit_bias(p["logit_bias"]))
-        return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
-
-    def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, ReplyParser | None]:
-        """Prompt text, stop strings, chat format and reply parser; a chat's tool grammar goes into ``p``."""
-        if p["messages"] is None:
-            if not p["prompt"]:
-                raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
-            if p["tools"]:
-                raise InvalidParamsError("completion: 'tools' need 'messages' (the chat template describes them)")
-            parse = ReplyParser(CONTENT, p["reasoning_format"]) if p["reasoning_format"] != "none" else None
-            return p["prompt"], p["stop"], 0, parse
-        if p["prompt"] is not None:
-            raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
-        chat = self._chat(p["messages"], p["chat_template"], p, has_grammar=p["grammar"] is not None)
-        if chat.grammar:
-            p["grammar"] = chat.grammar
-        return chat.prompt, p["stop"] + chat.additional_stops, chat.tool_format.chat_format, chat.parser()
-
-    def _check_features(self, p: dict[str, Any]) -> None:
-        caps = self._adapter.capabilities
-        for feature, name in P.features_used(p):
-            if caps.supports(feature):
-                continue
-            message = f"completion: '{name}' needs '{feature}', which the {self.backend} backend does not support"
-            if feature in P.REFUSED_WHEN_MISSING:
-                raise UnsupportedFeatureError(message + " (refused rather than generating unconstrained output)")
-            _unsupported(self._strict, message + " (ignored)")
-
     def _generation(self, params: dict[str, Any] | None) -> Generator[TokenData, None, CompletionResult]:
         """Validate, then run; the caller holds ``_busy``."""
-        self._require("completion", "completion")
-        request = self._request(params)
         self._stop.clear()
-        result = yield from generate(self._adapter, request, self._stop)
+        result = yield from self._core.generation(params, self._stop, self._strict)
         if self._released:
             result["context_released"] = True
         return result
@@ -341,23 +275,13 @@ class LlamaContext:
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, params: dict[str, Any] | None = None) -> TokenizeResult:
         """Tokens of ``text``, special tokens parsed, no BOS (as llama.rn)."""
-        if not isinstance(text, str):
-            raise InvalidParamsError(f"tokenize: text must be a string, got {type(text).__name__}")
-        P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
         with self._using():
-            tokens = self._adapter.tokenize(text, False)
-        return {"tokens": tokens, "has_media": False, "bitmap_hashes": [], "chunk_pos": [], "chunk_pos_media": []}
+            return self._core.tokenize(text, params)
 
     def detokenize(self, tokens: list[int]) -> str:
         """Text of ``tokens`` (special tokens rendered)."""
-        if not isinstance(tokens, (list, tuple)):
-            raise InvalidParamsError(f"detokenize: tokens must be a list of ints, got {type(tokens).__name__}")
-        n_vocab = self._adapter.n_vocab
-        for i, token in enumerate(tokens):
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < n_vocab:
-                raise InvalidParamsError(f"detokenize: tokens[{i}] = {token!r} is not a token id (0..{n_vocab - 1})")
         with self._using():
-            return self._adapter.detokenize(list(tokens))
+            return self._core.detokenize(tokens)
 
     @contextlib.contextmanager
     def _using(self) -> Iterator[None]:
@@ -369,17 +293,13 @@ class LlamaContext:
     # -- embedding, chat, bench ----------------------------------------------
     def embedding(self, text: str, params: dict[str, Any] | None = None) -> EmbeddingResult:
         """Sentence embedding of ``text``; needs ``embedding: True`` at init. Clears the KV cache."""
-        if not isinstance(text, str):
-            raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
         p = P.validate(params, P.EMBEDDING_FIELDS, "embedding")
         mode = p["embd_normalize"] if params and "embd_normalize" in params else self._params["embd_normalize"]
 
         def run() -> EmbeddingResult:
             if not self._params["embedding"]:
                 raise EmbeddingDisabledError("Embedding is not enabled: create the context with 'embedding': True")
-            self._require("embedding", "embedding")
-            tokens = self._adapter.tokenize(text, True)
-            return {"embedding": normalize_embedding(self._adapter.embedding(tokens), mode)}
+            return self._core.embedding(text, mode)
 
         return self._exclusive(run)
 
@@ -387,26 +307,11 @@ class LlamaContext:
                            params: dict[str, Any] | None = None) -> dict[str, Any]:
         """llama.rn's getFormattedChat: the prompt, plus the grammar, stops and thinking tags a completion would use."""
         self._check_alive()
-        if template is not None and not isinstance(template, str):
-            raise InvalidParamsError(f"get_formatted_chat: template must be a string, got {type(template).__name__}")
-        p = P.validate(params, {name: P.COMPLETION_FIELDS[name] for name in P.CHAT_FIELDS}, "get_formatted_chat")
-        schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
-        chat = self._chat(messages, template or p["chat_template"], p, has_grammar=schema is not None)
-        if schema is not None and not chat.grammar:
-            chat.grammar = convert_json_schema_to_grammar(schema, strict=self._strict)
-        return chat.as_result()
+        return self._core.formatted_chat(messages, template, params, self._strict)
 
     def bench(self, pp: int, tg: int, pl: int = 1, nr: int = 1) -> dict[str, Any]:
         """llama.rn's bench: prompt-processing and generation speed (camelCase keys)."""
-        for name, value in (("pp", pp), ("tg", tg), ("pl", pl), ("nr", nr)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParamsError(f"bench: '{name}' must be an int >= 1, got {value!r}")
-
-        def run() -> dict[str, Any]:
-            self._require("bench", "bench")
-            return self._adapter.bench(pp, tg, pl, nr)
-
-        return self._exclusive(run)
+        return self._exclusive(self._core.bench, pp, tg, pl, nr)
 
     # -- sessions ------------------------------------------------------------
     def load_session(self, path: str) -> SessionLoadResult:
@@ -414,19 +319,7 @@ class LlamaContext:
 
         A wrong, damaged or foreign file raises ``SessionError`` and leaves the context as it was.
         """
-        path = _session_path(path, "load_session")
-
-        def run() -> SessionLoadResult:
-            self._require("session", "load_session")
-            if not os.path.isfile(path):
-                raise SessionError(f"Failed to load session: no such file: {path}")
-            saved = read_sidecar(path)
-            if saved is not None:
-                check_identity(saved, self._adapter.session_identity(), path)
-            tokens = self._adapter.load_session(path)
-            return {"tokens_loaded": len(tokens), "prompt": self._adapter.detokenize(tokens)}
-
-        return self._exclusive(run)
+        return self._exclusive(self._core.load_session, path)
 
     def save_session(self, path: str, token_size: int = -1) -> int:
         """Save the cached tokens (the first ``token_size`` if > 0) and KV state; return the token count.
@@ -434,28 +327,7 @@ class LlamaContext:
         The file is written atomically (temporary file, fsync, rename): a failure leaves
         any previous file intact. The model identity goes to ``<path>.llamacompat.json``.
         """
-        path = _session_path(path, "save_session")
-        if isinstance(token_size, bool) or not isinstance(token_size, int):
-            raise InvalidParamsError(f"save_session: token_size must be an int (<= 0 saves all tokens), got {token_size!r}")
-
-        def run() -> int:
-            self._require("session", "save_session")
-            if os.path.isdir(path):
-                raise SessionError(f"Failed to save session: {path} is a folder; pass a file path")
-            saved: list[int] = []
-            try:
-                atomic_write(path, lambda tmp: saved.append(self._adapter.save_session(tmp, token_size)))
-            except SessionError:
-                raise
-            except OSError as err:
-                raise SessionError(f"Failed to save session: {path}: {err.strerror or err}") from err
-            try:
-                write_sidecar(path, self._adapter.session_identity(), saved[0])
-            except OSError as err:  # the session itself is saved; it just loads without the identity check
-                logger.warning("session %s saved, but its identity sidecar could not be written: %s", path, err)
-            return saved[0]
-
-        return self._exclusive(run)
+        return self._exclusive(self._core.save_session, path, token_size)
 
     # -- lifetime ------------------------------------------------------------
     def release(self) -> None:
@@ -470,7 +342,7 @@ class LlamaContext:
                 stream.close()  # an abandoned stream would hold the context forever
         try:
             with self._use:
-                self._adapter.close()
+                self._core.close()
         finally:
             self._busy.release()
             _live.pop(self.id, None)
@@ -484,12 +356,6 @@ class LlamaContext:
     def __repr__(self) -> str:
         state = "released" if self._released else "live"
         return f"<LlamaContext id={self.id} backend={self.backend} model={self._params['model']!r} {state}>"
-
-
-def _session_path(path: Any, where: str) -> str:
-    if not isinstance(path, str) or not path:
-        raise InvalidParamsError(f"{where}: path must be a non-empty string, got {path!r}")
-    return local_path(path)  # llama.rn strips file:// on load only; we accept it on both
 
 
 def _drain(gen: Generator[TokenData, None, CompletionResult], callback: TokenCallback | None) -> CompletionResult:

@@ -9,7 +9,9 @@ they resemble, so ``except ValueError`` style code still catches them.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+import warnings
+from contextvars import ContextVar
+from typing import Callable, Iterator, Mapping
 
 __all__ = [
     "LlamaError",
@@ -26,8 +28,12 @@ __all__ = [
     "BackendUnavailableError",
     "GenerationError",
     "OutOfMemoryError",
+    "AuthenticationError",
     "LlamaCompatWarning",
     "map_exceptions",
+    "error_from_code",
+    "compat_warning",
+    "warnings_to",
 ]
 
 
@@ -138,6 +144,27 @@ class OutOfMemoryError(LlamaError, MemoryError):
     default_message = "Out of memory"
 
 
+class AuthenticationError(LlamaError, PermissionError):
+    """A server refused the credentials (bridge token, API key)."""
+
+    code = "authentication_error"
+    default_message = "Authentication failed"
+
+
+def _classes(root: type[LlamaError]) -> Iterator[type[LlamaError]]:
+    yield root
+    for sub in root.__subclasses__():
+        yield from _classes(sub)
+
+
+def error_from_code(code: str, message: str) -> LlamaError:
+    """The exception a ``{"code", "message"}`` pair stands for (wire protocols); unknown codes stay ``LlamaError``."""
+    for cls in _classes(LlamaError):
+        if cls.code == code:
+            return cls(message)
+    return LlamaError(message, code=code)
+
+
 class LlamaCompatWarning(UserWarning):
     """A parameter was accepted but the backend ignores or emulates it."""
 
@@ -159,3 +186,28 @@ def map_exceptions(mapping: Mapping[type[BaseException], type[LlamaError]], mess
                 detail = f"{message}: {err}" if message else str(err) or target.default_message
                 raise target(detail) from err
         raise
+
+
+# Where this thread's LlamaCompatWarnings go instead of ``warnings`` (the bridge server
+# relays them to the client whose request caused them). A ContextVar, so each
+# thread and task has its own.
+_warning_sink: ContextVar[Callable[[str], None] | None] = ContextVar("llamacompat_warning_sink", default=None)
+
+
+def compat_warning(message: str, stacklevel: int = 2) -> None:
+    """Warn with ``LlamaCompatWarning``, or hand ``message`` to the sink ``warnings_to`` set here."""
+    sink = _warning_sink.get()
+    if sink is not None:
+        sink(message)
+    else:
+        warnings.warn(message, LlamaCompatWarning, stacklevel=stacklevel + 1)
+
+
+@contextlib.contextmanager
+def warnings_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """Send the ``compat_warning`` messages raised in this block (this thread only) to ``sink``."""
+    token = _warning_sink.set(sink)
+    try:
+        yield
+    finally:
+        _warning_sink.reset(token)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import difflib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .errors import InvalidParamsError, LlamaCompatWarning, UnsupportedFeatureError
+from .errors import InvalidParamsError, UnsupportedFeatureError, compat_warning
 
 __all__ = ["Field", "validate", "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS"]
 
@@ -274,7 +273,7 @@ def validate(
             if value not in (None, False, [], {}):
                 raise UnsupportedFeatureError(f"{where}: '{name}' ({not_yet[name]}) is not supported yet")
         elif ignored and name in ignored:
-            warnings.warn(f"{where}: '{name}' is ignored ({ignored[name]})", LlamaCompatWarning, stacklevel=4)
+            compat_warning(f"{where}: '{name}' is ignored ({ignored[name]})", stacklevel=3)
         else:
             raise unknown_key_error(name, list(spec) + list(not_yet or ()) + list(ignored or ()), where)
     for name, field in spec.items():

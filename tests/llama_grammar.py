@@ -11,7 +11,7 @@ from llamacompat import LlamaContext
 
 
 def _vocab(ctx: LlamaContext):
-    return ctx._adapter._vocab  # the adapter's llama_vocab pointer
+    return ctx._core.adapter._vocab  # the adapter's llama_vocab pointer
 
 
 def native_parses(ctx: LlamaContext, grammar: str) -> bool:
@@ -26,7 +26,7 @@ def native_parses(ctx: LlamaContext, grammar: str) -> bool:
 
 def tokenizable(ctx: LlamaContext, text: str) -> bool:
     """Whether the model's tokenizer can write ``text`` at all (SmolLM2's has no token for some bytes, e.g. 0xF1)."""
-    return ctx.detokenize(ctx._adapter.tokenize(text, False)) == text
+    return ctx.detokenize(ctx._core.adapter.tokenize(text, False)) == text
 
 
 def native_accepts(ctx: LlamaContext, grammar: str, text: str) -> bool:
@@ -36,7 +36,7 @@ def native_accepts(ctx: LlamaContext, grammar: str, text: str) -> bool:
     sampler = lc.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
     assert sampler, "llama.cpp rejected the grammar"
     try:
-        tokens = ctx._adapter.tokenize(text, False) + [lc.llama_vocab_eos(vocab)]
+        tokens = ctx._core.adapter.tokenize(text, False) + [lc.llama_vocab_eos(vocab)]
         for index, token in enumerate(tokens):
             candidate = (lc.llama_token_data * 1)(lc.llama_token_data(token, 0.0, 0.0))
             array = lc.llama_token_data_array(candidate, 1, -1, False)

@@ -60,7 +60,7 @@ def test_tokenize_and_detokenize_match_llama_cpp(mctx, lctx, text):
 
 
 def test_every_token_piece_and_end_of_generation_flag_match_llama_cpp(mctx, lctx):
-    ours, theirs = mctx._adapter, lctx._adapter
+    ours, theirs = mctx._core.adapter, lctx._core.adapter
     assert ours.n_vocab == theirs.n_vocab
     assert [ours.token_to_piece(t) for t in range(ours.n_vocab)] == [theirs.token_to_piece(t) for t in range(theirs.n_vocab)]
     assert [t for t in range(ours.n_vocab) if ours.is_eog(t)] == [t for t in range(theirs.n_vocab) if theirs.is_eog(t)]
@@ -221,7 +221,7 @@ def test_every_corpus_schema_compiles_for_llguidance(mctx):
 
     from .schema_corpus import CORPUS as SCHEMAS
 
-    adapter = mctx._adapter
+    adapter = mctx._core.adapter
     table = token_table(adapter._vocab, adapter._eog)
     failures = []
     cases = [case for case in SCHEMAS if case.expect != "error"]
@@ -268,8 +268,8 @@ def test_session_round_trip_continues_identically(mctx, model_path, tmp_path):
     path = tmp_path / "chat.session"
     mctx.completion({"messages": MESSAGES, **GREEDY, "n_predict": 4})
     saved = mctx.save_session(str(path))
-    assert saved == len(mctx._adapter._tokens) > 20
-    follow = {"prompt": mctx.detokenize(mctx._adapter._tokens) + " More:", **GREEDY, "n_predict": 6}
+    assert saved == len(mctx._core.adapter._tokens) > 20
+    follow = {"prompt": mctx.detokenize(mctx._core.adapter._tokens) + " More:", **GREEDY, "n_predict": 6}
     expected = mctx.completion(follow)
     with init_llama({"backend": "mlx", "model": model_path, "n_ctx": 1024}) as other:
         loaded = other.load_session(str(path))
@@ -285,7 +285,7 @@ def test_foreign_or_damaged_sessions_are_refused_and_the_context_kept(mctx, mode
     mctx.completion(prompt)
     path = tmp_path / "good.session"
     mctx.save_session(str(path))
-    tokens = list(mctx._adapter._tokens)
+    tokens = list(mctx._core.adapter._tokens)
     damaged = tmp_path / "damaged.session"
     damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with init_llama({"backend": "llama_cpp", "model": model_path, "n_ctx": 1024}) as lc_ctx:
@@ -297,7 +297,7 @@ def test_foreign_or_damaged_sessions_are_refused_and_the_context_kept(mctx, mode
     for bad in (damaged, foreign, garbage):
         with pytest.raises(SessionError, match="Failed to load session"):
             mctx.load_session(str(bad))
-        assert mctx._adapter._tokens == tokens
+        assert mctx._core.adapter._tokens == tokens
     assert mctx.completion(prompt)["timings"]["cache_n"] == len(mctx.tokenize(mctx.get_formatted_chat(MESSAGES)["prompt"])["tokens"]) - 1
 
 
@@ -312,7 +312,7 @@ def test_a_session_from_another_model_is_refused(mctx, model_path, tmp_path):
         path.with_name(path.name + ".llamacompat.json").unlink()  # without the sidecar, the file's own header refuses it
         with pytest.raises(SessionError, match="saved with another model"):
             other.load_session(str(path))
-        assert other._adapter.n_past == 0
+        assert other._core.adapter.n_past == 0
 
 
 # -- embeddings -----------------------------------------------------------------

@@ -29,11 +29,10 @@ import json
 import math
 import re
 import urllib.parse
-import warnings
 from decimal import Decimal
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..errors import GrammarError, LlamaCompatWarning
+from ..errors import GrammarError, compat_warning
 from .emit import char_class, literal
 from .gbnf import MAX_REPETITIONS, GbnfError, parse_gbnf
 from .numbers import INTEGER, NUMBER, integer_range, number_range
@@ -663,7 +662,7 @@ def convert_json_schema_to_grammar(schema: Any, prop_order: Sequence[str] | Mapp
     order = _order(prop_order)
     text, dropped = _convert(schema, tuple(order.items()), dotall, strict, root_name)
     for message in dropped:
-        warnings.warn(message, LlamaCompatWarning, stacklevel=2)
+        compat_warning(message)
     return text
 
 

@@ -1,0 +1,237 @@
+"""``LocalCore``: a model loaded in this process, behind the context's state machine.
+
+A context (``LlamaContext``) owns what every backend shares: the busy/released
+state, streams, the async twin. Its *core* does the work. This one turns
+llama.rn requests into engine requests (validation, chat templates, grammars,
+logit bias) and runs them on one adapter. The bridge server drives a
+``LocalCore`` directly, with its own queue; the bridge client is the other core.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Generator
+
+from . import params as P
+from .adapters.base import Adapter, SamplingParams
+from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
+from .chat.formats import CONTENT
+from .chat.template import template_caps
+from .embeddings import normalize_embedding
+from .engine import CompletionRequest, generate
+from .errors import (
+    InvalidParamsError,
+    SessionError,
+    TemplateError,
+    UnsupportedFeatureError,
+    compat_warning,
+)
+from .grammars.builtin import checked_grammar
+from .grammars.schema import convert_json_schema_to_grammar
+from .models import local_path
+from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
+from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenData, TokenizeResult
+
+__all__ = ["LocalCore", "unsupported", "session_path"]
+
+logger = logging.getLogger(__name__)
+
+
+def unsupported(strict: bool, message: str) -> None:
+    """A feature the backend lacks: an error when strict, else a LlamaCompatWarning."""
+    if strict:
+        raise UnsupportedFeatureError(message)
+    compat_warning(message, stacklevel=3)
+
+
+def _caps(adapter: Adapter) -> dict[str, bool] | None:
+    """llama.rn's ``defaultCaps`` of the model's own template (snake_case), probed as llama.cpp does."""
+    if not adapter.chat_template:
+        return None
+    try:
+        caps = template_caps(adapter.chat_template)
+    except TemplateError:  # a broken template fails when it is used, with its line
+        return None
+    return {"tools": caps.tools, "tool_calls": caps.tool_calls, "system_role": caps.system_role}
+
+
+def session_path(path: Any, where: str) -> str:
+    """A session path as apps pass it; llama.rn strips ``file://`` on load only, we accept it on both."""
+    if not isinstance(path, str) or not path:
+        raise InvalidParamsError(f"{where}: path must be a non-empty string, got {path!r}")
+    return local_path(path)
+
+
+class LocalCore:
+    """One adapter plus the request building every backend shares. Calls are not serialised here."""
+
+    def __init__(self, adapter: Adapter, params: dict[str, Any]) -> None:
+        self.adapter = adapter
+        self.params = params
+        self.backend = adapter.name
+        self.n_vocab = adapter.n_vocab
+        has_template = bool(adapter.chat_template)
+        self.model = {
+            **adapter.model_info(),
+            "chat_templates": {"llama_chat": has_template, "jinja": {"default": has_template, "default_caps": _caps(adapter),
+                                                                     "tool_use": False}},
+            "is_chat_template_supported": has_template,
+        }
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        return self.adapter.capabilities.as_dict()
+
+    def require(self, feature: str, what: str) -> None:
+        if not self.adapter.capabilities.supports(feature):
+            hint = " (it was created with vocab_only=True)" if self.params["vocab_only"] else ""
+            raise UnsupportedFeatureError(f"{what} is not available on this {self.backend} context{hint}")
+
+    # -- completion ----------------------------------------------------------
+    def generation(self, params: dict[str, Any] | None, stop: threading.Event,
+                   strict: bool) -> Generator[TokenData, None, CompletionResult]:
+        """Validate ``params`` (at the first ``next``), then yield TokenData and return the result."""
+        self.require("completion", "completion")
+        request = self._request(params, strict)
+        return (yield from generate(self.adapter, request, stop))
+
+    def _request(self, params: dict[str, Any] | None, strict: bool) -> CompletionRequest:
+        ignored = None if strict else P.COMPLETION_IGNORED
+        p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET, ignored=ignored)
+        format_schema = P.response_format_schema(p["response_format"])
+        if format_schema is None:
+            p["response_format"] = None  # plain text: nothing to constrain
+        schema = p["json_schema"] if p["json_schema"] is not None else format_schema
+        # Checked here, so a bad grammar or schema fails the same way on every backend.
+        if p["grammar"] is not None:
+            p["grammar"] = checked_grammar(p["grammar"])
+        elif schema is not None:
+            p["grammar"] = convert_json_schema_to_grammar(schema, strict=strict)
+        text, stops, chat_format, parse = self._prompt(p)
+        self._check_features(p, strict)
+        tokens = self.adapter.tokenize(text, True)
+        sampling = SamplingParams.from_params(p, self._resolve_logit_bias(p["logit_bias"]))
+        return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
+
+    def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:
+        adapter = self.adapter
+        source = template or self.params["chat_template"] or adapter.chat_template or "chatml"
+        tokens = TemplateTokens(adapter.bos_text, adapter.eos_text, adapter.add_bos)
+        return format_chat(source, messages, tokens, ChatOptions.from_params(p), has_grammar=has_grammar)
+
+    def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, ReplyParser | None]:
+        """Prompt text, stop strings, chat format and reply parser; a chat's tool grammar goes into ``p``."""
+        if p["messages"] is None:
+            if not p["prompt"]:
+                raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
+            if p["tools"]:
+                raise InvalidParamsError("completion: 'tools' need 'messages' (the chat template describes them)")
+            parse = ReplyParser(CONTENT, p["reasoning_format"]) if p["reasoning_format"] != "none" else None
+            return p["prompt"], p["stop"], 0, parse
+        if p["prompt"] is not None:
+            raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
+        chat = self._chat(p["messages"], p["chat_template"], p, has_grammar=p["grammar"] is not None)
+        if chat.grammar:
+            p["grammar"] = chat.grammar
+        return chat.prompt, p["stop"] + chat.additional_stops, chat.tool_format.chat_format, chat.parser()
+
+    def _check_features(self, p: dict[str, Any], strict: bool) -> None:
+        caps = self.adapter.capabilities
+        for feature, name in P.features_used(p):
+            if caps.supports(feature):
+                continue
+            message = f"completion: '{name}' needs '{feature}', which the {self.backend} backend does not support"
+            if feature in P.REFUSED_WHEN_MISSING:
+                raise UnsupportedFeatureError(message + " (refused rather than generating unconstrained output)")
+            unsupported(strict, message + " (ignored)")
+
+    def _resolve_logit_bias(self, value: Any) -> tuple[tuple[int, float], ...]:
+        out: list[tuple[int, float]] = []
+        for token, bias in P.normalize_logit_bias(value):
+            ids = self.adapter.tokenize(token, False) if isinstance(token, str) else [token]
+            for tid in ids:
+                if not 0 <= tid < self.n_vocab:
+                    raise InvalidParamsError(
+                        f"completion: logit_bias token {tid} is outside the vocabulary (0..{self.n_vocab - 1})"
+                    )
+                out.append((tid, bias))
+        return tuple(out)
+
+    # -- tokens, embedding, chat, bench --------------------------------------
+    def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
+        if not isinstance(text, str):
+            raise InvalidParamsError(f"tokenize: text must be a string, got {type(text).__name__}")
+        P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
+        tokens = self.adapter.tokenize(text, False)
+        return {"tokens": tokens, "has_media": False, "bitmap_hashes": [], "chunk_pos": [], "chunk_pos_media": []}
+
+    def detokenize(self, tokens: list[int]) -> str:
+        if not isinstance(tokens, (list, tuple)):
+            raise InvalidParamsError(f"detokenize: tokens must be a list of ints, got {type(tokens).__name__}")
+        for i, token in enumerate(tokens):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.n_vocab:
+                raise InvalidParamsError(f"detokenize: tokens[{i}] = {token!r} is not a token id (0..{self.n_vocab - 1})")
+        return self.adapter.detokenize(list(tokens))
+
+    def embedding(self, text: str, normalize: int) -> EmbeddingResult:
+        if not isinstance(text, str):
+            raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
+        self.require("embedding", "embedding")
+        tokens = self.adapter.tokenize(text, True)
+        return {"embedding": normalize_embedding(self.adapter.embedding(tokens), normalize)}
+
+    def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+                       strict: bool) -> dict[str, Any]:
+        if template is not None and not isinstance(template, str):
+            raise InvalidParamsError(f"get_formatted_chat: template must be a string, got {type(template).__name__}")
+        p = P.validate(params, {name: P.COMPLETION_FIELDS[name] for name in P.CHAT_FIELDS}, "get_formatted_chat")
+        schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
+        chat = self._chat(messages, template or p["chat_template"], p, has_grammar=schema is not None)
+        if schema is not None and not chat.grammar:
+            chat.grammar = convert_json_schema_to_grammar(schema, strict=strict)
+        return chat.as_result()
+
+    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+        for name, value in (("pp", pp), ("tg", tg), ("pl", pl), ("nr", nr)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParamsError(f"bench: '{name}' must be an int >= 1, got {value!r}")
+        self.require("bench", "bench")
+        return self.adapter.bench(pp, tg, pl, nr)
+
+    # -- sessions ------------------------------------------------------------
+    def load_session(self, path: str) -> SessionLoadResult:
+        path = session_path(path, "load_session")
+        self.require("session", "load_session")
+        if not os.path.isfile(path):
+            raise SessionError(f"Failed to load session: no such file: {path}")
+        saved = read_sidecar(path)
+        if saved is not None:
+            check_identity(saved, self.adapter.session_identity(), path)
+        tokens = self.adapter.load_session(path)
+        return {"tokens_loaded": len(tokens), "prompt": self.adapter.detokenize(tokens)}
+
+    def save_session(self, path: str, token_size: int) -> int:
+        path = session_path(path, "save_session")
+        if isinstance(token_size, bool) or not isinstance(token_size, int):
+            raise InvalidParamsError(f"save_session: token_size must be an int (<= 0 saves all tokens), got {token_size!r}")
+        self.require("session", "save_session")
+        if os.path.isdir(path):
+            raise SessionError(f"Failed to save session: {path} is a folder; pass a file path")
+        saved: list[int] = []
+        try:
+            atomic_write(path, lambda tmp: saved.append(self.adapter.save_session(tmp, token_size)))
+        except SessionError:
+            raise
+        except OSError as err:
+            raise SessionError(f"Failed to save session: {path}: {err.strerror or err}") from err
+        try:
+            write_sidecar(path, self.adapter.session_identity(), saved[0])
+        except OSError as err:  # the session itself is saved; it just loads without the identity check
+            logger.warning("session %s saved, but its identity sidecar could not be written: %s", path, err)
+        return saved[0]
+
+    def close(self) -> None:
+        self.adapter.close()
+
