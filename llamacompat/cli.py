@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -17,7 +18,8 @@ __all__ = ["main"]
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="GGUF path, or 'smollm2' (the default, packaged model)")
-    parser.add_argument("--backend", default="auto", help="auto, llama_cpp, or a registered adapter")
+    parser.add_argument("--backend", default="auto",
+                        help="auto, llama_cpp, mlx, bridge (talk to `llamacompat serve`), or a registered adapter")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context size in tokens (default 2048)")
     parser.add_argument("--n-predict", type=int, default=256, help="tokens to generate at most (-1: no limit)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -60,6 +62,23 @@ def _build_parser() -> argparse.ArgumentParser:
     grammar_sub.add_parser("list", help="list the built-in grammars")
     show = grammar_sub.add_parser("show", help="print a built-in grammar")
     show.add_argument("name")
+    serve = sub.add_parser("serve", help="serve one model to other processes over a Unix socket (or TCP with a token)")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="GGUF path or model folder (default: smollm2)")
+    serve.add_argument("--backend", default="auto", help="backend that loads the model (default: auto)")
+    serve.add_argument("--n-ctx", type=int, default=2048, help="context size in tokens (default 2048)")
+    serve.add_argument("--embedding", action="store_true", help="enable embedding requests")
+    serve.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="another init_llama param (repeatable; VALUE is JSON or a string)")
+    serve.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR or the temp folder, "
+                                        "llamacompat-<uid>.sock)")
+    serve.add_argument("--host", default="127.0.0.1", help="TCP address with --port (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen on TCP too (0: any free port); needs a token")
+    serve.add_argument("--token", default=os.environ.get("LLAMACOMPAT_BRIDGE_TOKEN"),
+                       help="token TCP clients must send (default: $LLAMACOMPAT_BRIDGE_TOKEN)")
+    serve.add_argument("--models-dir", help="folder LOAD may load models from (LOAD is disabled without it)")
+    serve.add_argument("--sessions-dir", help="folder session files may be saved to and loaded from "
+                                              "(sessions are disabled without it)")
+    serve.add_argument("--n-predict", type=int, default=512, help="tokens INFER / INFER_STREAM generate at most")
     session = sub.add_parser("session", help="work with session files").add_subparsers(dest="action", required=True)
     inspect = session.add_parser("inspect", help="print a session file's header, identity and (with --model) its text")
     inspect.add_argument("file")
@@ -167,6 +186,25 @@ def _conformance(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .bridge.server import run_server
+    from .conformance.kit import parse_params
+
+    try:
+        extra = parse_params(args.param)
+    except ValueError as err:
+        print(f"llamacompat: --param: {err}", file=sys.stderr)
+        return 2
+    params = {"model": args.model, "backend": args.backend, "n_ctx": args.n_ctx, "embedding": args.embedding, **extra}
+
+    def ready(addresses: list[str]) -> None:
+        print("llamacompat: serving on " + ", ".join(addresses), flush=True)
+
+    run_server(params, socket_path=args.socket, host=args.host, port=args.port, token=args.token,
+               models_dir=args.models_dir, sessions_dir=args.sessions_dir, n_predict=args.n_predict, on_ready=ready)
+    return 0
+
+
 def _inspect_session(args: argparse.Namespace) -> int:
     path = local_path(args.file)
     header = read_header(path)
@@ -234,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _conformance(args)
         if args.command == "session":
             return _inspect_session(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "complete":
             return _run_completion(args, {"prompt": args.prompt})
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

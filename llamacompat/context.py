@@ -31,7 +31,7 @@ from .errors import (
 from .gguf_info import load_model_info
 from .local import LocalCore, unsupported
 from .models import resolve_model
-from .registry import select_backend
+from .registry import BRIDGE, select_backend
 from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenCallback, TokenData, TokenizeResult
 
 __all__ = [
@@ -122,7 +122,7 @@ def init_llama(params: dict[str, Any] | None = None, on_progress: Callable[[int]
     ``backend: "bridge"`` connects to a ``llamacompat serve`` process instead of loading.
     """
     raw = _raw_params(params)
-    if raw.get("backend") == "bridge":
+    if raw.get("backend") == BRIDGE:
         from .bridge.client import connect
 
         core = connect(raw)
@@ -243,7 +243,7 @@ class LlamaContext:
 
     def _completion_locked(self, params: dict[str, Any] | None, callback: TokenCallback | None) -> CompletionResult:
         try:
-            return _drain(self._generation(params), callback)
+            return drain(self._generation(params), callback)
         finally:
             self._busy.release()
 
@@ -358,7 +358,8 @@ class LlamaContext:
         return f"<LlamaContext id={self.id} backend={self.backend} model={self._params['model']!r} {state}>"
 
 
-def _drain(gen: Generator[TokenData, None, CompletionResult], callback: TokenCallback | None) -> CompletionResult:
+def drain(gen: Generator[TokenData, None, CompletionResult], callback: TokenCallback | None) -> CompletionResult:
+    """Run a generation to its result, handing each event to ``callback``."""
     try:
         if callback is None:
             while True:

@@ -1,0 +1,270 @@
+"""The bridge client: ``init_llama({"backend": "bridge", "socket": PATH})``.
+
+``BridgeCore`` is a context core (see ``llamacompat.context``) whose calls go to
+a ``llamacompat serve`` process: the context's own busy/released rules apply
+here, validation and generation happen in the server, and the server's errors
+and warnings arrive as the same exception and warning classes. One reader
+thread routes reply lines to the call waiting for them, so a ``tokenize`` can
+run while a completion streams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+from typing import Any, Generator
+
+from .. import params as P
+from ..errors import (
+    BackendUnavailableError,
+    InvalidParamsError,
+    ModelLoadError,
+    SessionError,
+    compat_warning,
+    error_from_code,
+)
+from ..models import local_path, resolve_model
+from ..types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenData, TokenizeResult
+from .protocol import default_socket, encode
+
+__all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
+
+logger = logging.getLogger(__name__)
+
+BRIDGE_FIELDS: dict[str, P.Field] = {
+    "socket": P.Field((str,), None, nullable=True),
+    "host": P.Field((str,), None, nullable=True),
+    "port": P.Field((int,), None, lambda v: 0 < v < 65536, "a TCP port (1..65535)", nullable=True),
+    "token": P.Field((str,), None, nullable=True),
+    "timeout": P.Field((int, float), 10.0, lambda v: v > 0, "> 0 seconds (to connect)"),
+}
+# Init params that shape the client side; the rest describe the server's model.
+_CLIENT_FIELDS = {"backend", "strict", "embedding", "embd_normalize", "model", *BRIDGE_FIELDS}
+# How often a waiting completion looks at its stop flag (stop latency while no token arrives).
+_STOP_POLL_S = 0.02
+
+
+def connect(raw: dict[str, Any]) -> "BridgeCore":
+    """Validate the init params, connect, authenticate, and read the server's model."""
+    params = P.validate(raw, P.CONTEXT_FIELDS, "init_llama", extra=BRIDGE_FIELDS)
+    ignored = sorted(set(raw) - _CLIENT_FIELDS)
+    if ignored:
+        logger.info("bridge: the server's model settings apply; ignored init params: %s", ", ".join(ignored))
+    sock, address = _open(params)
+    core = BridgeCore(sock, address, params)
+    try:
+        core.handshake(raw.get("model"))
+    except BaseException:
+        core.close()
+        raise
+    return core
+
+
+def _open(params: dict[str, Any]) -> tuple[socket.socket, str]:
+    timeout = float(params["timeout"])
+    tcp = params["host"] is not None or params["port"] is not None
+    if tcp:
+        if params["host"] is None or params["port"] is None:
+            raise InvalidParamsError("init_llama: a TCP bridge needs both 'host' and 'port'")
+        address = f"{params['host']}:{params['port']}"
+        params["token"] = params["token"] or os.environ.get("LLAMACOMPAT_BRIDGE_TOKEN")
+    else:
+        address = local_path(params["socket"] or default_socket())
+    try:
+        if tcp:
+            sock = socket.create_connection((params["host"], params["port"]), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a line per token: no Nagle delay
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(address)
+    except OSError as err:
+        hint = f"llamacompat serve --host {params['host']} --port {params['port']} --token ..." if tcp \
+            else f"llamacompat serve --socket {address}"
+        raise BackendUnavailableError(f"no bridge server at {address} ({err.strerror or err}); start one with: {hint}") from err
+    sock.settimeout(None)
+    return sock, address
+
+
+class BridgeCore:
+    """A context core whose model lives in a ``llamacompat serve`` process."""
+
+    backend = "bridge"
+
+    def __init__(self, sock: socket.socket, address: str, params: dict[str, Any]) -> None:
+        self._sock = sock
+        self.address = address
+        self.params = params
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, queue.SimpleQueue[dict[str, Any] | None]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._lost: str | None = None
+        self.model: dict[str, Any] = {}
+        self._capabilities: dict[str, Any] = {"backend": self.backend, "features": {}}
+        self._reader = threading.Thread(target=self._read_replies, name="llamacompat-bridge-client", daemon=True)
+        self._reader.start()
+
+    def handshake(self, wanted_model: str | None) -> None:
+        if self.params["token"]:
+            self._call("auth", {"token": self.params["token"]})
+        info = self._call("model_info", {})
+        if wanted_model and os.path.realpath(resolve_model(wanted_model)) != os.path.realpath(info["model_path"]):
+            raise ModelLoadError(f"Failed to load model: the bridge server at {self.address} serves "
+                                 f"{info['model_path']}, not {wanted_model}")
+        self.model = info["model"]
+        self.params["model"] = info["model_path"]
+        self._capabilities = {"backend": self.backend, "features": info["capabilities"]["features"],
+                              "server_backend": info["backend"]}
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        return self._capabilities
+
+    # -- the wire ------------------------------------------------------------
+    def _read_replies(self) -> None:
+        reason = "the bridge server closed the connection"
+        try:
+            with self._sock.makefile("rb") as lines:
+                for line in lines:
+                    msg = json.loads(line)
+                    waiting = self._pending.get(msg.get("id"))
+                    if waiting is not None:
+                        waiting.put(msg)
+                    elif "error" in msg:
+                        logger.warning("bridge: error from the server: %s", msg["error"].get("message"))
+        except (OSError, ValueError) as err:
+            reason = f"the bridge connection broke: {err}"
+        finally:
+            self._lost = reason
+            for waiting in list(self._pending.values()):
+                waiting.put(None)
+
+    def _open_request(self, method: str, params: dict[str, Any], strict: bool = False
+                      ) -> tuple[int, "queue.SimpleQueue[dict[str, Any] | None]"]:
+        rid = next(self._ids)
+        try:
+            data = encode({"id": rid, "method": method, "params": params, "strict": strict})
+        except (TypeError, ValueError) as err:
+            raise InvalidParamsError(f"{method}: the arguments must be JSON data to cross the bridge: {err}") from None
+        replies: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._pending[rid] = replies
+        try:
+            self._send(data)
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return rid, replies
+
+    def _send(self, data: bytes) -> None:
+        if self._lost is not None:
+            raise self._lost_error()
+        try:
+            with self._send_lock:
+                self._sock.sendall(data)
+        except OSError as err:
+            raise BackendUnavailableError(f"the bridge server at {self.address} went away: {err}") from err
+
+    def _lost_error(self) -> BackendUnavailableError:
+        return BackendUnavailableError(f"the bridge server at {self.address} went away: {self._lost}")
+
+    def _reply(self, msg: dict[str, Any] | None) -> Any:
+        """The result of a final reply line; raises its error."""
+        if msg is None:
+            raise self._lost_error()
+        if "error" in msg:
+            error = msg["error"]
+            raise error_from_code(error.get("code", "llama_error"), error.get("message", "bridge error"))
+        return msg["result"]
+
+    def _call(self, method: str, params: dict[str, Any], strict: bool = False) -> Any:
+        rid, replies = self._open_request(method, params, strict)
+        try:
+            while True:
+                msg = replies.get()
+                if msg is not None and "warning" in msg:
+                    compat_warning(msg["warning"], stacklevel=4)
+                    continue
+                return self._reply(msg)
+        finally:
+            self._pending.pop(rid, None)
+
+    # -- the core ------------------------------------------------------------
+    def generation(self, params: dict[str, Any] | None, stop: threading.Event,
+                   strict: bool) -> Generator[TokenData, None, CompletionResult]:
+        rid, replies = self._open_request("completion", {"params": params}, strict)
+        stop_sent = finished = False
+        try:
+            while True:
+                try:
+                    msg = replies.get(timeout=_STOP_POLL_S)
+                except queue.Empty:
+                    pass
+                else:
+                    if msg is not None and "event" in msg:
+                        yield msg["event"]
+                    elif msg is not None and "warning" in msg:
+                        compat_warning(msg["warning"], stacklevel=4)
+                    else:
+                        finished = True
+                        return self._reply(msg)
+                if stop.is_set() and not stop_sent:
+                    stop_sent = True
+                    self._send(encode({"id": f"stop-{rid}", "method": "stop", "params": {"id": rid}}))
+        finally:
+            if not finished and self._lost is None and not stop_sent:  # abandoned stream: free the server
+                try:
+                    self._send(encode({"id": f"stop-{rid}", "method": "stop", "params": {"id": rid}}))
+                except BackendUnavailableError:
+                    pass
+            self._pending.pop(rid, None)
+
+    def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
+        return self._call("tokenize", {"text": text, "params": params})
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._call("detokenize", {"tokens": tokens})
+
+    def embedding(self, text: str, normalize: int) -> EmbeddingResult:
+        return self._call("embedding", {"text": text, "embd_normalize": normalize})
+
+    def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+                       strict: bool) -> dict[str, Any]:
+        return self._call("get_formatted_chat", {"messages": messages, "template": template, "params": params}, strict)
+
+    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+        return self._call("bench", {"pp": pp, "tg": tg, "pl": pl, "nr": nr})
+
+    def load_session(self, path: str) -> SessionLoadResult:
+        return self._call("load_session", {"path": _server_path(path, "load")})
+
+    def save_session(self, path: str, token_size: int) -> int:
+        return self._call("save_session", {"path": _server_path(path, "save"), "token_size": token_size})
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._reader.join(5)
+
+
+def _server_path(path: Any, action: str) -> Any:
+    """Paths travel absolute (the server's working folder is not ours) and as UTF-8 JSON text."""
+    if not isinstance(path, str) or not path:
+        return path  # the server names what is wrong with it
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise SessionError(f"Failed to {action} session: {path!r} is not valid UTF-8, "
+                           "which the bridge protocol cannot carry") from None
+    return os.path.abspath(local_path(path))

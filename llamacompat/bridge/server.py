@@ -1,0 +1,646 @@
+"""``llamacompat serve``: one loaded model, many clients, one FIFO queue.
+
+The event loop only reads lines and writes replies. Work that holds the model
+(completion, embedding, bench, sessions, LOAD, FREE) runs one job at a time on a
+single worker thread, in the order the requests arrived; tokenize, detokenize
+and chat formatting run beside it, as they do in a context. Each job has its
+own stop flag, so a client stops only its own requests, and a client whose
+connection breaks has its jobs stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import difflib
+import functools
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..context import drain, load_local
+from ..errors import (
+    AuthenticationError,
+    ContextReleasedError,
+    InvalidParamsError,
+    LlamaError,
+    ModelLoadError,
+    SessionError,
+    UnsupportedFeatureError,
+    warnings_to,
+)
+from ..local import LocalCore, session_path
+from .protocol import MAX_LINE, METHODS, TEXT_COMMANDS, default_socket, encode, error_body
+
+__all__ = ["BridgeServer", "bind_unix_socket", "run_server"]
+
+logger = logging.getLogger(__name__)
+
+# Replies a client has not read yet; past this it is treated as gone (its jobs stop).
+MAX_BACKLOG = 64 << 20
+_SHUTDOWN_GRACE_S = 30.0
+
+
+class _Oversize:
+    """A line longer than the limit was skipped; ``json`` tells which reply format to use."""
+
+    def __init__(self, json_like: bool) -> None:
+        self.json_like = json_like
+
+
+class _LineReader:
+    """Lines of at most ``limit`` bytes; a longer one is skipped whole and reported once."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        self._reader, self._limit = reader, limit
+        self._buf = bytearray()
+        self._scanned = 0
+        self._skipping: _Oversize | None = None
+
+    async def next(self) -> bytes | _Oversize | None:
+        while True:
+            newline = self._buf.find(b"\n", self._scanned)
+            if newline >= 0:
+                line = bytes(self._buf[:newline])
+                del self._buf[: newline + 1]
+                self._scanned = 0
+                skipped, self._skipping = self._skipping, None
+                if skipped is not None:
+                    return skipped
+                return _Oversize(line.lstrip().startswith(b"{")) if len(line) > self._limit else line
+            if self._skipping is None and len(self._buf) > self._limit:
+                self._skipping = _Oversize(self._buf.lstrip().startswith(b"{"))
+            if self._skipping is not None:
+                self._buf.clear()
+            self._scanned = len(self._buf)
+            chunk = await self._reader.read(1 << 16)
+            if not chunk:
+                rest, self._buf = bytes(self._buf), bytearray()
+                if self._skipping is not None:
+                    skipped, self._skipping = self._skipping, None
+                    return skipped
+                return rest or None
+            self._buf += chunk
+
+
+@dataclass(eq=False)
+class _Job:
+    client: "_Client"
+    rid: Any
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class _Client:
+    """One connection: where its replies go, its jobs by request id, whether it authenticated."""
+
+    def __init__(self, writer: asyncio.StreamWriter, authed: bool, on_abandoned: Callable[[int], None]) -> None:
+        self.writer = writer
+        self.authed = authed
+        self._on_abandoned = on_abandoned
+        self.jobs: dict[Any, _Job] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        """Write one reply line (event-loop thread). A broken or hopelessly slow peer stops its jobs."""
+        if self.closed:
+            return
+        if self.writer.is_closing():
+            self.close()
+            return
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() > MAX_BACKLOG:
+            logger.warning("bridge: a client left %d bytes of replies unread; disconnecting it", MAX_BACKLOG)
+            self.close()
+
+    def reply(self, rid: Any, **body: Any) -> None:
+        self.send(encode({"id": rid, **body}))
+
+    def status(self, status: str, message: str, data: Any = None) -> None:
+        """A Llambo text-protocol reply."""
+        body: dict[str, Any] = {"status": status, "message": message}
+        if data is not None:
+            body["data"] = data
+        self.send(encode(body))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for job in self.jobs.values():
+                job.stop.set()
+            if self.jobs:
+                self._on_abandoned(len(self.jobs))
+            self.writer.close()
+
+
+class BridgeServer:
+    """Serves one model (loaded from ``model_params``) to every client of its sockets."""
+
+    def __init__(self, model_params: dict[str, Any], *, models_dir: str | None = None,
+                 sessions_dir: str | None = None, token: str | None = None, n_predict: int = 512,
+                 max_line: int = MAX_LINE) -> None:
+        self._params = dict(model_params)
+        self._models_dir = os.path.realpath(models_dir) if models_dir else None
+        self._sessions_dir = os.path.realpath(sessions_dir) if sessions_dir else None
+        self._token = token.encode() if token else None
+        self._n_predict = n_predict
+        self._max_line = max_line
+        self.core: LocalCore | None = None
+        self._use = threading.Lock()  # side calls vs. a model swap or free
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamacompat-bridge")
+        self._side = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="llamacompat-bridge-side")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._socket_path: str | None = None
+        self._clients: set[_Client] = set()
+        self._submitted = 0  # counted by the event loop ...
+        self._started_jobs = 0  # ... and by the worker: each counter has one writer
+        self._served = 0
+        self._abandoned = 0  # requests stopped because their client went away
+        self._running = False
+        self._started = time.monotonic()
+        self._closing = False
+        self._done: asyncio.Event | None = None
+
+    # -- lifetime ------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model named by the init params (before serving, so a bad model fails the start)."""
+        self.core = load_local(self._params)
+
+    async def start_unix(self, path: str) -> None:
+        sock = bind_unix_socket(path)
+        self._socket_path = path
+        self._servers.append(await asyncio.start_unix_server(self._handle, sock=sock))
+        logger.info("bridge: serving %s on unix socket %s", self._params.get("model"), path)
+
+    async def start_tcp(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (the port actually bound is returned); TCP needs a token."""
+        if self._token is None:
+            raise InvalidParamsError("serve: TCP needs a token (--token or LLAMACOMPAT_BRIDGE_TOKEN)")
+        server = await asyncio.start_server(self._handle, host, port)
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()[1]
+        logger.info("bridge: serving on tcp %s:%d", host, bound)
+        return bound
+
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until ``shutdown`` (SIGTERM and SIGINT call it); then clean up."""
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
+            except (RuntimeError, ValueError):  # not the main thread: the embedding program stops us
+                pass
+        if ready is not None:
+            ready()
+        await self._done.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, stop what runs, answer every request, remove the socket file, free the model."""
+        if self._closing:
+            return
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for client in list(self._clients):
+            for job in client.jobs.values():
+                job.stop.set()
+        tasks = [task for client in self._clients for task in client.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=_SHUTDOWN_GRACE_S)
+        for client in list(self._clients):
+            client.close()
+        if self._socket_path and os.path.exists(self._socket_path):
+            os.unlink(self._socket_path)
+        await asyncio.get_running_loop().run_in_executor(self._worker, self._free)
+        self._worker.shutdown(wait=False)
+        self._side.shutdown(wait=False)
+        if self._done is not None:
+            self._done.set()
+
+    # -- connections ---------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = _Client(writer, self._token is None, self._count_abandoned)
+        self._clients.add(client)
+        lines = _LineReader(reader, self._max_line)
+        try:
+            while not client.closed:
+                line = await lines.next()
+                if line is None:
+                    break
+                if isinstance(line, _Oversize):
+                    message = f"request line longer than {self._max_line} bytes; it was skipped"
+                    if line.json_like:
+                        client.reply(None, error={"code": InvalidParamsError.code, "message": message})
+                    else:
+                        client.status("error", message)
+                    continue
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith(b"{"):
+                    self._json_request(client, line)
+                elif not await self._track(client, self._text_command(client, line)):
+                    break
+            # At end of input, answer what is in flight: `echo "INFER hi" | nc -U` half-closes and reads on.
+            if client.tasks:
+                await asyncio.wait(list(client.tasks))
+        except ConnectionError:
+            pass
+        finally:
+            client.close()
+            self._clients.discard(client)
+
+    def _track(self, client: _Client, work: Any) -> "asyncio.Task[Any]":
+        """Run ``work`` as a task of ``client`` (shutdown waits for these), counted as served."""
+        task = asyncio.ensure_future(work)
+        client.tasks.add(task)
+
+        def finished(done: "asyncio.Task[Any]") -> None:
+            client.tasks.discard(done)
+            self._served += 1
+
+        task.add_done_callback(finished)
+        return task
+
+    def _count_abandoned(self, n: int) -> None:
+        if not self._closing:
+            self._abandoned += n
+
+    # -- the JSON protocol ---------------------------------------------------
+    def _json_request(self, client: _Client, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError as err:
+            client.reply(None, error={"code": InvalidParamsError.code, "message": f"malformed JSON: {err}"})
+            return
+        rid = msg.get("id") if isinstance(msg, dict) else None
+        try:
+            method, params, strict = self._check_request(client, msg)
+        except LlamaError as err:
+            client.reply(rid, error=error_body(err))
+            if isinstance(err, AuthenticationError):  # no second guess on this connection
+                client.close()
+            return
+        if method == "auth":
+            client.authed = True
+            client.reply(rid, result={"authenticated": True})
+            return
+        job = _Job(client, rid)
+        client.jobs[rid] = job
+        # Queued jobs are submitted here, before any await, so the FIFO order is the arrival order.
+        run = getattr(self, "_m_" + method)
+        future = self._submit(job, run, params, strict) if METHODS[method] == "queue" else None
+        self._track(client, self._answer(job, run, METHODS[method], params, strict, future))
+
+    def _check_request(self, client: _Client, msg: Any) -> tuple[str, dict[str, Any], bool]:
+        if not isinstance(msg, dict):
+            raise InvalidParamsError("a JSON request must be an object {\"id\", \"method\", \"params\"}")
+        rid, method, params = msg.get("id"), msg.get("method"), msg.get("params", {})
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise InvalidParamsError(f"request 'id' must be a string or an integer, got {rid!r}")
+        if not isinstance(method, str):
+            raise InvalidParamsError(f"request 'method' must be a string, got {method!r}")
+        if method not in METHODS:
+            close = difflib.get_close_matches(method, list(METHODS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; methods: {', '.join(METHODS)}"
+            raise InvalidParamsError(f"unknown method {method!r}{hint}")
+        if method == "auth":
+            self._authenticate(params.get("token") if isinstance(params, dict) else None)
+        elif not client.authed:
+            raise AuthenticationError("authenticate first: send {\"method\": \"auth\", \"params\": {\"token\": ...}}")
+        if not isinstance(params, dict):
+            raise InvalidParamsError(f"request 'params' must be an object, got {type(params).__name__}")
+        if rid in client.jobs:
+            raise InvalidParamsError(f"request id {rid!r} is already in flight on this connection")
+        strict = msg.get("strict", False)
+        if not isinstance(strict, bool):
+            raise InvalidParamsError(f"request 'strict' must be a bool, got {strict!r}")
+        return method, params, strict
+
+    def _authenticate(self, token: Any) -> None:
+        if self._token is None:
+            return
+        given = token.encode() if isinstance(token, str) else b""
+        if not hmac.compare_digest(given, self._token):
+            raise AuthenticationError("wrong bridge token")
+
+    async def _answer(self, job: _Job, run: Callable[..., Any], where: str, params: dict[str, Any], strict: bool,
+                      future: "concurrent.futures.Future[Any] | None") -> None:
+        client = job.client
+        try:
+            if future is not None:
+                result = await asyncio.wrap_future(future)
+            elif where == "side":
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._side, self._side_call, job, run, params, strict)
+            else:
+                result = run(job, params, strict)
+        except Exception as err:  # every failure is answered; the server keeps serving
+            if not isinstance(err, LlamaError):
+                logger.exception("bridge: %s failed", run.__name__)
+            client.reply(job.rid, error=error_body(err))
+        else:
+            client.reply(job.rid, result=result)
+        finally:
+            client.jobs.pop(job.rid, None)
+
+    def _submit(self, job: _Job, run: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
+        self._submitted += 1
+        return self._worker.submit(self._queued_call, job, run, *args)
+
+    def _queued_call(self, job: _Job, run: Callable[..., Any], *args: Any) -> Any:
+        """A job's turn on the worker thread."""
+        self._started_jobs += 1
+        if self._closing:
+            raise ContextReleasedError("Context not found: the bridge server is shutting down")
+        if job.client.closed:
+            raise ContextReleasedError("Context not found: the client disconnected")
+        self._running = True
+        try:
+            with warnings_to(self._warning_sink(job)):
+                return run(job, *args)
+        finally:
+            self._running = False
+
+    def _side_call(self, job: _Job, run: Callable[..., Any], *args: Any) -> Any:
+        with self._use, warnings_to(self._warning_sink(job)):
+            return run(job, *args)
+
+    def _warning_sink(self, job: _Job) -> Callable[[str], None]:
+        post = functools.partial(self._loop.call_soon_threadsafe, job.client.send)
+        return lambda message: post(encode({"id": job.rid, "warning": message}))
+
+    def _model(self) -> LocalCore:
+        if self.core is None:
+            raise ModelLoadError("Failed to load model: the bridge server has no model loaded; send LOAD <path>")
+        return self.core
+
+    # -- methods (run on the worker thread unless listed in _SIDE_METHODS / answered inline) --
+    def _m_completion(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        post = functools.partial(self._loop.call_soon_threadsafe, job.client.send)
+        rid = job.rid
+        return self._generate(job, params.get("params"), strict, lambda event: post(encode({"id": rid, "event": event})))
+
+    def _generate(self, job: _Job, params: Any, strict: bool, emit: Callable[[Any], None] | None) -> Any:
+        return drain(self._model().generation(params, job.stop, strict), emit)
+
+    def _m_embedding(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().embedding(params.get("text"), params.get("embd_normalize", 2))
+
+    def _m_bench(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().bench(params.get("pp"), params.get("tg"), params.get("pl", 1), params.get("nr", 1))
+
+    def _m_load_session(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().load_session(self._session_file(params.get("path"), "load_session"))
+
+    def _m_save_session(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        path = self._session_file(params.get("path"), "save_session")
+        return self._model().save_session(path, params.get("token_size", -1))
+
+    def _m_load(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        self._load_model(params.get("path"))
+        return self._model_info()
+
+    def _m_free(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        self._free()
+        return {"freed": True}
+
+    def _m_tokenize(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().tokenize(params.get("text"), params.get("params"))
+
+    def _m_detokenize(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().detokenize(params.get("tokens"))
+
+    def _m_get_formatted_chat(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().formatted_chat(params.get("messages"), params.get("template"), params.get("params"), strict)
+
+    def _m_model_info(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model_info()
+
+    def _m_stop(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        target = job.client.jobs.get(params.get("id"))
+        if target is not None and target is not job:
+            target.stop.set()
+        return {"stopped": target is not None and target is not job}
+
+    def _m_ping(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return "pong"
+
+    def _m_status(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._status()
+
+    # -- the Llambo text protocol --------------------------------------------
+    async def _text_command(self, client: _Client, line: bytes) -> bool:
+        """Answer one text command; False ends the connection."""
+        text = line.decode("utf-8", "replace").strip()
+        command, _, arg = text.partition(" ")
+        command = command.upper()
+        if command not in TEXT_COMMANDS:
+            client.status("error", f"unknown command {command!r}; commands: {', '.join(TEXT_COMMANDS)} "
+                                   "(or a JSON request line)")
+            return True
+        if command == "AUTH":
+            try:
+                self._authenticate(arg.strip())
+            except AuthenticationError as err:
+                client.status("error", err.message)
+                return False
+            client.authed = True
+            client.status("ok", "authenticated")
+            return True
+        if not client.authed:
+            client.status("error", "authenticate first: AUTH <token>")
+            return False
+        if command == "PING":
+            client.status("ok", "pong")
+        elif command == "STATUS":
+            client.status("ok", "running", self._status())
+        elif command == "QUIT":
+            client.status("ok", "bye")
+            return False
+        else:
+            await self._text_job(client, command, arg)
+        return True
+
+    async def _text_job(self, client: _Client, command: str, arg: str) -> None:
+        job = _Job(client, ("text", command))
+        client.jobs[job.rid] = job
+        params = {"prompt": arg, "n_predict": self._n_predict}
+        streaming = command == "INFER_STREAM"
+        if command in ("INFER", "INFER_STREAM"):
+            run, args, done = self._text_generate, (params, streaming), "Inference completed"
+        elif command == "LOAD":
+            run, args, done = self._text_load, (arg.strip(),), "Model loaded successfully"
+        else:
+            run, args, done = self._text_free, (), "Resources freed"
+        try:
+            result = await asyncio.wrap_future(self._submit(job, run, *args))
+        except Exception as err:
+            client.status("error", error_body(err)["message"])
+        else:
+            if streaming:
+                client.send(encode({"type": "token", "token": "", "final": True}))
+            else:
+                client.status("ok", done, result)
+        finally:
+            client.jobs.pop(job.rid, None)
+
+    def _text_generate(self, job: _Job, params: dict[str, Any], streaming: bool) -> Any:
+        """INFER's text; INFER_STREAM answers ok once the request is valid, then a line per token."""
+        post = functools.partial(self._loop.call_soon_threadsafe, job.client.send)
+        started = False
+
+        def token(event: Any) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                post(encode({"status": "ok", "message": "Streaming started"}))
+            post(encode({"type": "token", "token": event["token"], "final": False}))
+
+        result = self._generate(job, params, False, token if streaming else None)
+        if streaming and not started:
+            post(encode({"status": "ok", "message": "Streaming started"}))
+        return result["text"]
+
+    def _text_load(self, job: _Job, path: str) -> None:
+        self._load_model(path)
+
+    def _text_free(self, job: _Job) -> None:
+        self._free()
+
+    # -- model and files -----------------------------------------------------
+    def _load_model(self, path: Any) -> None:
+        """Swap in another model; on failure the current one stays."""
+        new = load_local({**self._params, "model": self._model_file(path)})
+        with self._use:
+            old, self.core = self.core, new
+        if old is not None:
+            old.close()
+
+    def _free(self) -> None:
+        with self._use:
+            old, self.core = self.core, None
+        if old is not None:
+            old.close()
+
+    def _model_file(self, path: Any) -> str:
+        if self._models_dir is None:
+            raise UnsupportedFeatureError("LOAD is disabled: start the server with --models-dir DIR")
+        if not isinstance(path, str) or not path:
+            raise InvalidParamsError("LOAD needs a model path inside the server's --models-dir")
+        real = _inside(self._models_dir, path)
+        if real is None:
+            raise ModelLoadError(f"Failed to load model: {path!r} is outside the server's --models-dir "
+                                 f"({self._models_dir})")
+        return real
+
+    def _session_file(self, path: Any, where: str) -> str:
+        if self._sessions_dir is None:
+            raise UnsupportedFeatureError(f"{where}: sessions are disabled on this bridge server; "
+                                          "start it with --sessions-dir DIR")
+        real = _inside(self._sessions_dir, session_path(path, where))
+        if real is None:
+            action = where.removesuffix("_session")
+            raise SessionError(f"Failed to {action} session: {path!r} is outside the server's --sessions-dir "
+                               f"({self._sessions_dir})")
+        return real
+
+    def _model_info(self) -> dict[str, Any]:
+        core = self._model()
+        caps = core.capabilities
+        if self._sessions_dir is None:
+            caps = {**caps, "features": {**caps["features"], "session": "missing"}}
+        return {"backend": core.backend, "model": core.model, "capabilities": caps,
+                "model_path": core.params["model"], "sessions_dir": self._sessions_dir}
+
+    def _status(self) -> dict[str, Any]:
+        core = self.core
+        return {
+            "model": core.params["model"] if core else None,
+            "backend": core.backend if core else None,
+            "queue": max(0, self._submitted - self._started_jobs),
+            "busy": self._running,
+            "abandoned": self._abandoned,
+            "served": self._served,
+            "clients": len(self._clients),
+            "uptime_s": round(time.monotonic() - self._started, 3),
+        }
+
+
+def _inside(root: str, path: str) -> str | None:
+    """The real path of ``path`` (relative to ``root`` unless absolute) if it is inside ``root``, symlinks followed."""
+    real = os.path.realpath(os.path.join(root, path))
+    return real if os.path.commonpath([root, real]) == root else None
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening-ready Unix socket at ``path`` with mode 0600.
+
+    A stale socket file (no server answers) is replaced; a live one, or a file
+    that is not a socket, is refused.
+    """
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise LlamaError(f"serve: {path} exists and is not a socket; refusing to replace it",
+                             code="address_in_use")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            logger.info("bridge: replacing the stale socket %s", path)
+            os.unlink(path)
+        else:
+            raise LlamaError(f"serve: a server is already listening on {path}; stop it or pass another --socket",
+                             code="address_in_use")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def run_server(model_params: dict[str, Any], *, socket_path: str | None = None, host: str = "127.0.0.1",
+               port: int | None = None, token: str | None = None, models_dir: str | None = None,
+               sessions_dir: str | None = None, n_predict: int = 512, max_line: int = MAX_LINE,
+               on_ready: Callable[[list[str]], None] | None = None) -> None:
+    """Load the model and serve it until SIGTERM / SIGINT (blocking): a Unix socket unless only a port is given."""
+    server = BridgeServer(model_params, models_dir=models_dir, sessions_dir=sessions_dir, token=token,
+                          n_predict=n_predict, max_line=max_line)
+    server.load()
+
+    async def main() -> None:
+        addresses = []
+        if socket_path is not None or port is None:
+            path = socket_path or default_socket()
+            await server.start_unix(path)
+            addresses.append(f"unix:{path}")
+        if port is not None:
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                logger.warning("bridge: listening on %s, beyond this machine; anyone with the token can use it", host)
+            bound = await server.start_tcp(host, port)
+            addresses.append(f"tcp:{host}:{bound}")
+        await server.serve(lambda: on_ready(addresses) if on_ready else None)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if server.core is not None:  # a start that failed after loading
+            server.core.close()
