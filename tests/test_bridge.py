@@ -481,3 +481,27 @@ def test_a_killed_server_fails_the_call_with_a_clear_error(tmp_path):
     worker.join(60)
     assert isinstance(box.get("error"), BackendUnavailableError), box
     ctx.release()
+
+
+def test_line_reader_limits_lines_across_chunks():
+    import asyncio
+
+    from llamacompat.bridge.server import _LineReader, _Oversize
+
+    async def lines(chunks: list[bytes], limit: int) -> list:
+        reader = asyncio.StreamReader()
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        got, lr = [], _LineReader(reader, limit)
+        while (line := await lr.next()) is not None:
+            got.append(("oversize", line.json_like) if isinstance(line, _Oversize) else line)
+        return got
+
+    assert asyncio.run(lines([b"ab", b"cd\nef", b"\n", b"gh"], 4)) == [b"abcd", b"ef", b"gh"]
+    assert asyncio.run(lines([b"abcde\n", b"ok\n"], 4)) == [("oversize", False), b"ok"]
+    assert asyncio.run(lines([b'{"a":', b"1" * 100, b"2}\n", b"ok\n"], 8)) == [("oversize", True), b"ok"]
+    assert asyncio.run(lines([b"x" * 50], 8)) == [("oversize", False)]
+    # reads come 64 KiB at a time: lines that span several reads
+    long_ok, too_long = b"a" * 100_000, b"b" * 150_001
+    assert asyncio.run(lines([long_ok + b"\n" + too_long + b"\nok\n"], 150_000)) == [long_ok, ("oversize", False), b"ok"]

@@ -160,6 +160,7 @@ class BridgeServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._socket_path: str | None = None
+        self._socket_inode = 0
         self._clients: set[_Client] = set()
         self._submitted = 0  # counted by the event loop ...
         self._started_jobs = 0  # ... and by the worker: each counter has one writer
@@ -177,7 +178,7 @@ class BridgeServer:
 
     async def start_unix(self, path: str) -> None:
         sock = bind_unix_socket(path)
-        self._socket_path = path
+        self._socket_path, self._socket_inode = path, os.stat(path).st_ino
         self._servers.append(await asyncio.start_unix_server(self._handle, sock=sock))
         logger.info("bridge: serving %s on unix socket %s", self._params.get("model"), path)
 
@@ -219,7 +220,7 @@ class BridgeServer:
             await asyncio.wait(tasks, timeout=_SHUTDOWN_GRACE_S)
         for client in list(self._clients):
             client.close()
-        if self._socket_path and os.path.exists(self._socket_path):
+        if self._socket_path and _inode(self._socket_path) == self._socket_inode:  # ours, not a successor's
             os.unlink(self._socket_path)
         await asyncio.get_running_loop().run_in_executor(self._worker, self._free)
         self._worker.shutdown(wait=False)
@@ -229,6 +230,7 @@ class BridgeServer:
 
     # -- connections ---------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._loop = asyncio.get_running_loop()  # the worker posts replies to it
         client = _Client(writer, self._token is None, self._count_abandoned)
         self._clients.add(client)
         lines = _LineReader(reader, self._max_line)
@@ -580,6 +582,13 @@ def _inside(root: str, path: str) -> str | None:
     """The real path of ``path`` (relative to ``root`` unless absolute) if it is inside ``root``, symlinks followed."""
     real = os.path.realpath(os.path.join(root, path))
     return real if os.path.commonpath([root, real]) == root else None
+
+
+def _inode(path: str) -> int:
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return -1
 
 
 def bind_unix_socket(path: str) -> socket.socket:
