@@ -2,9 +2,9 @@
 
 The sync class owns argument checks, the busy/released state and streams; the
 work goes to its core: ``LocalCore`` for a model in this process, the bridge
-client for a model served by ``llamacompat serve``. The async class runs the same calls on one worker thread
-per context, so the event loop stays free and ``stop_completion`` works from
-another task.
+client for a model served by ``llamacompat serve``. The async class runs the
+same calls on one worker thread per context, so the event loop stays free and
+``stop_completion`` works from another task.
 """
 
 from __future__ import annotations

@@ -163,6 +163,8 @@ def test_request_errors_carry_the_hierarchy_codes(raw):
     assert reply["error"]["code"] == "grammar_error" and "line 1" in reply["error"]["message"]
     reply = raw.ask({"id": 2, "method": "detokenize", "params": {"tokens": [10**9]}})
     assert reply["error"]["code"] == "invalid_params"
+    reply = raw.ask({"id": 4, "method": "embedding", "params": {"text": "x", "params": {"embd_normalize": "L2"}}})
+    assert reply["error"]["code"] == "invalid_params" and "embd_normalize" in reply["error"]["message"]
     reply = raw.ask({"id": 3, "method": "load_session", "params": {"path": "/etc/passwd"}})
     assert reply["error"]["code"] == "session_error" and "outside the server's --sessions-dir" in reply["error"]["message"]
 

@@ -20,6 +20,7 @@ import threading
 from typing import Any, Generator
 
 from .. import params as P
+from ..context import drain
 from ..errors import (
     BackendUnavailableError,
     InvalidParamsError,
@@ -182,47 +183,49 @@ class BridgeCore:
             raise error_from_code(error.get("code", "llama_error"), error.get("message", "bridge error"))
         return msg["result"]
 
-    def _call(self, method: str, params: dict[str, Any], strict: bool = False) -> Any:
+    def _request(self, method: str, params: dict[str, Any], strict: bool = False,
+                 stop: threading.Event | None = None) -> Generator[Any, None, Any]:
+        """Send one request; yield its events, return its result or raise its error.
+
+        With ``stop``, a set flag sends a ``stop`` request (checked at each event, and every
+        ``_STOP_POLL_S`` while none arrives), and a generator closed early stops the server's work.
+        """
         rid, replies = self._open_request(method, params, strict)
+        stop_sent = finished = False
         try:
             while True:
-                msg = replies.get()
-                if msg is not None and "warning" in msg:
-                    compat_warning(msg["warning"], stacklevel=4)
+                if stop is not None and stop.is_set() and not stop_sent:
+                    stop_sent = True
+                    self._send_stop(rid)
+                try:
+                    msg = replies.get(timeout=_STOP_POLL_S if stop is not None else None)
+                except queue.Empty:
                     continue
-                return self._reply(msg)
+                if msg is not None and "event" in msg:
+                    yield msg["event"]
+                elif msg is not None and "warning" in msg:
+                    compat_warning(msg["warning"], stacklevel=4)
+                else:
+                    finished = True
+                    return self._reply(msg)
         finally:
+            if stop is not None and not finished and self._lost is None and not stop_sent:  # abandoned stream
+                try:
+                    self._send_stop(rid)
+                except BackendUnavailableError:
+                    pass
             self._pending.pop(rid, None)
+
+    def _send_stop(self, rid: int) -> None:
+        self._send(encode({"id": f"stop-{rid}", "method": "stop", "params": {"id": rid}}))
+
+    def _call(self, method: str, params: dict[str, Any], strict: bool = False) -> Any:
+        return drain(self._request(method, params, strict), None)
 
     # -- the core ------------------------------------------------------------
     def generation(self, params: dict[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
-        rid, replies = self._open_request("completion", {"params": params}, strict)
-        stop_sent = finished = False
-        try:
-            while True:
-                try:
-                    msg = replies.get(timeout=_STOP_POLL_S)
-                except queue.Empty:
-                    pass
-                else:
-                    if msg is not None and "event" in msg:
-                        yield msg["event"]
-                    elif msg is not None and "warning" in msg:
-                        compat_warning(msg["warning"], stacklevel=4)
-                    else:
-                        finished = True
-                        return self._reply(msg)
-                if stop.is_set() and not stop_sent:
-                    stop_sent = True
-                    self._send(encode({"id": f"stop-{rid}", "method": "stop", "params": {"id": rid}}))
-        finally:
-            if not finished and self._lost is None and not stop_sent:  # abandoned stream: free the server
-                try:
-                    self._send(encode({"id": f"stop-{rid}", "method": "stop", "params": {"id": rid}}))
-                except BackendUnavailableError:
-                    pass
-            self._pending.pop(rid, None)
+        return self._request("completion", {"params": params}, strict, stop)
 
     def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
         return self._call("tokenize", {"text": text, "params": params})
@@ -231,7 +234,7 @@ class BridgeCore:
         return self._call("detokenize", {"tokens": tokens})
 
     def embedding(self, text: str, normalize: int) -> EmbeddingResult:
-        return self._call("embedding", {"text": text, "embd_normalize": normalize})
+        return self._call("embedding", {"text": text, "params": {"embd_normalize": normalize}})
 
     def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
                        strict: bool) -> dict[str, Any]:

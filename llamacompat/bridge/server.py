@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import params as P
 from ..context import drain, load_local
 from ..errors import (
     AuthenticationError,
@@ -377,8 +378,12 @@ class BridgeServer:
         with self._use, warnings_to(self._warning_sink(job)):
             return run(job, *args)
 
+    def _poster(self, client: _Client) -> Callable[[bytes], None]:
+        """Send a reply line to ``client`` from a worker thread (the event loop writes it)."""
+        return functools.partial(self._loop.call_soon_threadsafe, client.send)
+
     def _warning_sink(self, job: _Job) -> Callable[[str], None]:
-        post = functools.partial(self._loop.call_soon_threadsafe, job.client.send)
+        post = self._poster(job.client)
         return lambda message: post(encode({"id": job.rid, "warning": message}))
 
     def _model(self) -> LocalCore:
@@ -386,9 +391,9 @@ class BridgeServer:
             raise ModelLoadError("Failed to load model: the bridge server has no model loaded; send LOAD <path>")
         return self.core
 
-    # -- methods (run on the worker thread unless listed in _SIDE_METHODS / answered inline) --
+    # -- methods: where each runs is protocol.METHODS ---------------------------
     def _m_completion(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        post = functools.partial(self._loop.call_soon_threadsafe, job.client.send)
+        post = self._poster(job.client)
         rid = job.rid
         return self._generate(job, params.get("params"), strict, lambda event: post(encode({"id": rid, "event": event})))
 
@@ -396,7 +401,8 @@ class BridgeServer:
         return drain(self._model().generation(params, job.stop, strict), emit)
 
     def _m_embedding(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().embedding(params.get("text"), params.get("embd_normalize", 2))
+        normalize = P.validate(params.get("params"), P.EMBEDDING_FIELDS, "embedding")["embd_normalize"]
+        return self._model().embedding(params.get("text"), normalize)
 
     def _m_bench(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
         return self._model().bench(params.get("pp"), params.get("tg"), params.get("pl", 1), params.get("nr", 1))
@@ -498,7 +504,7 @@ class BridgeServer:
 
     def _text_generate(self, job: _Job, params: dict[str, Any], streaming: bool) -> Any:
         """INFER's text; INFER_STREAM answers ok once the request is valid, then a line per token."""
-        post = functools.partial(self._loop.call_soon_threadsafe, job.client.send)
+        post = self._poster(job.client)
         started = False
 
         def token(event: Any) -> None:
