@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib
 import inspect
 import itertools
 import logging
@@ -31,7 +32,7 @@ from .errors import (
 from .gguf_info import load_model_info
 from .local import LocalCore, unsupported
 from .models import resolve_model
-from .registry import BRIDGE, select_backend
+from .registry import REMOTE, select_backend
 from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenCallback, TokenData, TokenizeResult
 
 __all__ = [
@@ -119,13 +120,14 @@ def load_local(params: dict[str, Any] | None, on_progress: Callable[[int], Any] 
 def init_llama(params: dict[str, Any] | None = None, on_progress: Callable[[int], Any] | None = None) -> "LlamaContext":
     """Load a model and return a context (llama.rn's ``initLlama``). Blocks while loading.
 
-    ``backend: "bridge"`` connects to a ``llamacompat serve`` process instead of loading.
+    ``backend: "bridge"`` connects to a ``llamacompat serve`` process instead of loading, and
+    ``backend: "openai"`` to an OpenAI-compatible inference server.
     """
     raw = _raw_params(params)
-    if raw.get("backend") == BRIDGE:
-        from .bridge.client import connect
-
-        core = connect(raw)
+    remote = REMOTE.get(raw.get("backend", "auto"))
+    if remote is not None:
+        module_name, _, function = remote.partition(":")
+        core = getattr(importlib.import_module(module_name), function)(raw)
     else:
         core = load_local(raw, on_progress)
     return LlamaContext(core)

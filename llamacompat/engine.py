@@ -20,7 +20,7 @@ from .adapters.base import Adapter, Interrupted, SamplingParams
 from .errors import ContextFullError
 from .types import CompletionProbability, CompletionResult, TokenData
 
-__all__ = ["CompletionRequest", "generate", "find_stop"]
+__all__ = ["CompletionRequest", "generate", "find_stop", "StopScanner", "completion_result"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,33 @@ def find_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str | None, int]:
     return len(text), None, hold
 
 
+class StopScanner:
+    """Feeds streamed text through ``find_stop``: holds back what may begin a stop string.
+
+    ``feed`` returns the text that is safe to emit; once a stop string is complete,
+    ``word`` is set and the text from it on is dropped. ``flush`` gives back what is
+    still held when generation ends without completing a stop string.
+    """
+
+    __slots__ = ("stops", "held", "word")
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops, self.held, self.word = stops, "", None
+
+    def feed(self, piece: str) -> str:
+        text = self.held + piece
+        cut, word, hold = find_stop(text, self.stops)
+        if word is not None:
+            self.held, self.word = "", word
+            return text[:cut]
+        self.held = text[cut - hold:]
+        return text[: cut - hold]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
 def _per_token(n: int, ms: float) -> tuple[float, float]:
     """(ms per token, tokens per second), 0 where undefined."""
     return (ms / n if n else 0.0, n / ms * 1000.0 if ms > 0 else 0.0)
@@ -89,9 +116,10 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
         prompt_n = adapter.n_past - cache_n  # tokens actually evaluated (fewer when interrupted)
 
         decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-        stops, n_probs, n_ctx = request.stop, request.n_probs, adapter.n_ctx
+        n_probs, n_ctx = request.n_probs, adapter.n_ctx
         limit = request.n_predict if request.n_predict >= 0 else float("inf")
-        held = so_far = ""
+        scanner = StopScanner(request.stop) if request.stop else None
+        so_far = ""
         parse = request.parse
         pending_probs: list[CompletionProbability] = []
         next_token, token_to_piece, is_eog = adapter.next_token, adapter.token_to_piece, adapter.is_eog
@@ -112,14 +140,10 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
                 pending_probs.append(_probabilities(adapter, piece, n_probs))
             if not piece:  # an incomplete UTF-8 character: wait for its next byte
                 continue
-            if stops:
-                text = held + piece
-                cut, word, hold = find_stop(text, stops)
-                if word is not None:
-                    piece, held = text[:cut], ""
-                    stopped_word, stopping_word = True, word
-                else:
-                    piece, held = text[: cut - hold], text[cut - hold:]
+            if scanner is not None:
+                piece = scanner.feed(piece)
+                if scanner.word is not None:
+                    stopped_word, stopping_word = True, scanner.word
             if piece:
                 parts.append(piece)
                 event: TokenData = {"token": piece}
@@ -133,6 +157,7 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
                 yield event
             if stopped_word:
                 break
+        held = scanner.flush() if scanner is not None else ""
         if held:  # generation ended without completing the stop string: the text is real
             parts.append(held)
             event = {"token": held}
@@ -146,18 +171,31 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
         adapter.end()
 
     finished = time.perf_counter()
-    prompt_ms = (prompt_done - started) * 1000.0
-    predicted_ms = (finished - prompt_done) * 1000.0
+    return completion_result(
+        "".join(parts), request.parse, chat_format=request.chat_format, probabilities=all_probs,
+        n_predicted=n_generated, n_evaluated=n_prompt, n_cached=adapter.n_past, cache_n=cache_n, prompt_n=prompt_n,
+        prompt_ms=(prompt_done - started) * 1000.0, predicted_ms=(finished - prompt_done) * 1000.0,
+        interrupted=interrupted, stopped_eos=stopped_eos, stopped_word=stopped_word, stopping_word=stopping_word,
+        stopped_limit=not (interrupted or stopped_eos or stopped_word or context_full) and n_generated >= limit,
+        context_full=context_full,
+    )
+
+
+def completion_result(text: str, parse: Callable[[str, bool], dict[str, Any]] | None, *, chat_format: int,
+                      probabilities: list[CompletionProbability], n_predicted: int, n_evaluated: int, n_cached: int,
+                      cache_n: int, prompt_n: int, prompt_ms: float, predicted_ms: float, interrupted: bool,
+                      stopped_eos: bool, stopped_word: bool, stopping_word: str, stopped_limit: bool,
+                      context_full: bool) -> CompletionResult:
+    """llama.rn's NativeCompletionResult (every backend and core builds it here)."""
     prompt_per_token_ms, prompt_per_second = _per_token(prompt_n, prompt_ms)
-    predicted_per_token_ms, predicted_per_second = _per_token(n_generated, predicted_ms)
-    text = "".join(parts)
+    predicted_per_token_ms, predicted_per_second = _per_token(n_predicted, predicted_ms)
     result: CompletionResult = {
         "text": text,
-        "chat_format": request.chat_format,
-        "completion_probabilities": all_probs,
-        "tokens_predicted": n_generated,
-        "tokens_evaluated": n_prompt,
-        "tokens_cached": adapter.n_past,
+        "chat_format": chat_format,
+        "completion_probabilities": probabilities,
+        "tokens_predicted": n_predicted,
+        "tokens_evaluated": n_evaluated,
+        "tokens_cached": n_cached,
         "draft_tokens": 0,
         "draft_tokens_accepted": 0,
         "truncated": False,
@@ -165,7 +203,7 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
         "interrupted": interrupted,
         "stopped_eos": stopped_eos,
         "stopped_word": stopped_word,
-        "stopped_limit": not (interrupted or stopped_eos or stopped_word or context_full) and n_generated >= limit,
+        "stopped_limit": stopped_limit,
         "stopping_word": stopping_word,
         "timings": {
             "cache_n": cache_n,
@@ -173,15 +211,15 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
             "prompt_ms": prompt_ms,
             "prompt_per_token_ms": prompt_per_token_ms,
             "prompt_per_second": prompt_per_second,
-            "predicted_n": n_generated,
+            "predicted_n": n_predicted,
             "predicted_ms": predicted_ms,
             "predicted_per_token_ms": predicted_per_token_ms,
             "predicted_per_second": predicted_per_second,
         },
     }
     if not interrupted:  # llama.rn: parsed fields only when non-empty, never when interrupted
-        if request.parse is not None:
-            result.update(request.parse(text, False))  # type: ignore[typeddict-item]
+        if parse is not None:
+            result.update(parse(text, False))  # type: ignore[typeddict-item]
         elif text:
             result["content"] = text
     return result

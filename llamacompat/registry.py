@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "llamacompat.adapters"
 # name -> "module:Class"; imported lazily so a missing optional backend costs nothing.
 BUILTIN = {"llama_cpp": "llamacompat.adapters.llama_cpp:LlamaCppAdapter", "mlx": "llamacompat.adapters.mlx:MlxAdapter"}
-# served by ``llamacompat serve``; init_llama connects instead of loading (llamacompat.bridge.client)
-BRIDGE = "bridge"
+# Backends whose model lives in a server: init_llama calls "module:function"(params) for a
+# context core instead of loading an adapter (the bridge: ``llamacompat serve``; openai: any
+# OpenAI-compatible inference server).
+REMOTE = {"bridge": "llamacompat.bridge.client:connect", "openai": "llamacompat.openai.core:connect"}
 # the order "auto" tries backends in
 AUTO_ORDER = ("llama_cpp", "mlx")
 # adapters registered at run time (tests, or an adapter under development before it has an entry point)
@@ -31,7 +33,7 @@ def register_adapter(name: str, adapter: Type[Adapter]) -> None:
     """Make ``adapter`` available as ``backend: name`` in this process (entry points do it for installs)."""
     if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
         raise TypeError(f"register_adapter: {adapter!r} is not an llamacompat Adapter subclass")
-    if name in BUILTIN or name in ("auto", BRIDGE):
+    if name in BUILTIN or name == "auto" or name in REMOTE:
         raise ValueError(f"register_adapter: '{name}' is a built-in backend name")
     _registered[name] = adapter
 
@@ -46,7 +48,7 @@ def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
 
 def available_backends() -> list[str]:
     """Every backend name known (built-in and registered), installed or not."""
-    return sorted(set(BUILTIN) | {BRIDGE} | set(_registered) | set(_entry_points()))
+    return sorted(set(BUILTIN) | set(REMOTE) | set(_registered) | set(_entry_points()))
 
 
 def installed_builtin_backends() -> list[str]:
