@@ -218,6 +218,7 @@ class LlamaCppAdapter(Adapter):
             **({"completion": "missing", "embedding": "missing", "bench": "missing"} if self._ctx is None else {}),
             "interrupt_prompt": "native", "chat_template": "emulated",
             "session": "native" if self._ctx is not None else "missing",
+            "prefix_cache": "native" if self._ctx is not None else "missing",
         })
 
     # -- model description -------------------------------------------------

@@ -48,7 +48,7 @@ def check_grammar(kit: Kit) -> None:
 
 @check("outputs under json_schema / response_format parse and validate with jsonschema")
 def check_json_schema(kit: Kit) -> None:
-    if not kit.supports("grammar"):  # schemas become grammars in the core: no grammar, no schema
+    if not (kit.supports("grammar") or kit.supports("json_schema")):  # local cores turn schemas into grammars
         refused(kit, "grammar", lambda c: c.completion({"prompt": PROMPT, "n_predict": 4, "json_schema": SCHEMAS[0]}))
     import jsonschema  # the conformance extra installs it
 
@@ -98,9 +98,10 @@ def check_bad_input(kit: Kit) -> None:
         ("tokenize a non-string", InvalidParamsError, lambda: ctx.tokenize(5), "tokenize"),  # type: ignore[arg-type]
         ("missing model file", ModelLoadError, lambda: init_llama({**kit.params, "model": "/nonexistent/model.gguf"}), ""),
         ("non-UTF-8 model path", ModelLoadError, lambda: init_llama({**kit.params, "model": odd_path + ".gguf"}), ""),
-        ("non-UTF-8 session path", SessionError, lambda: ctx.load_session(odd_path + ".session"), ""),
         ("unknown init key", InvalidParamsError, lambda: init_llama({**kit.params, "n_ctxx": 64}), "n_ctx"),
     ]
+    if kit.supports("session"):
+        cases.append(("non-UTF-8 session path", SessionError, lambda: ctx.load_session(odd_path + ".session"), ""))
     if kit.supports("grammar"):
         cases += [
             ("invalid grammar", GrammarError, lambda: ctx.completion({**request, "grammar": 'root ::= "a'}), "line 1"),

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..errors import ContextBusyError, ContextReleasedError, EmbeddingDisabledError, SessionError
 from .checks_generation import LONG, PROMPT
-from .kit import GREEDY, Kit, check, refused, run_in_background
+from .kit import GREEDY, Kit, check, no_eos, refused, run_in_background
 
 CORPUS = [
     "Hello, world!",
@@ -29,7 +29,7 @@ CORPUS = [
 def check_lifecycle(kit: Kit) -> None:
     ctx = kit.new()
     try:
-        worker, box = run_in_background(ctx, {"prompt": LONG, "n_predict": -1, "ignore_eos": True})
+        worker, box = run_in_background(ctx, {"prompt": LONG, "n_predict": -1, **no_eos(ctx)})
         try:
             ctx.completion({"prompt": PROMPT, "n_predict": 1})
         except ContextBusyError:

@@ -14,7 +14,7 @@ from ..context import LlamaContext, init_llama
 from ..errors import LlamaCompatWarning, UnsupportedFeatureError
 
 __all__ = ["Kit", "Check", "CHECKS", "check", "NotApplicable", "GREEDY", "run_in_background", "refused",
-           "assert_refused", "no_warnings", "parse_params"]
+           "assert_refused", "no_warnings", "parse_params", "no_eos"]
 
 GREEDY = {"temperature": 0}
 
@@ -64,6 +64,12 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         except ValueError:
             params[key] = raw
     return params
+
+
+def no_eos(ctx: LlamaContext) -> dict[str, Any]:
+    """``ignore_eos`` where the backend has it, so checks that count tokens get them all; else nothing
+    (the checks' prompts keep the model writing, and a missing feature must not make them warn)."""
+    return {"ignore_eos": True} if _supports(ctx, "ignore_eos") else {}
 
 
 def _supports(ctx: LlamaContext, feature: str) -> bool:

@@ -107,7 +107,7 @@ class MlxAdapter(Adapter):
             "typical_p": "missing", "mirostat": "missing", "dry": "missing",
             "seed": "native", "n_probs": "native", "tokenize": "native", "detokenize": "native",
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
-            "interrupt_prompt": "native", "chat_template": "emulated", "session": "native",
+            "interrupt_prompt": "native", "chat_template": "emulated", "session": "native", "prefix_cache": "native",
         })
 
     def _warm_up(self) -> None:
