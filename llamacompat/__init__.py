@@ -21,6 +21,7 @@ from .context import (
 )
 from .errors import (
     AuthenticationError,
+    RequestTimeoutError,
     BackendUnavailableError,
     ContextBusyError,
     ContextFullError,
@@ -71,6 +72,7 @@ __all__ = [
     "GenerationError",
     "OutOfMemoryError",
     "AuthenticationError",
+    "RequestTimeoutError",
     "LlamaCompatWarning",
     "__version__",
 ]

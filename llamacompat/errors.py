@@ -29,6 +29,7 @@ __all__ = [
     "GenerationError",
     "OutOfMemoryError",
     "AuthenticationError",
+    "RequestTimeoutError",
     "LlamaCompatWarning",
     "map_exceptions",
     "error_from_code",
@@ -149,6 +150,13 @@ class AuthenticationError(LlamaError, PermissionError):
 
     code = "authentication_error"
     default_message = "Authentication failed"
+
+
+class RequestTimeoutError(LlamaError, TimeoutError):
+    """A server did not answer (or stopped streaming) within the configured timeout."""
+
+    code = "timeout"
+    default_message = "The server did not answer in time"
 
 
 def _classes(root: type[LlamaError]) -> Iterator[type[LlamaError]]:

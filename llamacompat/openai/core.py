@@ -1,0 +1,441 @@
+"""``backend: "openai"``: a context core over an OpenAI-compatible inference server.
+
+vLLM, SGLang, llama.cpp's llama-server, Ollama, LM Studio and llama-cpp-python's
+server all speak the OpenAI HTTP API. ``OpenAICore`` maps llama.rn's calls onto
+it: completions stream over SSE into TokenData, stop strings are matched here
+(so ``stopping_word`` is exact), token counts and timings come from the
+server's usage and timings where it sends them, and HTTP failures arrive as the
+usual ``LlamaError`` classes. The context's busy/released rules, streams and
+async twin are the same as on a local model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from typing import Any, Generator
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .. import params as P
+from ..embeddings import normalize_embedding
+from ..engine import StopScanner, completion_result
+from ..errors import (
+    GenerationError,
+    InvalidParamsError,
+    LlamaError,
+    UnsupportedFeatureError,
+)
+from ..types import CompletionProbability, CompletionResult, EmbeddingResult, SessionLoadResult, TokenData, TokenizeResult
+from .dialects import DIALECTS, ServerFacts, probe
+from .http import HttpSession, http_error
+from .request import CompletionPlan, check_token_ids, plan_completion
+
+__all__ = ["OpenAICore", "connect", "OPENAI_FIELDS"]
+
+logger = logging.getLogger(__name__)
+
+OPENAI_FIELDS: dict[str, P.Field] = {
+    "base_url": P.Field((str,), None, lambda v: urlsplit(v).scheme in ("http", "https"),
+                        "an http(s) URL such as http://127.0.0.1:8080/v1", nullable=True),
+    "api_key": P.Field((str,), None, nullable=True),
+    "server": P.Field((str,), "auto", lambda v: v == "auto" or v in DIALECTS, f"'auto' or one of {', '.join(DIALECTS)}"),
+    "timeout": P.Field((int, float), 120.0, lambda v: v > 0, "> 0 seconds (to wait for the next data)"),
+    "connect_timeout": P.Field((int, float), 10.0, lambda v: v > 0, "> 0 seconds"),
+    "max_retries": P.Field((int,), 2, lambda v: 0 <= v <= 10, "0..10"),
+    "max_connections": P.Field((int,), 8, lambda v: v >= 1, ">= 1"),
+}
+DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
+# Init params that shape the client side; the rest describe a model the server has already loaded.
+_CLIENT_FIELDS = {"backend", "strict", "embedding", "embd_normalize", "model", *OPENAI_FIELDS}
+# How often a waiting completion looks at its stop flag (stop latency while no token arrives).
+_STOP_POLL_S = 0.02
+
+
+def _server_root(base_url: str) -> str:
+    """The server's root URL: OpenAI paths go under ``/v1``, the extensions (tokenize, props) beside it."""
+    url = base_url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def connect(raw: dict[str, Any]) -> "OpenAICore":
+    """Validate the init params, reach the server, and probe what it can do."""
+    params = P.validate(raw, P.CONTEXT_FIELDS, "init_llama", extra=OPENAI_FIELDS)
+    ignored = sorted(set(raw) - _CLIENT_FIELDS)
+    if ignored:
+        logger.info("openai: the server's model settings apply; ignored init params: %s", ", ".join(ignored))
+    base_url = params["base_url"] or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    session = HttpSession(_server_root(base_url), params["api_key"] or os.environ.get("OPENAI_API_KEY"),
+                          timeout=float(params["timeout"]), connect_timeout=float(params["connect_timeout"]),
+                          max_retries=params["max_retries"], max_connections=params["max_connections"])
+    try:
+        facts = probe(session, raw.get("model"), params["server"])
+        core = OpenAICore(session, facts, params)
+        if params["embedding"]:
+            core.probe_embedding()
+    except BaseException:
+        session.close()
+        raise
+    return core
+
+
+class OpenAICore:
+    """A context core whose model lives in an OpenAI-compatible server."""
+
+    backend = "openai"
+
+    def __init__(self, session: HttpSession, facts: ServerFacts, params: dict[str, Any]) -> None:
+        self._session = session
+        self.facts = facts
+        self.params = {**params, "model": facts.model}
+        self.model = facts.model_dict()
+        dialect = facts.dialect
+        self._features: dict[str, str] = {
+            "completion": "native", "streaming": "native", "stop": "emulated", "temperature": "native",
+            **dialect.features(), "embedding": "missing", "bench": "missing", "session": "missing",
+            "interrupt_prompt": "emulated", "chat_template": "native", "formatted_chat": "missing",
+        }
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        return {"backend": self.backend, "server": self.facts.dialect.name, "features": dict(self._features)}
+
+    def probe_embedding(self) -> None:
+        """One tiny embedding: servers without embeddings (or started without them) say so once, here."""
+        try:
+            vector = self._embed("probe")
+        except (UnsupportedFeatureError, InvalidParamsError, GenerationError) as err:
+            logger.info("openai: the server has no embeddings: %s", err)
+            self._embedding_error = str(err)
+            return
+        self._features["embedding"] = "native"
+        self.facts.n_embd = self.facts.n_embd or len(vector)
+        self.model["n_embd"] = self.facts.n_embd
+
+    # -- completion ----------------------------------------------------------
+    def generation(self, params: dict[str, Any] | None, stop: threading.Event,
+                   strict: bool) -> Generator[TokenData, None, CompletionResult]:
+        tokenize = self._tokenize if self.facts.dialect.tokenize else None
+        plan = plan_completion(params, self.facts, strict, tokenize)
+        return (yield from _Run(self, plan, stop).events())
+
+    # -- tokens, embedding ---------------------------------------------------
+    def _tokenize(self, text: str) -> list[int]:
+        endpoint = self.facts.dialect.tokenize
+        if endpoint is None:
+            raise UnsupportedFeatureError(f"tokenize: this {self.facts.dialect.name} server has no tokenize endpoint")
+        reply = self._session.post(endpoint.path, {"model": self.facts.model, endpoint.takes: text, **endpoint.extra})
+        tokens = reply.get(endpoint.gives) if isinstance(reply, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise GenerationError(f"tokenize: unexpected reply from {endpoint.path}: {reply!r}")
+        return tokens
+
+    def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
+        if not isinstance(text, str):
+            raise InvalidParamsError(f"tokenize: text must be a string, got {type(text).__name__}")
+        P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
+        return {"tokens": self._tokenize(text) if text else [], "has_media": False, "bitmap_hashes": [],
+                "chunk_pos": [], "chunk_pos_media": []}
+
+    def detokenize(self, tokens: list[int]) -> str:
+        tokens = check_token_ids(tokens, self.facts.n_vocab, "detokenize")
+        endpoint = self.facts.dialect.detokenize
+        if endpoint is None:
+            raise UnsupportedFeatureError(f"detokenize: this {self.facts.dialect.name} server has no detokenize endpoint")
+        if not tokens:
+            return ""
+        reply = self._session.post(endpoint.path, {"model": self.facts.model, endpoint.takes: tokens})
+        text = reply.get(endpoint.gives) if isinstance(reply, dict) else None
+        if not isinstance(text, str):
+            raise GenerationError(f"detokenize: unexpected reply from {endpoint.path}: {reply!r}")
+        return text
+
+    def _embed(self, text: str) -> list[float]:
+        reply = self._session.post("/v1/embeddings", {"model": self.facts.model, "input": text})
+        try:
+            vector = reply["data"][0]["embedding"]
+            if vector and isinstance(vector[0], list):  # per-token rows (a model without pooling): mean-pooled,
+                return np.asarray(vector, dtype=np.float64).mean(axis=0).tolist()  # as the local backends pool
+            return [float(v) for v in vector]
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise GenerationError(f"embedding: unexpected reply from /v1/embeddings: {str(reply)[:200]}") from err
+
+    def embedding(self, text: str, normalize: int) -> EmbeddingResult:
+        if not isinstance(text, str):
+            raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
+        if self._features["embedding"] == "missing":
+            reason = getattr(self, "_embedding_error", "")
+            raise UnsupportedFeatureError(f"embedding is not available from this server{': ' + reason if reason else ''}")
+        return {"embedding": normalize_embedding(self._embed(text), normalize)}
+
+    # -- what an OpenAI server does not offer --------------------------------
+    def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+                       strict: bool) -> dict[str, Any]:
+        raise UnsupportedFeatureError("get_formatted_chat: an OpenAI-compatible server applies its chat template "
+                                      "itself and does not expose the rendered prompt")
+
+    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+        raise UnsupportedFeatureError("bench: not available over the OpenAI API; time completions instead")
+
+    def load_session(self, path: str) -> SessionLoadResult:
+        raise UnsupportedFeatureError("load_session: an OpenAI-compatible server keeps its KV cache to itself")
+
+    def save_session(self, path: str, token_size: int) -> int:
+        raise UnsupportedFeatureError("save_session: an OpenAI-compatible server keeps its KV cache to itself")
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class _Run:
+    """One streamed completion: SSE chunks in, TokenData out, llama.rn's result at the end."""
+
+    def __init__(self, core: OpenAICore, plan: CompletionPlan, stop: threading.Event) -> None:
+        self.core, self.plan, self.stop = core, plan, stop
+        self.content = self.reasoning = ""
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.probs: list[CompletionProbability] = []
+        self.pending: list[CompletionProbability] = []  # probabilities not yet handed out with a TokenData
+        self.n_chunks = 0
+        self.finish: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
+
+    def events(self) -> Generator[TokenData, None, CompletionResult]:
+        plan = self.plan
+        scanner = StopScanner(plan.stop) if plan.stop else None
+        keep = plan.n_predict != 0
+        started = time.perf_counter()
+        first: float | None = None
+        interrupted = done = False
+        word = ""
+        chunks = _stream(self.core._session, plan, self.stop)
+        try:
+            for chunk in chunks:
+                if chunk is None:  # stopped
+                    interrupted = True
+                    break
+                if first is None:
+                    first = time.perf_counter()
+                piece, event = self._read(chunk)
+                if not keep or not (piece or event):
+                    continue
+                if scanner is not None and piece:
+                    piece = scanner.feed(piece)
+                    if scanner.word is not None:
+                        word = scanner.word
+                if piece or event:
+                    yield self._token_data(piece, event)
+                if word:
+                    break
+            else:
+                done = True
+            if scanner is not None and not word:
+                held = scanner.flush()
+                if held:
+                    yield self._token_data(held, {})
+        finally:
+            chunks.close()
+        if done and self.finish is None and self.n_chunks == 0:
+            self._diagnose_empty_stream()
+        return self._result(started, first, interrupted, word)
+
+    # -- chunks --------------------------------------------------------------
+    def _read(self, chunk: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The text of one chunk, plus chat deltas that carry no text (tool calls, reasoning)."""
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+        choices = chunk.get("choices") or []
+        if not choices:
+            return "", {}
+        choice = choices[0]
+        self.finish = choice.get("finish_reason") or self.finish
+        logprobs = choice.get("logprobs")
+        if self.plan.n_probs and logprobs:
+            entries = _probabilities(logprobs, self.plan.n_probs)
+            self.probs.extend(entries)
+            self.pending.extend(entries)
+        if not self.plan.chat:
+            text = choice.get("text") or ""
+            self.n_chunks += bool(text)
+            return text, {}
+        delta = choice.get("delta") or {}
+        extra: dict[str, Any] = {}
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+        if reasoning:
+            self.reasoning += reasoning
+            extra["reasoning"] = reasoning
+        for call in delta.get("tool_calls") or []:
+            self._add_tool_call(call)
+            extra["tool_call"] = True
+        text = delta.get("content") or ""
+        self.n_chunks += bool(text or extra)
+        return text, extra
+
+    def _add_tool_call(self, call: dict[str, Any]) -> None:
+        slot = self.tool_calls.setdefault(call.get("index", len(self.tool_calls)),
+                                          {"type": "function", "function": {"name": "", "arguments": ""}})
+        if call.get("id"):
+            slot["id"] = call["id"]
+        function = call.get("function") or {}
+        slot["function"]["name"] += function.get("name") or ""
+        slot["function"]["arguments"] += function.get("arguments") or ""
+
+    def _token_data(self, piece: str, extra: dict[str, Any]) -> TokenData:
+        event: TokenData = {"token": piece or extra.get("reasoning", "")}
+        if self.plan.n_probs:
+            event["completion_probabilities"], self.pending = self.pending, []
+        self.content += piece
+        if self.plan.chat:
+            event.update(self._parsed())  # type: ignore[typeddict-item]
+        return event
+
+    def _parsed(self) -> dict[str, Any]:
+        """llama.rn's parsed fields, cumulative: content, reasoning_content, tool_calls (each when non-empty)."""
+        out: dict[str, Any] = {}
+        if self.content:
+            out["content"] = self.content
+        if self.reasoning:
+            out["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            out["tool_calls"] = [dict(call, function=dict(call["function"])) for _, call in sorted(self.tool_calls.items())]
+        return out
+
+    def _diagnose_empty_stream(self) -> None:
+        """Some servers (llama-cpp-python) report request errors by ending the stream: ask once more, unstreamed."""
+        body = {**self.plan.body, "stream": False, "max_tokens": 1}
+        body.pop("stream_options", None)
+        try:
+            self.core._session.post(self.plan.path, body)
+        except LlamaError:
+            raise
+        raise GenerationError(f"POST {self.plan.path}: the server ended the stream before any token, "
+                              "and the same request unstreamed succeeded; see the server's log")
+
+    # -- the result ----------------------------------------------------------
+    def _result(self, started: float, first: float | None, interrupted: bool, word: str) -> CompletionResult:
+        plan, usage, timings = self.plan, self.usage, self.timings
+        finished = time.perf_counter()
+        first = first if first is not None else finished
+        limit_hit = self.finish == "length"
+        if not plan.n_predict:
+            n_predicted = 0
+        elif isinstance(usage.get("completion_tokens"), int):
+            n_predicted = usage["completion_tokens"]
+        elif limit_hit and plan.n_predict > 0:
+            n_predicted = plan.n_predict
+        else:  # one token per chunk (or probability entry), plus the end-of-generation token, as llama.rn counts
+            n_predicted = max(self.n_chunks, len(self.probs)) + (self.finish == "stop" and not word and not interrupted)
+        n_evaluated = usage.get("prompt_tokens")
+        if not isinstance(n_evaluated, int):
+            n_evaluated = self._count_prompt()
+        cache_n = timings.get("cache_n")
+        if not isinstance(cache_n, int):
+            details = usage.get("prompt_tokens_details") or {}
+            cache_n = details.get("cached_tokens") if isinstance(details.get("cached_tokens"), int) else 0
+        parse = (lambda _text, _partial: self._parsed()) if plan.chat else None
+        return completion_result(
+            self.content, parse, chat_format=0, probabilities=self.probs if plan.n_predict else [],
+            n_predicted=n_predicted, n_evaluated=n_evaluated, n_cached=n_evaluated + n_predicted, cache_n=cache_n,
+            prompt_n=max(n_evaluated - cache_n, 0),
+            prompt_ms=float(timings.get("prompt_ms", (first - started) * 1000.0)),
+            predicted_ms=float(timings.get("predicted_ms", (finished - first) * 1000.0)),
+            interrupted=interrupted, stopped_eos=not (interrupted or word or limit_hit) and self.finish is not None,
+            stopped_word=bool(word), stopping_word=word,
+            stopped_limit=limit_hit and not interrupted and not word and plan.n_predict >= 0,
+            context_full=limit_hit and not interrupted and not word and plan.n_predict < 0,
+        )
+
+    def _count_prompt(self) -> int:
+        """The prompt's token count when the server sent no usage: its tokenize endpoint, for plain prompts."""
+        if self.plan.chat or self.core.facts.dialect.tokenize is None:
+            return 0
+        try:
+            return len(self.core._tokenize(self.plan.body["prompt"]))
+        except LlamaError as err:
+            logger.info("openai: could not count the prompt's tokens: %s", err)
+            return 0
+
+
+def _probabilities(logprobs: dict[str, Any], n_probs: int) -> list[CompletionProbability]:
+    """OpenAI logprobs -> llama.rn's completion_probabilities (top n, most likely first, as probabilities).
+
+    Told apart by shape, not endpoint: llama-server answers /v1/completions in the chat shape.
+    """
+    if isinstance(logprobs.get("content"), list):  # chat: [{token, logprob, top_logprobs: [{token, logprob}]}]
+        return [_entry(item.get("token", ""), [(t["token"], t["logprob"]) for t in item.get("top_logprobs") or []],
+                       n_probs) for item in logprobs["content"]]
+    tokens = logprobs.get("tokens") or []  # completions: tokens + top_logprobs [{token: logprob}]
+    return [_entry(token, list((tops or {}).items()), n_probs)
+            for token, tops in zip(tokens, logprobs.get("top_logprobs") or [])]
+
+
+def _entry(content: str, tops: list[tuple[str, float]], n_probs: int) -> CompletionProbability:
+    best = sorted(tops, key=lambda pair: pair[1], reverse=True)[:n_probs]
+    return {"content": content, "probs": [{"tok_str": tok, "prob": math.exp(lp) if lp is not None else 0.0}
+                                          for tok, lp in best]}
+
+
+def _stream(session: HttpSession, plan: CompletionPlan, stop: threading.Event) -> Generator[dict[str, Any] | None, None, None]:
+    """The request's SSE chunks as dicts, read on a helper thread so that ``stop`` acts within ``_STOP_POLL_S``.
+
+    Yields None once when stopped. Closing the generator asks the reader to drop the
+    connection at its next chunk (the server notices and stops generating).
+    """
+    replies: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    cancel = threading.Event()
+
+    def read() -> None:
+        try:
+            with session.events(plan.path, plan.body) as events:
+                for event in events:
+                    if cancel.is_set():
+                        return
+                    replies.put(("data", event.data))
+            replies.put(("end", None))
+        except BaseException as err:  # handed to the caller's thread
+            replies.put(("error", err))
+
+    reader = threading.Thread(target=read, name="llamacompat-openai-stream", daemon=True)
+    reader.start()
+    try:
+        while True:
+            if stop.is_set():
+                yield None
+                return
+            try:
+                kind, value = replies.get(timeout=_STOP_POLL_S)
+            except queue.Empty:
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            if value.strip() == "[DONE]":
+                return
+            chunk = _decode(value, plan.path)
+            yield chunk
+    finally:
+        cancel.set()
+
+
+def _decode(data: str, path: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError as err:
+        raise GenerationError(f"POST {path}: the server streamed something that is not JSON: {data[:200]!r}") from err
+    if not isinstance(chunk, dict):
+        raise GenerationError(f"POST {path}: the server streamed {data[:200]!r}")
+    error = chunk.get("error")
+    if error is not None:  # llama-server and vLLM report failures inside the stream
+        status = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), int) else 500
+        raise http_error(status, data, f"POST {path} (mid-stream)")
+    return chunk

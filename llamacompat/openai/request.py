@@ -1,0 +1,198 @@
+"""llama.rn completion params -> one OpenAI request body for one server dialect.
+
+Validation is the same as on a local backend (``params.COMPLETION_FIELDS``);
+what the server cannot honour is refused (grammars) or warned about (sampling),
+as ``ctx.capabilities`` says. llama.rn's defaults are sent explicitly, so a
+server's own defaults (llama-cpp-python's repeat_penalty 1.1, say) never apply.
+Stop strings stay on the client: the OpenAI API does not say which one matched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from .. import params as P
+from ..errors import GrammarError, InvalidParamsError, UnsupportedFeatureError
+from ..grammars.builtin import checked_grammar
+from ..grammars.gbnf import Group, Repeat, Token, parse_gbnf
+from ..grammars.schema import convert_json_schema_to_grammar
+from ..local import unsupported
+from .dialects import Dialect, ServerFacts
+
+__all__ = ["CompletionPlan", "plan_completion", "check_token_ids"]
+
+# OpenAI's logit_bias range; -100 bans a token on every server.
+_BIAS_LIMIT = 100.0
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    path: str  # /v1/completions or /v1/chat/completions
+    body: dict[str, Any]
+    chat: bool
+    n_predict: int
+    stop: tuple[str, ...]
+    n_probs: int
+
+
+def check_token_ids(tokens: Any, n_vocab: int | None, where: str, label: str = "tokens") -> list[int]:
+    """Token ids as a list, refused before sending when outside the vocabulary (llama-cpp-python aborts on them)."""
+    if not isinstance(tokens, (list, tuple)):
+        raise InvalidParamsError(f"{where}: {label} must be a list of ints, got {type(tokens).__name__}")
+    top = f"0..{n_vocab - 1}" if n_vocab else ">= 0"
+    for i, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (n_vocab and token >= n_vocab):
+            raise InvalidParamsError(f"{where}: {label}[{i}] = {token!r} is not a token id ({top})")
+    return list(tokens)
+
+
+def plan_completion(params: dict[str, Any] | None, facts: ServerFacts, strict: bool,
+                    tokenize: Callable[[str], list[int]] | None) -> CompletionPlan:
+    ignored = None if strict else P.COMPLETION_IGNORED
+    p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET, ignored=ignored)
+    dialect = facts.dialect
+    chat = p["messages"] is not None
+    body: dict[str, Any] = {"model": facts.model, "stream": True, "stream_options": {"include_usage": True},
+                            **dialect.always}
+    if chat:
+        if p["prompt"] is not None:
+            raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
+        body["messages"] = p["messages"]
+        _chat_fields(p, body, dialect, strict)
+    else:
+        if not p["prompt"]:
+            raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
+        if p["tools"]:
+            raise InvalidParamsError("completion: 'tools' need 'messages' (the chat template describes them)")
+        body["prompt"] = p["prompt"]
+    if p["chat_template"] is not None:
+        raise UnsupportedFeatureError("completion: 'chat_template' cannot be honoured: an OpenAI-compatible server "
+                                      "applies its own template to 'messages'")
+    _sampling(p, body, dialect, strict)
+    _constraint(p, body, dialect, strict, facts.n_vocab, tokenize)
+    if p["logit_bias"]:
+        body["logit_bias"] = _logit_bias(p["logit_bias"], facts.n_vocab, tokenize)
+    n_probs = p["n_probs"]
+    if n_probs:
+        body.update({"logprobs": True, "top_logprobs": n_probs} if chat else {"logprobs": n_probs})
+    n_predict = p["n_predict"]
+    if n_predict == 0:  # evaluate the prompt (the server caches it) and keep nothing: llama.rn's cache warm-up
+        body["max_tokens"] = 1
+    elif n_predict > 0:
+        body["max_tokens"] = n_predict
+    elif dialect.unlimited is not None:
+        body["max_tokens"] = dialect.unlimited[0]
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    return CompletionPlan(path, body, chat, n_predict, tuple(p["stop"]), n_probs)
+
+
+def _sampling(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict: bool) -> None:
+    for name in P.COMPLETION_FIELDS:
+        server_name = dialect.field_for(name)
+        if server_name is None or (name == "seed" and p[name] == -1) or dialect.unsent.get(name, ...) == p[name]:
+            continue
+        value = p[name]
+        if name == "top_k" and value == 0 and dialect.name == "vllm":
+            value = -1  # vLLM's "disabled"
+        body[server_name] = list(value) if isinstance(value, tuple) else value
+    for feature, name in P.features_used(p):
+        if feature in ("grammar", "logit_bias", "n_probs") or dialect.features()[feature] != "missing":
+            continue
+        unsupported(strict, f"completion: '{name}' needs '{feature}', which this {dialect.name} server does not "
+                            "take (ignored)")
+
+
+def _constraint(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict: bool, n_vocab: int | None,
+                tokenize: Callable[[str], list[int]] | None) -> None:
+    """A grammar goes as GBNF where the server takes it; a JSON schema as GBNF there, else as response_format."""
+    schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
+    if p["grammar"] is not None:  # as in llama.rn, a grammar wins over a schema
+        if dialect.grammar_field is None:
+            raise UnsupportedFeatureError(f"completion: 'grammar' needs GBNF grammars, which this {dialect.name} server "
+                                          "does not take (refused rather than generating unconstrained output); "
+                                          "a 'json_schema' works")
+        body[dialect.grammar_field] = checked_grammar(p["grammar"])  # an invalid grammar crashes llama-cpp-python
+        _check_grammar_tokens(body[dialect.grammar_field], dialect, n_vocab, tokenize)
+    elif schema is not None:
+        if dialect.grammar_field is not None:
+            body[dialect.grammar_field] = convert_json_schema_to_grammar(schema, strict=strict)
+        else:
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as err:
+                    raise InvalidParamsError(f"completion: json_schema is not valid JSON: {err}") from None
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "response", "schema": schema, "strict": True}}
+
+
+def _token_refs(nodes: Any) -> Iterator[str]:
+    for node in nodes:
+        if isinstance(node, Token):
+            yield node.text
+        elif isinstance(node, Group):
+            for alternative in node.alternatives:
+                yield from _token_refs(alternative)
+        elif isinstance(node, Repeat):
+            yield from _token_refs((node.node,))
+
+
+def _check_grammar_tokens(source: str, dialect: Dialect, n_vocab: int | None,
+                          tokenize: Callable[[str], list[int]] | None) -> None:
+    """``<token>`` references must name one vocabulary token, and only go to servers that survive them."""
+    grammar = parse_gbnf(source)
+    refs = sorted({ref for rule in grammar.rules.values() for alt in rule.alternatives for ref in _token_refs(alt)})
+    for text in refs:
+        if text.startswith("[") and text.endswith("]") and text[1:-1].isdigit():
+            if n_vocab is not None and int(text[1:-1]) >= n_vocab:
+                raise GrammarError(f"Failed to initialize sampling: grammar token <{text}> is outside the vocabulary "
+                                   f"(0..{n_vocab - 1})")
+        elif tokenize is not None and len(tokenize(f"<{text}>")) != 1:
+            raise GrammarError(f"Failed to initialize sampling: grammar token <{text}> is not one token of this "
+                               "model's vocabulary")
+    if refs and not dialect.grammar_tokens:
+        raise UnsupportedFeatureError(f"completion: grammar token references ({', '.join(refs)}) are refused: the "
+                                      f"{dialect.name} server aborts on them; write the text as a string literal")
+
+
+def _chat_fields(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict: bool) -> None:
+    if p["tools"]:
+        body["tools"] = p["tools"]
+        body["tool_choice"] = p["tool_choice"]
+        body["parallel_tool_calls"] = p["parallel_tool_calls"]
+    kwargs = dict(p["chat_template_kwargs"] or {})
+    if not p["enable_thinking"]:
+        kwargs["enable_thinking"] = False
+    takes_extensions = dialect.name in ("llama-server", "vllm")
+    if kwargs:
+        if takes_extensions:
+            body["chat_template_kwargs"] = kwargs
+        else:
+            unsupported(strict, f"completion: 'chat_template_kwargs' / 'enable_thinking' are not taken by this "
+                                f"{dialect.name} server (ignored)")
+    if dialect.name == "llama-server":
+        body["reasoning_format"] = p["reasoning_format"]
+    elif p["reasoning_format"] != "none":
+        unsupported(strict, f"completion: 'reasoning_format' is the {dialect.name} server's setting (ignored); "
+                            "reasoning_content is reported when the server splits it off")
+    if not p["add_generation_prompt"] or p["now"] is not None:
+        unsupported(strict, "completion: 'add_generation_prompt' and 'now' are the server's template inputs (ignored)")
+
+
+def _logit_bias(value: Any, n_vocab: int | None, tokenize: Callable[[str], list[int]] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for i, (token, bias) in enumerate(P.normalize_logit_bias(value)):
+        if isinstance(token, str):
+            if tokenize is None:
+                raise InvalidParamsError(f"completion: logit_bias[{i}] names a token by text, which needs the "
+                                         "server's tokenize endpoint; pass token ids")
+            ids = tokenize(token)
+        else:
+            ids = [token]
+        check_token_ids(ids, n_vocab, "completion", f"logit_bias[{i}] token")
+        clamped = -_BIAS_LIMIT if math.isinf(bias) and bias < 0 else max(-_BIAS_LIMIT, min(_BIAS_LIMIT, bias))
+        out.update({str(tid): clamped for tid in ids})
+    return out

@@ -1,0 +1,140 @@
+"""A real OpenAI-compatible server for the tests: llama-cpp-python's own (``python -m llama_cpp.server``).
+
+It runs on loopback with the packaged model; nobody here wrote it. ``FaultProxy``
+sits in front of it to answer 503 a given number of times before passing
+connections through byte for byte (the retry test).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx2
+
+from llamacompat.models import resolve_model
+
+API_KEY = "llamacompat-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LlamaCppPythonServer:
+    """``python -m llama_cpp.server`` on a free loopback port, with an API key and embeddings on."""
+
+    def __init__(self, n_ctx: int = 1024, api_key: str = API_KEY) -> None:
+        self.port = free_port()
+        self.api_key = api_key
+        self.model = resolve_model("smollm2")
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--host", "127.0.0.1",
+                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "2", "--embedding", "true",
+                   "--api_key", api_key, "--verbose", "false"]
+        self.log = open(os.devnull, "wb")
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode} while starting")
+            try:
+                reply = httpx2.get(self.base_url + "/models", headers={"Authorization": f"Bearer {self.api_key}"},
+                                   timeout=2.0)
+                if reply.status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("llama_cpp.server did not start within 120 s")
+
+    def params(self, **extra: Any) -> dict[str, Any]:
+        return {"backend": "openai", "base_url": self.base_url, "api_key": self.api_key, **extra}
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+class FaultProxy:
+    """TCP proxy: the first ``busy`` connections get ``503`` (Retry-After: 0); later ones pass through."""
+
+    def __init__(self, target_port: int, busy: int) -> None:
+        self.target_port, self.busy = target_port, busy
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.connections <= self.busy:
+                threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
+            else:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _refuse(client: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:  # read the request head; the body does not matter
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        body = b'{"error": {"message": "server busy, try again", "type": "server_error"}}'
+        client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 0\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        client.close()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._listener.close()
