@@ -95,6 +95,7 @@ class OpenAICore:
         self.facts = facts
         self.params = {**params, "model": facts.model}
         self.model = facts.model_dict()
+        self._embedding_error = "the context was created without 'embedding': True"
         dialect = facts.dialect
         self._features: dict[str, str] = {
             "completion": "native", "streaming": "native", "stop": "emulated", "temperature": "native",
@@ -170,8 +171,7 @@ class OpenAICore:
         if not isinstance(text, str):
             raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
         if self._features["embedding"] == "missing":
-            reason = getattr(self, "_embedding_error", "")
-            raise UnsupportedFeatureError(f"embedding is not available from this server{': ' + reason if reason else ''}")
+            raise UnsupportedFeatureError(f"embedding is not available from this server: {self._embedding_error}")
         return {"embedding": normalize_embedding(self._embed(text), normalize)}
 
     # -- what an OpenAI server does not offer --------------------------------
