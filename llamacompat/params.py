@@ -7,15 +7,17 @@ call to the next; llamacompat does not, see MIGRATION.md).
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .errors import InvalidParamsError, UnsupportedFeatureError, compat_warning
 
-__all__ = ["Field", "validate", "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS"]
+__all__ = ["Field", "validate", "validate_remote", "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS"]
 
 _MISSING = object()
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,22 @@ CONTEXT_FIELDS: dict[str, Field] = {
     "is_model_asset": _bool(False),
     "n_parallel": _int(1, lambda v: v >= 1, ">= 1"),
 }
+
+# Init params a remote core (bridge, openai) uses itself; the others describe a model the server already loaded.
+_REMOTE_CLIENT_FIELDS = frozenset({"backend", "strict", "embedding", "embd_normalize", "model"})
+
+
+def validate_remote(raw: Mapping[str, Any], fields: Mapping[str, Field], backend: str) -> dict[str, Any]:
+    """Init params of a core whose model lives in a server: checked as ``init_llama``'s, plus ``fields``.
+
+    Model-shaping params (``n_ctx``, ...) are the server's: accepted, and logged as ignored.
+    """
+    params = validate(raw, CONTEXT_FIELDS, "init_llama", extra=fields)
+    ignored = sorted(set(raw) - _REMOTE_CLIENT_FIELDS - set(fields))
+    if ignored:
+        logger.info("%s: the server's model settings apply; ignored init params: %s", backend, ", ".join(ignored))
+    return params
+
 
 EMBEDDING_FIELDS: dict[str, Field] = {
     "embd_normalize": _int(2, lambda v: v >= -1, ">= -1 (-1 none, 0 max-abs, 1 taxicab, 2 L2, >2 p-norm)"),

@@ -350,6 +350,13 @@ def test_generic_openai_warns_about_extensions():
     said = " ".join(str(w.message) for w in caught)
     assert "top_k" in said and "min_p" in said
     assert "top_k" not in plan.body and plan.body["seed"] == 3 and plan.body["temperature"] == 0.8
+    # "penalties" is half there: the OpenAI frequency penalty is sent silently, repeat_penalty is not taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = plan_completion({"prompt": "x", "penalty_freq": 0.5}, _facts("openai"), True, None)
+    assert plan.body["frequency_penalty"] == 0.5
+    with pytest.raises(UnsupportedFeatureError, match="penalty_repeat"):
+        plan_completion({"prompt": "x", "penalty_repeat": 1.2}, _facts("openai"), True, None)
 
 
 def _sse(*chunks) -> bytes:

@@ -44,18 +44,13 @@ BRIDGE_FIELDS: dict[str, P.Field] = {
     "token": P.Field((str,), None, nullable=True),
     "timeout": P.Field((int, float), 10.0, lambda v: v > 0, "> 0 seconds (to connect)"),
 }
-# Init params that shape the client side; the rest describe the server's model.
-_CLIENT_FIELDS = {"backend", "strict", "embedding", "embd_normalize", "model", *BRIDGE_FIELDS}
 # How often a waiting completion looks at its stop flag (stop latency while no token arrives).
 _STOP_POLL_S = 0.02
 
 
 def connect(raw: dict[str, Any]) -> "BridgeCore":
     """Validate the init params, connect, authenticate, and read the server's model."""
-    params = P.validate(raw, P.CONTEXT_FIELDS, "init_llama", extra=BRIDGE_FIELDS)
-    ignored = sorted(set(raw) - _CLIENT_FIELDS)
-    if ignored:
-        logger.info("bridge: the server's model settings apply; ignored init params: %s", ", ".join(ignored))
+    params = P.validate_remote(raw, BRIDGE_FIELDS, "bridge")
     sock, address = _open(params)
     core = BridgeCore(sock, address, params)
     try:

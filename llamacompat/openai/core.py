@@ -52,8 +52,6 @@ OPENAI_FIELDS: dict[str, P.Field] = {
     "max_connections": P.Field((int,), 8, lambda v: v >= 1, ">= 1"),
 }
 DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
-# Init params that shape the client side; the rest describe a model the server has already loaded.
-_CLIENT_FIELDS = {"backend", "strict", "embedding", "embd_normalize", "model", *OPENAI_FIELDS}
 # How often a waiting completion looks at its stop flag (stop latency while no token arrives).
 _STOP_POLL_S = 0.02
 
@@ -66,10 +64,7 @@ def _server_root(base_url: str) -> str:
 
 def connect(raw: dict[str, Any]) -> "OpenAICore":
     """Validate the init params, reach the server, and probe what it can do."""
-    params = P.validate(raw, P.CONTEXT_FIELDS, "init_llama", extra=OPENAI_FIELDS)
-    ignored = sorted(set(raw) - _CLIENT_FIELDS)
-    if ignored:
-        logger.info("openai: the server's model settings apply; ignored init params: %s", ", ".join(ignored))
+    params = P.validate_remote(raw, OPENAI_FIELDS, "openai")
     base_url = params["base_url"] or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     session = HttpSession(_server_root(base_url), params["api_key"] or os.environ.get("OPENAI_API_KEY"),
                           timeout=float(params["timeout"]), connect_timeout=float(params["connect_timeout"]),
@@ -313,10 +308,7 @@ class _Run:
         """Some servers (llama-cpp-python) report request errors by ending the stream: ask once more, unstreamed."""
         body = {**self.plan.body, "stream": False, "max_tokens": 1}
         body.pop("stream_options", None)
-        try:
-            self.core._session.post(self.plan.path, body)
-        except LlamaError:
-            raise
+        self.core._session.post(self.plan.path, body)  # raises the server's error, which is the point
         raise GenerationError(f"POST {self.plan.path}: the server ended the stream before any token, "
                               "and the same request unstreamed succeeded; see the server's log")
 

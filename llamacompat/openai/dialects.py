@@ -53,6 +53,9 @@ class Dialect:
     unlimited: tuple[Any] | None = None
     reports_cache: bool = False  # timings.cache_n in the stream (llama-server)
     grammar_tokens: bool = True  # whether its grammars may use <token> references
+    template_kwargs: bool = False  # takes chat_template_kwargs (enable_thinking goes there)
+    reasoning_format: bool = False  # takes llama.rn's reasoning_format
+    top_k_off: int = 0  # its top_k for "disabled" (llama.rn's 0)
     # values the server refuses although they are its own default: left out
     unsent: Mapping[str, Any] = field(default_factory=dict)
 
@@ -98,13 +101,15 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
             grammar_field="grammar",
             tokenize=Endpoint("/tokenize", "content", "tokens", {"add_special": False, "parse_special": True}),
             detokenize=Endpoint("/detokenize", "tokens", "content"),
-            always={"cache_prompt": True}, unlimited=(-1,), reports_cache=True,
+            always={"cache_prompt": True}, unlimited=(-1,), reports_cache=True, template_kwargs=True,
+            reasoning_format=True,
             unsent={"dry_penalty_last_n": -1}),  # "context size", but its range check says >= 0
     # vLLM: its own sampling extensions; grammars only as JSON schemas (response_format).
     Dialect("vllm",
             {"top_k": "top_k", "min_p": "min_p", "penalty_repeat": "repetition_penalty", "ignore_eos": "ignore_eos"},
             tokenize=Endpoint("/tokenize", "prompt", "tokens", {"add_special_tokens": False}),
-            detokenize=Endpoint("/detokenize", "tokens", "prompt")),
+            detokenize=Endpoint("/detokenize", "tokens", "prompt"),
+            template_kwargs=True, top_k_off=-1),
     # Anything else (Ollama, LM Studio, SGLang, the OpenAI API): the OpenAI fields only.
     Dialect("openai", {}),
 )}

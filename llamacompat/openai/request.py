@@ -9,6 +9,7 @@ Stop strings stay on the client: the OpenAI API does not say which one matched.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -95,11 +96,11 @@ def _sampling(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict:
         if server_name is None or (name == "seed" and p[name] == -1) or dialect.unsent.get(name, ...) == p[name]:
             continue
         value = p[name]
-        if name == "top_k" and value == 0 and dialect.name == "vllm":
-            value = -1  # vLLM's "disabled"
+        if name == "top_k" and value == 0:
+            value = dialect.top_k_off
         body[server_name] = list(value) if isinstance(value, tuple) else value
-    for feature, name in P.features_used(p):
-        if feature in ("grammar", "logit_bias", "n_probs") or dialect.features()[feature] != "missing":
+    for feature, name in P.features_used(p):  # per param: "penalties" may be half there (frequency, not repeat)
+        if feature in ("grammar", "logit_bias", "n_probs") or dialect.field_for(name) is not None:
             continue
         unsupported(strict, f"completion: '{name}' needs '{feature}', which this {dialect.name} server does not "
                             "take (ignored)")
@@ -140,11 +141,17 @@ def _token_refs(nodes: Any) -> Iterator[str]:
             yield from _token_refs((node.node,))
 
 
+@functools.lru_cache(maxsize=128)
+def _grammar_token_refs(source: str) -> tuple[str, ...]:
+    """The ``<token>`` references of a grammar, parsed once per grammar text (as ``checked_grammar`` caches)."""
+    grammar = parse_gbnf(source)
+    return tuple(sorted({ref for rule in grammar.rules.values() for alt in rule.alternatives for ref in _token_refs(alt)}))
+
+
 def _check_grammar_tokens(source: str, dialect: Dialect, n_vocab: int | None,
                           tokenize: Callable[[str], list[int]] | None) -> None:
     """``<token>`` references must name one vocabulary token, and only go to servers that survive them."""
-    grammar = parse_gbnf(source)
-    refs = sorted({ref for rule in grammar.rules.values() for alt in rule.alternatives for ref in _token_refs(alt)})
+    refs = _grammar_token_refs(source)
     for text in refs:
         if text.startswith("[") and text.endswith("]") and text[1:-1].isdigit():
             if n_vocab is not None and int(text[1:-1]) >= n_vocab:
@@ -166,14 +173,13 @@ def _chat_fields(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, stri
     kwargs = dict(p["chat_template_kwargs"] or {})
     if not p["enable_thinking"]:
         kwargs["enable_thinking"] = False
-    takes_extensions = dialect.name in ("llama-server", "vllm")
     if kwargs:
-        if takes_extensions:
+        if dialect.template_kwargs:
             body["chat_template_kwargs"] = kwargs
         else:
             unsupported(strict, f"completion: 'chat_template_kwargs' / 'enable_thinking' are not taken by this "
                                 f"{dialect.name} server (ignored)")
-    if dialect.name == "llama-server":
+    if dialect.reasoning_format:
         body["reasoning_format"] = p["reasoning_format"]
     elif p["reasoning_format"] != "none":
         unsupported(strict, f"completion: 'reasoning_format' is the {dialect.name} server's setting (ignored); "
