@@ -8,7 +8,7 @@ import llguidance
 import mlx.core as mx
 
 from llamacompat.adapters.mlx.grammar import token_table
-from llamacompat.adapters.mlx.vocab import Vocab, vocab_from_gguf
+from llamacompat.vocab import Vocab, vocab_from_gguf
 from llamacompat.grammars.lark import gbnf_to_lark
 from llamacompat.models import default_model_path
 

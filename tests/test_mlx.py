@@ -114,7 +114,7 @@ def _export_folder(model_path, folder) -> None:
     from mlx.utils import tree_flatten
 
     from llamacompat.adapters.mlx.gguf import load_gguf, model_from_gguf
-    from llamacompat.adapters.mlx.vocab import vocab_from_gguf
+    from llamacompat.vocab import vocab_from_gguf
 
     tensors, meta = load_gguf(model_path)
     model, vocab = model_from_gguf(tensors, meta, model_path), vocab_from_gguf(meta, model_path)

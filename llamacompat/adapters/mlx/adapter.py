@@ -31,7 +31,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from .gguf import load_gguf, meta_value, model_from_gguf
 from .grammar import GrammarMask, token_table
 from .sampling import Sampling
-from .vocab import Vocab, vocab_from_gguf, vocab_from_tokenizer
+from ...vocab import Vocab, read_tokenizer_files, vocab_from_gguf
 
 __all__ = ["MlxAdapter"]
 
@@ -287,43 +287,17 @@ def _load_folder(path: str) -> tuple[Any, Vocab, str | None, dict[str, Any]]:
     """An mlx-lm model folder: config.json, safetensors weights, tokenizer files."""
     try:
         from mlx_lm.utils import load_model
-        from tokenizers import Tokenizer
     except ImportError as err:  # pragma: no cover
         raise BackendUnavailableError(f"the mlx backend cannot load folders: {err}") from err
     try:
         model, config = load_model(Path(path))
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise ModelLoadError(f"Failed to load model: {path}: mlx-lm cannot load this folder ({err})") from err
-    tokenizer_file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tokenizer_file):
-        raise ModelLoadError(f"Failed to load model: {path}: the folder has no tokenizer.json")
-    tokenizer = Tokenizer.from_file(tokenizer_file)
-    settings = _read_json(os.path.join(path, "tokenizer_config.json"))
-    generation = _read_json(os.path.join(path, "generation_config.json"))
-
-    def token_id(value: Any) -> int | None:
-        text = value.get("content") if isinstance(value, dict) else value
-        return tokenizer.token_to_id(text) if isinstance(text, str) else None
-
-    configured = config.get("eos_token_id", generation.get("eos_token_id"))
-    eos_ids = [token_id(settings.get("eos_token")), *([configured] if isinstance(configured, int) else configured or [])]
-    eos_ids = [i for i in eos_ids if i is not None]  # the tokenizer's own EOS first: it is the one rendered as eos_text
-    bos = token_id(settings.get("bos_token"))
-    vocab = vocab_from_tokenizer(tokenizer, eos_ids, bos, bool(settings.get("add_bos_token", False)))
-    template = settings.get("chat_template")
-    template_file = os.path.join(path, "chat_template.jinja")
-    if template is None and os.path.isfile(template_file):
-        with open(template_file, encoding="utf-8") as handle:
-            template = handle.read()
+    files = read_tokenizer_files(path)
+    vocab, template = files.vocab, files.chat_template
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
     metadata = {f"config.{k}": json.dumps(v) if not isinstance(v, str) else v for k, v in sorted(config.items())}
     info = {"desc": f"{config.get('model_type', '?')} (mlx folder)", "size": size, "metadata": metadata,
             "n_ctx_train": int(config.get("max_position_embeddings") or 0)}
     return model, vocab, template, info
 
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from mlx_lm.models import llama
 
 from ...errors import ModelLoadError
+from ...vocab import meta_value
 
 __all__ = ["load_gguf", "meta_value", "model_from_gguf"]
 
@@ -36,12 +37,6 @@ def load_gguf(path: str) -> tuple[dict[str, mx.array], dict[str, Any]]:
         return mx.load(path, format="gguf", return_metadata=True)
     except (RuntimeError, ValueError) as err:  # MLX names the tensor type it cannot read
         raise ModelLoadError(f"Failed to load model: {path}: MLX cannot read this GGUF file ({err})") from err
-
-
-def meta_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:
-    """A metadata scalar as a Python value (``mx.load`` returns numbers and booleans as 0-d arrays)."""
-    value = meta.get(key, default)
-    return value.item() if isinstance(value, mx.array) else value
 
 
 def _scalar(meta: dict[str, Any], key: str, default: Any = None) -> Any:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, GrammarError
 from ...grammars.lark import gbnf_to_lark
-from .vocab import Vocab
+from ...vocab import Vocab
 
 try:
     import llguidance

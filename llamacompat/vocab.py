@@ -1,30 +1,31 @@
-"""The vocabulary for the mlx backend: a ``tokenizers.Tokenizer`` plus llama.cpp's token facts.
+"""A vocabulary outside llama.cpp: a ``tokenizers.Tokenizer`` plus llama.cpp's token facts.
 
-A GGUF file carries its tokenizer as metadata (``tokenizer.ggml.*``); we rebuild
-it with the ``tokenizers`` library so that ``tokenize`` gives llama.cpp's ids
-(``transformers``' own GGUF loader needs torch). An mlx-lm folder brings a
-``tokenizer.json`` that ``tokenizers`` reads as it is. Either way the bytes of
-each token (``pieces``), the end-of-generation set and BOS handling follow
-llama.cpp's rules, so both backends stream the same text.
+For backends whose runtime has no tokenizer of its own that we can call (mlx,
+rkllm). A GGUF file carries its tokenizer as metadata (``tokenizer.ggml.*``); we
+rebuild it with the ``tokenizers`` library so that ``tokenize`` gives llama.cpp's
+ids (``transformers``' own GGUF loader needs torch). A model folder brings a
+Hugging Face ``tokenizer.json`` that ``tokenizers`` reads as it is. Either way the
+bytes of each token (``pieces``), the end-of-generation set and BOS handling
+follow llama.cpp's rules, so every backend streams the same text.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ...errors import ModelLoadError
-from .gguf import meta_value
+
+from .errors import BackendUnavailableError, ModelLoadError
 
 try:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-except ImportError as err:  # pragma: no cover - the mlx extra installs it
-    from ...errors import BackendUnavailableError
+except ImportError as err:  # pragma: no cover - the mlx and rkllm extras install it
+    raise BackendUnavailableError("this backend needs tokenizers: pip install 'llamacompat[mlx]' or "
+                                  "'llamacompat[rkllm]'") from err
 
-    raise BackendUnavailableError("the mlx backend needs tokenizers: pip install 'llamacompat[mlx]'") from err
-
-__all__ = ["Vocab", "vocab_from_gguf", "vocab_from_tokenizer"]
+__all__ = ["Vocab", "TokenizerFiles", "vocab_from_gguf", "vocab_from_tokenizer", "read_tokenizer_files"]
 
 # llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp), by ``tokenizer.ggml.pre``.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -50,6 +51,12 @@ _EOG_TEXTS = frozenset({
 })
 # GGUF token types (llama_token_type) that matter here
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+
+def meta_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A GGUF metadata scalar as a Python value (``mx.load`` gives numbers and booleans as 0-d arrays)."""
+    value = meta.get(key, default)
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -157,3 +164,53 @@ def vocab_from_tokenizer(tokenizer: Tokenizer, eos_ids: Iterable[int], bos: int 
     pieces = [text.encode("utf-8") if i in added else _piece(text, byte_level) for i, text in enumerate(texts)]
     eos = next(iter(eos_ids), None)
     return Vocab(tokenizer, pieces, _eog(texts, eos_ids), bos, eos, add_bos)
+
+
+@dataclass
+class TokenizerFiles:
+    """What a Hugging Face model folder says about its tokens: the vocabulary and the chat template."""
+
+    vocab: Vocab
+    chat_template: str | None
+    config: dict[str, Any]  # config.json ({} when absent)
+
+
+def read_tokenizer_files(folder: str) -> TokenizerFiles:
+    """``tokenizer.json``, ``tokenizer_config.json``, ``generation_config.json``, ``config.json`` and
+    ``chat_template.jinja`` of ``folder``; ``ModelLoadError`` when there is no ``tokenizer.json``."""
+    tokenizer_file = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(tokenizer_file):
+        raise ModelLoadError(f"Failed to load model: {folder} has no tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(tokenizer_file)
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        raise ModelLoadError(f"Failed to load model: {tokenizer_file} is not a tokenizers file ({err})") from err
+    settings = _read_json(os.path.join(folder, "tokenizer_config.json"))
+    generation = _read_json(os.path.join(folder, "generation_config.json"))
+    config = _read_json(os.path.join(folder, "config.json"))
+
+    def token_id(value: Any) -> int | None:
+        text = value.get("content") if isinstance(value, dict) else value
+        return tokenizer.token_to_id(text) if isinstance(text, str) else None
+
+    configured = config.get("eos_token_id", generation.get("eos_token_id"))
+    eos_ids = [token_id(settings.get("eos_token")), *([configured] if isinstance(configured, int) else configured or [])]
+    eos_ids = [i for i in eos_ids if i is not None]  # the tokenizer's own EOS first: it is the one rendered as eos_text
+    bos = token_id(settings.get("bos_token"))
+    vocab = vocab_from_tokenizer(tokenizer, eos_ids, bos, bool(settings.get("add_bos_token", False)))
+    template = settings.get("chat_template")
+    template_file = os.path.join(folder, "chat_template.jinja")
+    if template is None and os.path.isfile(template_file):
+        with open(template_file, encoding="utf-8") as handle:
+            template = handle.read()
+    return TokenizerFiles(vocab, template, config)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Failed to load model: cannot read {path}: {err}") from err
