@@ -130,7 +130,11 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
             if n_prompt + n_generated > n_ctx:  # evaluating the last token would overflow
                 context_full = True
                 break
-            token = next_token()
+            try:
+                token = next_token()
+            except Interrupted:
+                interrupted = True
+                break
             n_generated += 1
             if is_eog(token):
                 stopped_eos = True
@@ -171,10 +175,14 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
         adapter.end()
 
     finished = time.perf_counter()
+    prompt_ms, predicted_ms = (prompt_done - started) * 1000.0, (finished - prompt_done) * 1000.0
+    measured = adapter.runtime_timings()
+    if measured is not None:
+        prompt_ms, predicted_ms = measured
     return completion_result(
         "".join(parts), request.parse, chat_format=request.chat_format, probabilities=all_probs,
         n_predicted=n_generated, n_evaluated=n_prompt, n_cached=adapter.n_past, cache_n=cache_n, prompt_n=prompt_n,
-        prompt_ms=(prompt_done - started) * 1000.0, predicted_ms=(finished - prompt_done) * 1000.0,
+        prompt_ms=prompt_ms, predicted_ms=predicted_ms,
         interrupted=interrupted, stopped_eos=stopped_eos, stopped_word=stopped_word, stopping_word=stopping_word,
         stopped_limit=not (interrupted or stopped_eos or stopped_word or context_full) and n_generated >= limit,
         context_full=context_full,

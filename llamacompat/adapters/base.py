@@ -27,7 +27,8 @@ Support = Literal["native", "emulated", "missing"]
 
 
 class Interrupted(Exception):
-    """Raised by an adapter when ``stop`` was set while it evaluated the prompt.
+    """Raised by an adapter when ``stop`` was set while it evaluated the prompt (``begin``), or while it
+    waited for a runtime that produces tokens on its own (``next_token``).
 
     ``cache_n`` is how many prompt tokens came from the cache, as ``begin`` returns.
     """
@@ -75,6 +76,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # token ids, already resolved
     grammar: str | None = None
+    # The loop enforces n_predict on every backend; a runtime that takes a per-run limit (RKLLM 1.3) gets it too.
+    n_predict: int = -1
 
     @classmethod
     def from_params(cls, params: dict[str, Any], logit_bias: tuple[tuple[int, float], ...]) -> "SamplingParams":
@@ -115,11 +118,20 @@ class Adapter(ABC):
     eos_text: str
     chat_template: str | None
     capabilities: Capabilities
+    #: sampling params (llama.rn names) the runtime fixes when the model is loaded: a request asking for the
+    #: same value gets it silently, another value is warned about as missing
+    fixed_sampling: dict[str, Any] = {}
 
     @classmethod
     @abstractmethod
     def load(cls, params: dict[str, Any], on_progress: Callable[[float], bool] | None) -> "Adapter":
         """Load ``params["model"]`` (a resolved path). ``on_progress(fraction)`` returning False cancels."""
+
+    @classmethod
+    def runtime_found(cls) -> bool:
+        """Whether the runtime is on this machine. An adapter over a native library imports without it;
+        ``installed_builtin_backends`` (the conformance suite's default) lists only backends that have it."""
+        return True
 
     @classmethod
     def can_load(cls, model_path: str) -> bool:
@@ -159,7 +171,11 @@ class Adapter(ABC):
 
     @abstractmethod
     def next_token(self) -> int:
-        """Sample the next token (evaluating the previous one first if needed)."""
+        """Sample the next token (evaluating the previous one first if needed).
+
+        An adapter over a runtime that generates by itself may raise ``Interrupted`` when ``stop``
+        (from ``begin``) is set while it waits for the token.
+        """
 
     @abstractmethod
     def top_probs(self, n: int) -> list[tuple[int, float]]:
@@ -168,6 +184,11 @@ class Adapter(ABC):
     @abstractmethod
     def end(self) -> None:
         """Free per-completion state (sampler). Called after every ``begin``."""
+
+    def runtime_timings(self) -> tuple[float, float] | None:
+        """(prompt ms, generation ms) as the runtime measured the completion that just ended, or None to use
+        the loop's clock. Asked after ``end``."""
+        return None
 
     @property
     @abstractmethod
