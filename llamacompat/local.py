@@ -110,9 +110,10 @@ class LocalCore:
         elif schema is not None:
             p["grammar"] = convert_json_schema_to_grammar(schema, strict=strict)
         text, stops, chat_format, parse = self._prompt(p)
-        self._check_features(p, strict)
+        logit_bias = self._resolve_logit_bias(p["logit_bias"])  # a bad token id is bad input on every backend
+        self._check_features(p, strict)  # resets what the backend lacks (logit_bias included)
         tokens = self.adapter.tokenize(text, True)
-        sampling = SamplingParams.from_params(p, self._resolve_logit_bias(p["logit_bias"]))
+        sampling = SamplingParams.from_params(p, logit_bias if p["logit_bias"] else ())
         return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
 
     def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:
@@ -138,14 +139,22 @@ class LocalCore:
         return chat.prompt, p["stop"] + chat.additional_stops, chat.tool_format.chat_format, chat.parser()
 
     def _check_features(self, p: dict[str, Any], strict: bool) -> None:
-        caps = self.adapter.capabilities
+        """Refuse or warn about what the backend lacks, and reset those params so it never sees them."""
+        caps, fixed = self.adapter.capabilities, self.adapter.fixed_sampling
         for feature, name in P.features_used(p):
-            if caps.supports(feature):
+            names = P.FEATURE_PARAMS[feature]
+            if caps.supports(feature) or (fixed and all(n in fixed and p[n] == fixed[n] for n in names)):
                 continue
-            message = f"completion: '{name}' needs '{feature}', which the {self.backend} backend does not support"
+            if fixed and all(n in fixed for n in names):
+                message = (f"completion: '{name}' is fixed when a {self.backend} context of this runtime is created "
+                           f"(it is {fixed[name]!r} here)")
+            else:
+                message = f"completion: '{name}' needs '{feature}', which the {self.backend} backend does not support"
             if feature in P.REFUSED_WHEN_MISSING:
                 raise UnsupportedFeatureError(message + " (refused rather than generating unconstrained output)")
             unsupported(strict, message + " (ignored)")
+            for n in names:
+                p[n] = P.COMPLETION_FIELDS[n].default
 
     def _resolve_logit_bias(self, value: Any) -> tuple[tuple[int, float], ...]:
         out: list[tuple[int, float]] = []

@@ -118,6 +118,7 @@ CHAT_FIELDS = ("chat_template", "add_generation_prompt", "tools", "tool_choice",
 # output) and ignores a sampling setting with a LlamaCompatWarning (an error with strict).
 FEATURE_PARAMS: dict[str, tuple[str, ...]] = {
     "grammar": ("grammar", "json_schema", "response_format"),
+    "temperature": ("temperature",),
     "top_k": ("top_k",),
     "top_p": ("top_p",),
     "min_p": ("min_p",),

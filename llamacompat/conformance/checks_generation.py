@@ -61,16 +61,23 @@ def assert_result_shape(result: dict[str, Any]) -> None:
 
 @check("every result and TokenData field is present with llama.rn's type")
 def check_result_shape(kit: Kit) -> None:
+    """With ``n_probs`` where the backend has it (the capability check covers its refusal elsewhere)."""
     events: list[dict[str, Any]] = []
-    result = kit.context().completion({"prompt": PROMPT, "n_predict": 8, "n_probs": 3, **GREEDY}, events.append)
+    probs = kit.supports("n_probs")
+    request = {"prompt": PROMPT, "n_predict": 8, **({"n_probs": 3} if probs else {}), **GREEDY}
+    result = kit.context().completion(request, events.append)
     assert_result_shape(result)
-    _assert_probabilities(result["completion_probabilities"], 3, "result")
-    if not result["stopped_eos"]:
-        assert len(result["completion_probabilities"]) == result["tokens_predicted"], "one probability entry per token"
+    if probs:
+        _assert_probabilities(result["completion_probabilities"], 3, "result")
+        if not result["stopped_eos"]:
+            assert len(result["completion_probabilities"]) == result["tokens_predicted"], "one probability entry per token"
     assert events, "the callback got no TokenData"
     for event in events:
         assert isinstance(event.get("token"), str) and event["token"], f"TokenData without a token: {event!r}"
-        _assert_probabilities(event.get("completion_probabilities"), 3, "TokenData")
+        if probs:
+            _assert_probabilities(event.get("completion_probabilities"), 3, "TokenData")
+        else:
+            assert "completion_probabilities" not in event, "TokenData carries probabilities nobody asked for"
     plain = kit.context().completion({"prompt": PROMPT, "n_predict": 2, **GREEDY})
     assert plain["completion_probabilities"] == [], "completion_probabilities must be [] when n_probs is 0"
 
@@ -156,12 +163,14 @@ def check_stop_strings(kit: Kit) -> None:
     assert result["tokens_predicted"] < full["tokens_predicted"], "generation did not end at the stop string"
 
 
-@check("greedy decoding is deterministic; a fixed seed reproduces a sampled text")
+@check("greedy decoding is deterministic; a fixed seed reproduces a sampled text (where seeds exist)")
 def check_determinism(kit: Kit) -> None:
     ctx = kit.context()
     # no EOS (where the backend can): two empty answers would agree whatever the sampler did
     greedy = [ctx.completion({"prompt": LONG, "n_predict": 24, **no_eos(ctx), **GREEDY})["text"] for _ in range(2)]
     assert greedy[0] == greedy[1], f"greedy differs between calls: {greedy!r}"
+    if not kit.supports("seed"):  # a sampled text cannot be reproduced; the capability check covers the refusal
+        return
     sampled = {"prompt": LONG, "n_predict": 24, **no_eos(ctx), "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                "min_p": 0.0}
     seeded = [ctx.completion({**sampled, "seed": 1234})["text"] for _ in range(2)]

@@ -119,6 +119,7 @@ def check_bad_input(kit: Kit) -> None:
 # One small request per capability: what a completion that relies on the feature sends.
 PROBES: dict[str, dict[str, Any]] = {
     "grammar": {"grammar": 'root ::= "a" | "b"'},
+    "temperature": {"temperature": 0.5},
     "top_k": {"temperature": 0.8, "top_k": 5},
     "top_p": {"temperature": 0.8, "top_p": 0.5},
     "min_p": {"temperature": 0.8, "min_p": 0.1},
