@@ -18,13 +18,14 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "llamacompat.adapters"
 # name -> "module:Class"; imported lazily so a missing optional backend costs nothing.
-BUILTIN = {"llama_cpp": "llamacompat.adapters.llama_cpp:LlamaCppAdapter", "mlx": "llamacompat.adapters.mlx:MlxAdapter"}
+BUILTIN = {"llama_cpp": "llamacompat.adapters.llama_cpp:LlamaCppAdapter", "mlx": "llamacompat.adapters.mlx:MlxAdapter",
+           "rkllm": "llamacompat.adapters.rkllm:RkllmAdapter"}
 # Backends whose model lives in a server: init_llama calls "module:function"(params) for a
 # context core instead of loading an adapter (the bridge: ``llamacompat serve``; openai: any
 # OpenAI-compatible inference server).
 REMOTE = {"bridge": "llamacompat.bridge.client:connect", "openai": "llamacompat.openai.core:connect"}
 # the order "auto" tries backends in
-AUTO_ORDER = ("llama_cpp", "mlx")
+AUTO_ORDER = ("llama_cpp", "mlx", "rkllm")
 # adapters registered at run time (tests, or an adapter under development before it has an entry point)
 _registered: dict[str, Type[Adapter]] = {}
 
@@ -52,14 +53,15 @@ def available_backends() -> list[str]:
 
 
 def installed_builtin_backends() -> list[str]:
-    """The built-in backends whose runtime is installed (their adapter imports)."""
+    """The built-in backends whose runtime is installed (their adapter imports and finds its runtime)."""
     names = []
     for name in BUILTIN:
         try:
-            get_adapter(name)
+            found = get_adapter(name).runtime_found()
         except BackendUnavailableError:
             continue
-        names.append(name)
+        if found:
+            names.append(name)
     return names
 
 
