@@ -64,9 +64,6 @@ def rk(build, abi):
 
 
 # -- the conformance suite, per ABI ------------------------------------------------
-_kits: dict[str, Kit] = {}
-
-
 @pytest.fixture(scope="module")
 def rkllm_kit(build, abi):
     kit = Kit("rkllm", {k: v for k, v in params_for(build, abi).items() if k != "backend"})

@@ -35,9 +35,9 @@ import numpy as np
 
 from ...errors import GenerationError, InvalidParamsError, ModelLoadError, SessionError, UnsupportedFeatureError
 from ...params import COMPLETION_FIELDS, Field, validate
-from ..base import Adapter, Capabilities, Interrupted, SamplingParams
+from ..base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
 from .abi import Abi, abi_for
-from .abi.common import INFER_GENERATE, INFER_GET_LAST_HIDDEN_LAYER, INPUT_TOKEN, RUN_ERROR, RUN_FINISH, RUN_WAITING
+from .abi.common import INFER_GENERATE, INFER_GET_LAST_HIDDEN_LAYER, INPUT_TOKEN, RUN_ERROR, RUN_FINISH
 from .library import Runtime, candidate_paths, open_runtime
 from .platforms import PLATFORMS, cpu_settings, detect_platform
 
@@ -92,7 +92,7 @@ def _callback(abi: Abi) -> Any:
 
 
 def _on_result(abi: Abi) -> Callable[[Any, int, int], int | None]:
-    returns_int = abi.name not in ("1.1", "1.2.0")
+    returns_int = abi.result_callback._restype_ is not None  # void before 1.2.1, int (0 = continue) since
 
     def on_result(result_p: Any, userdata: int, state: int) -> int | None:
         run: _Run = C.cast(userdata, C.POINTER(C.py_object)).contents.value
@@ -103,15 +103,13 @@ def _on_result(abi: Abi) -> Callable[[Any, int, int], int | None]:
             run.events.put(("finish", (perf.prefill_time_ms, perf.generate_time_ms) if measured else None))
         elif state == RUN_ERROR:
             run.events.put(("error", None))
-        elif result is not None and result.last_hidden_layer.hidden_states and (
-                state == abi.hidden_layer_state or result.token_id < 0):
+        elif result is not None and state == abi.hidden_layer_state and result.last_hidden_layer.hidden_states:
             layer = result.last_hidden_layer  # valid only inside this call: copied
             shape = (layer.num_tokens, layer.embd_size)
             run.events.put(("hidden", np.ctypeslib.as_array(layer.hidden_states, shape=shape).copy()))
         elif result is not None and result.token_id >= 0:
-            # WAITING: the token ended inside a UTF-8 character; its text is NULL or the partial bytes
-            text = result.text or b""
-            run.events.put(("token", result.token_id, text if state != RUN_WAITING or text else b""))
+            # NORMAL or WAITING (the token ended inside a UTF-8 character: text is NULL or the partial bytes)
+            run.events.put(("token", result.token_id, result.text or b""))
         return 0 if returns_int else None
 
     return on_result
@@ -217,8 +215,9 @@ class RkllmAdapter(Adapter):
     # -- runtime set-up ---------------------------------------------------------
     def _init_runtime(self, params: dict[str, Any], sampling: dict[str, Any]) -> None:
         rt, abi = self._rt, self._abi
-        param = rt.rkllm_createDefaultParam()
-        self._model_path = os.path.abspath(self._path).encode()
+        # kept for the life of the handle: whether the runtime copies what it is given is undocumented
+        self._param = param = rt.rkllm_createDefaultParam()
+        self._model_path = os.fsencode(os.path.abspath(self._path))
         param.model_path = self._model_path
         param.max_context_len = self.n_ctx
         param.max_new_tokens = self.n_ctx  # the loop enforces n_predict and stops the runtime with rkllm_abort
@@ -256,7 +255,7 @@ class RkllmAdapter(Adapter):
             raise InvalidParamsError(f"init_llama: lora_list entry {lora!r} needs an existing 'path' and a numeric "
                                      "'scaled'")
         self._lora_name = os.path.splitext(os.path.basename(path))[0].encode()
-        self._lora_path = path.encode()
+        self._lora_path = os.fsencode(path)
         adapter = C.pointer(self._abi.structs["RKLLMLoraAdapter"](self._lora_path, self._lora_name, float(scale)))
         if self._rt.rkllm_load_lora(self._handle, adapter) != 0:
             self.close()
@@ -295,7 +294,7 @@ class RkllmAdapter(Adapter):
         the prompt is evaluated then, so the loop's prompt time is the runtime's."""
         self._stop = stop
         self._timings = None
-        cache_n = _common_prefix(self._session, prompt)
+        cache_n = max(0, reusable_prefix(self._session, prompt))
         infer, keep = self._infer(INFER_GENERATE, sampling)
         self._start(prompt, infer, keep)
         self._tokens = list(prompt)
@@ -518,15 +517,6 @@ def _fill_sampling(target: C.Structure, sampling: dict[str, Any], n_vocab: int) 
     target.mirostat = sampling["mirostat"]
     target.mirostat_tau = sampling["mirostat_tau"]
     target.mirostat_eta = sampling["mirostat_eta"]
-
-
-def _common_prefix(cached: list[int], prompt: list[int]) -> int:
-    n = 0
-    for a, b in zip(cached, prompt):
-        if a != b:
-            break
-        n += 1
-    return min(n, len(prompt) - 1) if prompt else 0
 
 
 def _read_session(path: str, abi: str, n_vocab: int, n_ctx: int) -> tuple[list[int], bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as C
 
 from . import common as c
+from .v1_1 import ABI as V1_1
 from .v1_1 import MultiModalInput, input_union
 
 __all__ = ["ABI"]
@@ -48,11 +49,8 @@ ResultCallback = C.CFUNCTYPE(None, C.POINTER(Result), C.c_void_p, C.c_int)
 
 ABI = c.Abi(
     name="1.2.0", covers="1.2.0",
-    structs={"RKLLMExtendParam": ExtendParam, "RKLLMParam": Param, "RKLLMLoraAdapter": c.LoraAdapter,
-             "RKLLMEmbedInput": c.EmbedInput, "RKLLMTokenInput": c.TokenInput, "RKLLMMultiModalInput": MultiModalInput,
-             "RKLLMInput": Input, "RKLLMLoraParam": c.LoraParam, "RKLLMPromptCacheParam": c.PromptCacheParam,
-             "RKLLMInferParam": InferParam, "RKLLMResultLastHiddenLayer": c.LastHiddenLayer,
-             "RKLLMResultLogits": c.Logits, "RKLLMResult": Result},
+    structs={**V1_1.structs, "RKLLMExtendParam": ExtendParam, "RKLLMParam": Param, "RKLLMInput": Input,
+             "RKLLMInferParam": InferParam, "RKLLMResultLogits": c.Logits, "RKLLMResult": Result},
     result_callback=ResultCallback,
     functions={**c.common_functions(Param, Input, InferParam),
                "rkllm_init": (C.c_int, [C.POINTER(c.HANDLE), C.POINTER(Param), ResultCallback]),

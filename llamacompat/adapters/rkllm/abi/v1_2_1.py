@@ -7,7 +7,8 @@ import ctypes as C
 
 from . import common as c
 from .v1_1 import input_union
-from .v1_2_0 import InferParam, param_fields
+from .v1_2_0 import ABI as V1_2_0
+from .v1_2_0 import param_fields
 
 __all__ = ["ABI"]
 
@@ -58,14 +59,11 @@ def functions_since_1_2_1(param: type, input_: type, infer: type) -> dict[str, t
 
 ABI = c.Abi(
     name="1.2.1", covers="1.2.1-1.2.3",
-    structs={"RKLLMExtendParam": ExtendParam, "RKLLMParam": Param, "RKLLMLoraAdapter": c.LoraAdapter,
-             "RKLLMEmbedInput": c.EmbedInput, "RKLLMTokenInput": c.TokenInput, "RKLLMMultiModalInput": MultiModalInput,
-             "RKLLMInput": Input, "RKLLMLoraParam": c.LoraParam, "RKLLMPromptCacheParam": c.PromptCacheParam,
-             "RKLLMInferParam": InferParam, "RKLLMResultLastHiddenLayer": c.LastHiddenLayer,
-             "RKLLMResultLogits": c.Logits, "RKLLMPerfStat": c.PerfStat, "RKLLMResult": Result,
-             "RKLLMCrossAttnParam": c.CrossAttnParam},
+    structs={**V1_2_0.structs, "RKLLMExtendParam": ExtendParam, "RKLLMParam": Param,
+             "RKLLMMultiModalInput": MultiModalInput, "RKLLMInput": Input, "RKLLMPerfStat": c.PerfStat,
+             "RKLLMResult": Result, "RKLLMCrossAttnParam": c.CrossAttnParam},
     result_callback=ResultCallback,
-    functions={**functions_since_1_2_1(Param, Input, InferParam),
+    functions={**functions_since_1_2_1(Param, Input, V1_2_0.InferParam),
                "rkllm_init": (C.c_int, [C.POINTER(c.HANDLE), C.POINTER(Param), ResultCallback])},
     hidden_layer_state=c.RUN_NORMAL, clear_kv_args=3, roles=True, perf=True,
 )

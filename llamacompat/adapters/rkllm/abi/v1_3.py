@@ -6,7 +6,8 @@ from __future__ import annotations
 import ctypes as C
 
 from . import common as c
-from .v1_2_1 import ExtendParam, Result, ResultCallback, functions_since_1_2_1, input_fields
+from .v1_2_1 import ABI as V1_2_1
+from .v1_2_1 import ResultCallback, functions_since_1_2_1, input_fields
 
 __all__ = ["ABI"]
 
@@ -17,7 +18,7 @@ class Param(C.Structure):
                 ("repeat_penalty", C.c_float), ("frequency_penalty", C.c_float), ("presence_penalty", C.c_float),
                 ("mirostat", C.c_int32), ("mirostat_tau", C.c_float), ("mirostat_eta", C.c_float),
                 ("skip_special_token", C.c_bool), ("ignore_eos_token", C.c_bool), ("is_async", C.c_bool),
-                ("extend_param", ExtendParam)]
+                ("extend_param", V1_2_1.ExtendParam)]
 
 
 class ImageInput(C.Structure):
@@ -67,13 +68,8 @@ class Callback(C.Structure):
 
 ABI = c.Abi(
     name="1.3.0", covers="1.3.0",
-    structs={"RKLLMExtendParam": ExtendParam, "RKLLMParam": Param, "RKLLMLoraAdapter": c.LoraAdapter,
-             "RKLLMEmbedInput": c.EmbedInput, "RKLLMTokenInput": c.TokenInput, "RKLLMMultiModalInput": MultiModalInput,
-             "RKLLMInput": Input, "RKLLMLoraParam": c.LoraParam, "RKLLMPromptCacheParam": c.PromptCacheParam,
-             "RKLLMSamplingParam": SamplingParam, "RKLLMInferParam": InferParam,
-             "RKLLMResultLastHiddenLayer": c.LastHiddenLayer, "RKLLMResultLogits": c.Logits,
-             "RKLLMPerfStat": c.PerfStat, "RKLLMResult": Result, "RKLLMCrossAttnParam": c.CrossAttnParam,
-             "RKLLMCallback": Callback},
+    structs={**V1_2_1.structs, "RKLLMParam": Param, "RKLLMMultiModalInput": MultiModalInput, "RKLLMInput": Input,
+             "RKLLMSamplingParam": SamplingParam, "RKLLMInferParam": InferParam, "RKLLMCallback": Callback},
     result_callback=ResultCallback,
     functions={**functions_since_1_2_1(Param, Input, InferParam),
                "rkllm_init": (C.c_int, [C.POINTER(c.HANDLE), C.POINTER(Param), C.POINTER(Callback)])},
