@@ -146,6 +146,7 @@ class LocalCore:
             if caps.supports(feature) or (fixed and all(n in fixed and p[n] == fixed[n] for n in names)):
                 continue
             if fixed and all(n in fixed for n in names):
+                name = next(n for n in names if p[n] != fixed[n])
                 message = (f"completion: '{name}' is fixed when a {self.backend} context of this runtime is created "
                            f"(it is {fixed[name]!r} here)")
             else:
