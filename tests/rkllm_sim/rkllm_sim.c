@@ -270,6 +270,22 @@ static void record_run(Sim *sim, int reused) {
     append(out, size, "}");
 }
 
+/* Appends {"k1": v1, "k2": v2, "k3": v3} of strings, or null when the setting was never made. */
+static void json_triple(char *out, size_t size, int present, const char *k1, const char *v1, const char *k2,
+                        const char *v2, const char *k3, const char *v3) {
+    if (!present) {
+        append(out, size, "null");
+        return;
+    }
+    append(out, size, "{\"%s\": ", k1);
+    json_str(out, size, v1);
+    append(out, size, ", \"%s\": ", k2);
+    json_str(out, size, v2);
+    append(out, size, ", \"%s\": ", k3);
+    json_str(out, size, v3);
+    append(out, size, "}");
+}
+
 /* Everything the simulator received, as JSON: {"init", "last_run", "chat_template", "tools", "lora", ...}. */
 const char *rkllm_sim_record(LLMHandle handle) {
     Sim *sim = handle;
@@ -278,29 +294,11 @@ const char *rkllm_sim_record(LLMHandle handle) {
     out[0] = 0;
     append(out, size, "{\"init\": %s, \"last_run\": %s, \"chat_template\": ", sim->init_record,
            sim->run_record[0] ? sim->run_record : "null");
-    if (sim->template_prefix) {
-        append(out, size, "{\"system\": ");
-        json_str(out, size, sim->template_system);
-        append(out, size, ", \"prefix\": ");
-        json_str(out, size, sim->template_prefix);
-        append(out, size, ", \"postfix\": ");
-        json_str(out, size, sim->template_postfix);
-        append(out, size, "}");
-    } else {
-        append(out, size, "null");
-    }
+    json_triple(out, size, sim->template_prefix != NULL, "system", sim->template_system, "prefix",
+                sim->template_prefix, "postfix", sim->template_postfix);
     append(out, size, ", \"tools\": ");
-    if (sim->tools_json) {
-        append(out, size, "{\"system\": ");
-        json_str(out, size, sim->tools_system);
-        append(out, size, ", \"tools\": ");
-        json_str(out, size, sim->tools_json);
-        append(out, size, ", \"response\": ");
-        json_str(out, size, sim->tools_response);
-        append(out, size, "}");
-    } else {
-        append(out, size, "null");
-    }
+    json_triple(out, size, sim->tools_json != NULL, "system", sim->tools_system, "tools", sim->tools_json,
+                "response", sim->tools_response);
     append(out, size, ", \"lora\": [");
     for (int i = 0; i < sim->n_lora; i++) {
         if (i) append(out, size, ", ");

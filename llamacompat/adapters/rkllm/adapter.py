@@ -66,15 +66,15 @@ def _lora_list(value: list) -> bool:
 
 
 class _Run:
-    """One rkllm_run in flight: what its callback has delivered, in order."""
+    """One rkllm_run in flight on its own thread: what its callback has delivered, in order."""
 
     __slots__ = ("events", "keep", "ref", "thread")
 
-    def __init__(self, keep: list[Any]) -> None:
+    def __init__(self, keep: list[Any], call: Callable[["_Run"], None]) -> None:
         self.events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.keep = keep  # ctypes buffers the runtime reads during the run
         self.ref = C.py_object(self)  # userdata points here; the run owns it, so it lives as long as the run
-        self.thread: threading.Thread | None = None
+        self.thread = threading.Thread(target=call, args=(self,), name="rkllm_run", daemon=True)
 
     @property
     def userdata(self) -> C.c_void_p:
@@ -144,11 +144,7 @@ class RkllmAdapter(Adapter):
             raise ModelLoadError(f"Failed to load model: no such file: {path}")
         if on_progress is not None and on_progress(0.0) is False:
             raise ModelLoadError(f"Failed to load model: {path}: loading was cancelled by on_progress")
-        runtime = open_runtime(params["rkllm_lib"], params["rkllm_version"])
-        adapter = cls(runtime, params)
-        if on_progress is not None:
-            on_progress(1.0)
-        return adapter
+        return cls(open_runtime(params["rkllm_lib"], params["rkllm_version"]), params)
 
     def __init__(self, runtime: Runtime, params: dict[str, Any]) -> None:
         from ...vocab import read_tokenizer_files  # needs the tokenizers package (the rkllm extra)
@@ -298,8 +294,7 @@ class RkllmAdapter(Adapter):
         infer, keep = self._infer(INFER_GENERATE, sampling)
         self._start(prompt, infer, keep)
         self._tokens = list(prompt)
-        first = self._wait(interruptible=True, cache_n=cache_n)
-        self._pending = first
+        self._pending = self._wait(interruptible=True, cache_n=cache_n)
         return cache_n
 
     def next_token(self) -> int:
@@ -368,16 +363,13 @@ class RkllmAdapter(Adapter):
         run_input.token_input.n_tokens = len(tokens)
         if abi.roles:
             run_input.role = b"user"
-        run = _Run([*keep, ids, run_input])
-        handle, userdata = self._handle, run.userdata
+        handle = self._handle
 
-        def call() -> None:
-            rc = rt.rkllm_run(handle, C.byref(run_input), C.byref(infer), userdata)
-            run.events.put(("done", rc))
+        def call(run: _Run) -> None:
+            run.events.put(("done", rt.rkllm_run(handle, C.byref(run_input), C.byref(infer), run.userdata)))
 
-        run.thread = threading.Thread(target=call, name="rkllm_run", daemon=True)
-        self._run = run
-        run.thread.start()
+        self._run = _Run([*keep, ids, run_input], call)
+        self._run.thread.start()
 
     def _wait(self, interruptible: bool, cache_n: int = 0) -> tuple:
         """The run's next event; with ``interruptible``, ``Interrupted`` once the stop flag is set."""
@@ -394,7 +386,7 @@ class RkllmAdapter(Adapter):
     def _finish_run(self) -> None:
         """Abort the run in flight (if any) and wait until ``rkllm_run`` returned: nothing then touches its buffers."""
         run, self._run = self._run, None
-        if run is None or run.thread is None:
+        if run is None:
             return
         if run.thread.is_alive():
             self._rt.rkllm_abort(self._handle)
@@ -404,7 +396,6 @@ class RkllmAdapter(Adapter):
     def embedding(self, tokens: list[int]) -> list[float]:
         if not tokens:
             raise InvalidParamsError("embedding: the text has no tokens")
-        self._stop = threading.Event()
         infer, keep = self._infer(INFER_GET_LAST_HIDDEN_LAYER, None)
         self._start(tokens, infer, keep)
         self._tokens = list(tokens)
@@ -441,7 +432,6 @@ class RkllmAdapter(Adapter):
         cache_file = os.path.join(self._private_dir(), "save.cache")
         if os.path.exists(cache_file):
             os.remove(cache_file)
-        self._stop = threading.Event()
         one = SamplingParams(n_predict=1)
         infer, keep = self._infer(INFER_GENERATE, one, cache_path=cache_file.encode())
         self._start(tokens, infer, keep)

@@ -18,6 +18,7 @@ import platform
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 from ...errors import BackendUnavailableError
 from .abi import ABIS, Abi, abi_for
@@ -26,7 +27,7 @@ __all__ = ["Runtime", "open_runtime", "candidate_paths", "read_release"]
 
 LIBRARY = "librkllmrt.so"
 _BANNER = re.compile(rb"rkllm-runtime version:?\s*v?(\d+\.\d+\.\d+[0-9a-z]*)")
-# What the exported symbols reveal: the first function of each family that has it.
+# What exported symbols reveal: the first function of each family that has it, newest first.
 _SYMBOL_FAMILIES = (("rkllm_set_function_tools", "1.2.1+"), ("rkllm_clear_kv_cache", "1.2.0"))
 _ARCH = {"aarch64": "aarch64", "arm64": "aarch64", "armv7l": "armhf", "armv8l": "armhf", "x86_64": "x86_64"}
 
@@ -39,9 +40,6 @@ class Runtime:
     path: str
     abi: Abi
     release: str | None  # the version string found in the file, when there is one
-
-    def has(self, name: str) -> bool:
-        return hasattr(self.lib, name)
 
     def __getattr__(self, name: str):  # runtime.rkllm_run(...)
         if name.startswith("rkllm_"):
@@ -109,21 +107,18 @@ def _load(explicit: str | None) -> tuple[ctypes.CDLL, str]:
     )
 
 
-def _symbol_family(lib: ctypes.CDLL) -> str:
+def _family(exports: Callable[[str], bool]) -> str:
+    """"1.1", "1.2.0" or "1.2.1+": the ABI family a set of exported functions belongs to."""
     for symbol, family in _SYMBOL_FAMILIES:
-        if hasattr(lib, symbol):
+        if exports(symbol):
             return family
     return "1.1"
-
-
-def _family_of(abi: Abi) -> str:
-    return {"1.1": "1.1", "1.2.0": "1.2.0"}.get(abi.name, "1.2.1+")
 
 
 def choose_abi(path: str, lib: ctypes.CDLL, version: str | None) -> tuple[Abi, str | None]:
     """The ABI to bind ``lib`` with, and the release found in the file; ``BackendUnavailableError`` on doubt."""
     release = read_release(path) if os.path.isfile(path) else None
-    family = _symbol_family(lib)
+    family = _family(lambda name: hasattr(lib, name))
     found = abi_for(release) if release else None
     if release and found is None:
         raise BackendUnavailableError(f"{path} is rkllm runtime {release}, which llamacompat has no binding for "
@@ -141,7 +136,7 @@ def choose_abi(path: str, lib: ctypes.CDLL, version: str | None) -> tuple[Abi, s
     if found is not None and found is not chosen:
         raise BackendUnavailableError(f"rkllm_version {version!r} (ABI {chosen.covers}) does not match {path}, "
                                       f"which is runtime {release} (ABI {found.covers}); drop 'rkllm_version' or fix it")
-    if _family_of(chosen) != family:
+    if _family(chosen.functions.__contains__) != family:
         raise BackendUnavailableError(
             f"{path} exports the functions of an rkllm {family} runtime, not of ABI {chosen.covers}"
             + (f" (rkllm_version {version!r})" if version else "") + "; pass the runtime's real version as 'rkllm_version'"
