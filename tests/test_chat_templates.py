@@ -90,6 +90,7 @@ def _reference(name: str, messages: list[dict], tools: list[dict] | None = None,
     bos, eos, add_bos = MODELS[name]
     source = _source(name)
     formatter = Jinja2ChatFormatter(source, eos_token=eos, bos_token=bos, add_generation_prompt=generation)
+    formatter.strftime_now = NOW.strftime  # its clock is today's; ours is pinned to NOW, as the comparison needs
     # llama.cpp leaves 'tools' undefined without tools; the formatter would pass None.
     extra = {"tools": tools or jinja2.Undefined(name="tools")}
     prompt = formatter(messages=_as_llama_cpp_shapes(name, messages, source), enable_thinking=True,
