@@ -15,9 +15,11 @@ from .context import (
     CompletionStream,
     LlamaContext,
     init_llama,
+    get_backend_devices_info,
     init_llama_async,
     load_llama_model_info,
     release_all_llama,
+    set_context_limit,
 )
 from .errors import (
     AuthenticationError,
@@ -25,6 +27,7 @@ from .errors import (
     BackendUnavailableError,
     ContextBusyError,
     ContextFullError,
+    ContextLimitError,
     ContextReleasedError,
     EmbeddingDisabledError,
     GenerationError,
@@ -39,6 +42,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .grammars.schema import convert_json_schema_to_grammar
+from .native_log import add_native_log_listener, toggle_native_log
 from .registry import available_backends
 
 # A library logs; the application decides where logs go (no stderr output by default).
@@ -46,11 +50,28 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
+# llama.rn's default media marker in prompts (multimodal input is not implemented yet; kept for ported code)
+RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER = "<__media__>"
+
+
+def __getattr__(name: str):
+    if name == "BuildInfo":  # computed on use: reading package versions costs a few ms at import
+        from .buildinfo import build_info
+
+        return build_info()
+    raise AttributeError(f"module 'llamacompat' has no attribute {name!r}")
+
 __all__ = [
     "init_llama",
     "init_llama_async",
     "release_all_llama",
     "load_llama_model_info",
+    "set_context_limit",
+    "toggle_native_log",
+    "add_native_log_listener",
+    "get_backend_devices_info",
+    "BuildInfo",
+    "RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER",
     "convert_json_schema_to_grammar",
     "available_backends",
     "LlamaContext",
@@ -62,6 +83,7 @@ __all__ = [
     "ContextBusyError",
     "ContextReleasedError",
     "ContextFullError",
+    "ContextLimitError",
     "InvalidParamsError",
     "GrammarError",
     "TemplateError",

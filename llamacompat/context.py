@@ -24,6 +24,7 @@ from . import params as P
 from .adapters.base import Adapter
 from .errors import (
     ContextBusyError,
+    ContextLimitError,
     ContextReleasedError,
     EmbeddingDisabledError,
     InvalidParamsError,
@@ -32,8 +33,17 @@ from .errors import (
 from .gguf_info import load_model_info
 from .local import LocalCore, unsupported
 from .models import resolve_model
-from .registry import REMOTE, select_backend
-from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenCallback, TokenData, TokenizeResult
+from .registry import REMOTE, get_adapter, installed_builtin_backends, select_backend
+from .types import (
+    CompletionResult,
+    EmbeddingResult,
+    LoraAdapter,
+    RerankResult,
+    SessionLoadResult,
+    TokenCallback,
+    TokenData,
+    TokenizeResult,
+)
 
 __all__ = [
     "LlamaContext",
@@ -44,6 +54,8 @@ __all__ = [
     "init_llama_async",
     "release_all_llama",
     "load_llama_model_info",
+    "set_context_limit",
+    "get_backend_devices_info",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +105,7 @@ def _context_params(raw: dict[str, Any]) -> tuple[type[Adapter], dict[str, Any]]
     adapter_cls = select_backend(raw.get("backend", "auto"), model_path)
     checked = P.validate(raw, P.CONTEXT_FIELDS, "init_llama", extra=adapter_cls.context_fields)
     checked["model"] = model_path
+    checked["lora_list"] = P.init_lora(checked)
     if "flash_attn" in raw and "flash_attn_type" not in raw:  # llama.rn's deprecated bool
         checked["flash_attn_type"] = "on" if raw["flash_attn"] else "off"
     if checked["ctx_shift"]:
@@ -112,9 +125,52 @@ def load_local(params: dict[str, Any] | None, on_progress: Callable[[int], Any] 
         reraise()
         raise
     reraise()
+    try:
+        core = LocalCore(adapter, checked)
+        if checked["lora_list"]:
+            core.apply_lora(checked["lora_list"], "init_llama")
+    except BaseException:
+        adapter.close()
+        raise
     if native_progress is not None:
         native_progress(1.0)
-    return LocalCore(adapter, checked)
+    return core
+
+
+_limit = {"contexts": -1, "loading": 0}
+_limit_lock = threading.Lock()
+
+
+def set_context_limit(limit: int) -> None:
+    """Allow at most ``limit`` live contexts (-1: no limit, the default); ``init_llama`` beyond it raises
+    ``ContextLimitError`` ("Context limit reached")."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
+        raise InvalidParamsError(f"set_context_limit: limit must be an int >= -1 (-1 = no limit), got {limit!r}")
+    _limit["contexts"] = limit
+
+
+@contextlib.contextmanager
+def _context_slot() -> Iterator[None]:
+    """Hold a place under the context limit while a context loads (two loads cannot both take the last one)."""
+    with _limit_lock:
+        if _limit["contexts"] >= 0 and len(_live) + _limit["loading"] >= _limit["contexts"]:
+            raise ContextLimitError(f"Context limit reached: {_limit['contexts']} contexts are allowed "
+                                    "(set_context_limit); release one first")
+        _limit["loading"] += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit["loading"] -= 1
+
+
+def get_backend_devices_info() -> list[dict[str, Any]]:
+    """llama.rn's getBackendDevicesInfo: the devices of every installed backend
+    (``backend``, ``type``, ``deviceName``, ``maxMemorySize``, ``metadata``)."""
+    devices: list[dict[str, Any]] = []
+    for name in installed_builtin_backends():
+        devices += get_adapter(name).backend_devices()
+    return devices
 
 
 def init_llama(params: dict[str, Any] | None = None, on_progress: Callable[[int], Any] | None = None) -> "LlamaContext":
@@ -125,12 +181,13 @@ def init_llama(params: dict[str, Any] | None = None, on_progress: Callable[[int]
     """
     raw = _raw_params(params)
     remote = REMOTE.get(raw.get("backend", "auto"))
-    if remote is not None:
-        module_name, _, function = remote.partition(":")
-        core = getattr(importlib.import_module(module_name), function)(raw)
-    else:
-        core = load_local(raw, on_progress)
-    return LlamaContext(core)
+    with _context_slot():
+        if remote is not None:
+            module_name, _, function = remote.partition(":")
+            core = getattr(importlib.import_module(module_name), function)(raw)
+        else:
+            core = load_local(raw, on_progress)
+        return LlamaContext(core)
 
 
 async def init_llama_async(params: dict[str, Any] | None = None, on_progress: Callable[[int], Any] | None = None) -> "AsyncLlamaContext":
@@ -168,6 +225,9 @@ class Core(Protocol):
     backend: str
     model: dict[str, Any]
     params: dict[str, Any]  # the checked init params
+    gpu: bool  # llama.rn's context attributes, of the process that holds the model
+    reason_no_gpu: str
+    devices: list[str]
 
     @property
     def capabilities(self) -> dict[str, Any]: ...
@@ -179,6 +239,11 @@ class Core(Protocol):
     def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
                        strict: bool) -> dict[str, Any]: ...
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]: ...
+    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]: ...
+    def apply_lora(self, adapters: Any) -> None: ...
+    def remove_lora(self) -> None: ...
+    def loaded_lora(self) -> list[dict[str, Any]]: ...
+    def clear_cache(self, clear_data: bool) -> None: ...
     def load_session(self, path: str) -> SessionLoadResult: ...
     def save_session(self, path: str, token_size: int) -> int: ...
     def close(self) -> None: ...
@@ -198,9 +263,9 @@ class LlamaContext:
         self._stream: CompletionStream | None = None
         self.id = next(_ids)
         self.backend = core.backend
-        self.gpu = False
-        self.reason_no_gpu = "GPU backend is not available"
-        self.devices: list[str] = []
+        self.gpu: bool = core.gpu
+        self.reason_no_gpu: str = core.reason_no_gpu
+        self.devices: list[str] = list(core.devices)
         self.model = core.model
         _live[self.id] = self
 
@@ -314,6 +379,36 @@ class LlamaContext:
     def bench(self, pp: int, tg: int, pl: int = 1, nr: int = 1) -> dict[str, Any]:
         """llama.rn's bench: prompt-processing and generation speed (camelCase keys)."""
         return self._exclusive(self._core.bench, pp, tg, pl, nr)
+
+    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None = None) -> list[RerankResult]:
+        """Score ``documents`` against ``query``: ``[{score, index, document}]``, best first.
+
+        Needs ``embedding: True``; a reranker model (``pooling_type: "rank"``) scores natively, any other
+        embedding context ranks by cosine similarity (``capabilities["features"]["rerank"]`` says which).
+        """
+        return self._exclusive(self._core.rerank, query, documents, params)
+
+    # -- LoRA adapters and the cache -------------------------------------------
+    def apply_lora_adapters(self, lora_list: list[LoraAdapter]) -> None:
+        """Apply ``[{path, scaled}]`` (scale 1.0 by default), replacing the current adapters.
+
+        The KV cache is emptied (it was computed with other weights). A refused file raises with the
+        previous adapters still applied.
+        """
+        self._exclusive(self._core.apply_lora, lora_list)
+
+    def remove_lora_adapters(self) -> None:
+        """Remove every LoRA adapter (the KV cache is emptied if any was applied)."""
+        self._exclusive(self._core.remove_lora)
+
+    def get_loaded_lora_adapters(self) -> list[LoraAdapter]:
+        """The applied adapters as ``[{path, scaled}]``."""
+        self._check_alive()
+        return self._core.loaded_lora()  # type: ignore[return-value]
+
+    def clear_cache(self, clear_data: bool = False) -> None:
+        """Forget the KV cache, so the next completion evaluates its whole prompt (``clear_data`` zeroes it too)."""
+        self._exclusive(self._core.clear_cache, clear_data)
 
     # -- sessions ------------------------------------------------------------
     def load_session(self, path: str) -> SessionLoadResult:
@@ -510,6 +605,21 @@ class AsyncLlamaContext:
     async def get_formatted_chat(self, messages: list[dict[str, Any]], template: str | None = None,
                                  params: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._ctx.get_formatted_chat(messages, template, params)
+
+    async def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None = None) -> list[RerankResult]:
+        return await self._run(self._ctx.rerank, query, documents, params)
+
+    async def apply_lora_adapters(self, lora_list: list[LoraAdapter]) -> None:
+        await self._run(self._ctx.apply_lora_adapters, lora_list)
+
+    async def remove_lora_adapters(self) -> None:
+        await self._run(self._ctx.remove_lora_adapters)
+
+    async def get_loaded_lora_adapters(self) -> list[LoraAdapter]:
+        return self._ctx.get_loaded_lora_adapters()
+
+    async def clear_cache(self, clear_data: bool = False) -> None:
+        await self._run(self._ctx.clear_cache, clear_data)
 
     async def bench(self, pp: int, tg: int, pl: int = 1, nr: int = 1) -> dict[str, Any]:
         return await self._run(self._ctx.bench, pp, tg, pl, nr)

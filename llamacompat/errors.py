@@ -19,6 +19,7 @@ __all__ = [
     "ContextBusyError",
     "ContextReleasedError",
     "ContextFullError",
+    "ContextLimitError",
     "InvalidParamsError",
     "GrammarError",
     "TemplateError",
@@ -80,6 +81,13 @@ class ContextFullError(LlamaError, RuntimeError):
 
     code = "context_full"
     default_message = "Context is full"
+
+
+class ContextLimitError(LlamaError, RuntimeError):
+    """``set_context_limit(n)`` allows n live contexts and n are open: release one first."""
+
+    code = "context_limit"
+    default_message = "Context limit reached"
 
 
 class InvalidParamsError(LlamaError, ValueError):

@@ -14,6 +14,8 @@ import os
 import threading
 from typing import Any, Generator
 
+import numpy as np
+
 from . import params as P
 from .adapters.base import Adapter, SamplingParams
 from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
@@ -22,6 +24,7 @@ from .chat.template import template_caps
 from .embeddings import normalize_embedding
 from .engine import CompletionRequest, generate
 from .errors import (
+    EmbeddingDisabledError,
     InvalidParamsError,
     SessionError,
     TemplateError,
@@ -32,7 +35,7 @@ from .grammars.builtin import checked_grammar
 from .grammars.schema import convert_json_schema_to_grammar
 from .models import local_path
 from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
-from .types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenData, TokenizeResult
+from .types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
 
 __all__ = ["LocalCore", "unsupported", "session_path"]
 
@@ -72,6 +75,8 @@ class LocalCore:
         self.params = params
         self.backend = adapter.name
         self.n_vocab = adapter.n_vocab
+        self.gpu, self.reason_no_gpu, self.devices = adapter.gpu, adapter.reason_no_gpu, list(adapter.devices)
+        self._lora: list[dict[str, Any]] = []
         has_template = bool(adapter.chat_template)
         self.model = {
             **adapter.model_info(),
@@ -86,7 +91,9 @@ class LocalCore:
 
     def require(self, feature: str, what: str) -> None:
         if not self.adapter.capabilities.supports(feature):
-            hint = " (it was created with vocab_only=True)" if self.params["vocab_only"] else ""
+            hint = (" (it was created with vocab_only=True)" if self.params["vocab_only"]
+                    else " (it was created with pooling_type 'rank', for rerank)"
+                    if feature == "embedding" and self.params.get("pooling_type") == "rank" else "")
             raise UnsupportedFeatureError(f"{what} is not available on this {self.backend} context{hint}")
 
     # -- completion ----------------------------------------------------------
@@ -191,6 +198,51 @@ class LocalCore:
         self.require("embedding", "embedding")
         tokens = self.adapter.tokenize(text, True)
         return {"embedding": normalize_embedding(self.adapter.embedding(tokens), normalize)}
+
+    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
+        if not isinstance(query, str):
+            raise InvalidParamsError(f"rerank: query must be a string, got {type(query).__name__}")
+        if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
+            raise InvalidParamsError("rerank: documents must be a list of strings")
+        P.validate(params, P.RERANK_FIELDS, "rerank")
+        if not self.params["embedding"]:
+            raise EmbeddingDisabledError("Embedding is not enabled: rerank needs a context created with "
+                                         "'embedding': True (and 'pooling_type': 'rank' for a reranker model)")
+        self.require("rerank", "rerank")
+        adapter = self.adapter
+        if adapter.capabilities.features.get("rerank") == "native":
+            query_tokens = adapter.tokenize(query, False)
+            scores = [adapter.rank(query_tokens, adapter.tokenize(doc, False)) for doc in documents]
+        else:  # an embedding model ranks by cosine similarity
+            target = np.asarray(normalize_embedding(adapter.embedding(adapter.tokenize(query, True)), 2))
+            scores = [float(target @ np.asarray(normalize_embedding(adapter.embedding(adapter.tokenize(doc, True)), 2)))
+                      for doc in documents]
+        ranked = [{"score": float(score), "index": i, "document": doc}
+                  for i, (score, doc) in enumerate(zip(scores, documents))]
+        return sorted(ranked, key=lambda r: -r["score"])  # type: ignore[return-value]
+
+    # -- LoRA adapters and the cache ---------------------------------------------
+    def apply_lora(self, adapters: Any, where: str = "apply_lora_adapters") -> None:
+        entries = P.lora_entries(adapters, where)
+        self.require("lora", "LoRA adapters")
+        for entry in entries:
+            if not os.path.isfile(entry["path"]):
+                raise InvalidParamsError(f"{where}: no such LoRA adapter file: {entry['path']}")
+        self.adapter.set_lora([(entry["path"], entry["scaled"]) for entry in entries])
+        self._lora = entries
+
+    def remove_lora(self) -> None:
+        if self._lora:
+            self.adapter.set_lora([])
+            self._lora = []
+
+    def loaded_lora(self) -> list[dict[str, Any]]:
+        return [dict(entry) for entry in self._lora]
+
+    def clear_cache(self, clear_data: bool) -> None:
+        if not isinstance(clear_data, bool):
+            raise InvalidParamsError(f"clear_cache: clear_data must be a bool, got {clear_data!r}")
+        self.adapter.clear_cache(clear_data)
 
     def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
                        strict: bool) -> dict[str, Any]:

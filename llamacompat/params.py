@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .errors import InvalidParamsError, UnsupportedFeatureError, compat_warning
 
-__all__ = ["Field", "validate", "validate_remote", "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS"]
+__all__ = ["Field", "validate", "validate_remote", "lora_entries", "init_lora", "COMPLETION_FIELDS", "CONTEXT_FIELDS",
+           "EMBEDDING_FIELDS", "RERANK_FIELDS"]
 
 _MISSING = object()
 logger = logging.getLogger(__name__)
@@ -219,7 +221,41 @@ CONTEXT_FIELDS: dict[str, Field] = {
     "no_extra_bufts": _bool(False),
     "is_model_asset": _bool(False),
     "n_parallel": _int(1, lambda v: v >= 1, ">= 1"),
+    # LoRA adapters applied at init; llama.rn merges the three into one lora_list (lora_entries)
+    "lora": Field((str,), None, lambda v: bool(v), "a LoRA adapter path", nullable=True),
+    "lora_scaled": _number(1.0),
+    "lora_list": Field((list, tuple), None, nullable=True),
 }
+
+
+def lora_entries(value: Any, where: str) -> list[dict[str, Any]]:
+    """llama.rn's ``[{path, scaled?}]``: ``file://`` stripped, scale 1.0 by default, one entry per path (last wins)."""
+    if not isinstance(value, (list, tuple)):
+        raise InvalidParamsError(f"{where}: LoRA adapters must be a list of {{'path': str, 'scaled': float}}, "
+                                 f"got {type(value).__name__}")
+    merged: dict[str, float] = {}
+    for i, item in enumerate(value):
+        path = item.get("path") if isinstance(item, Mapping) else None
+        if not isinstance(path, str) or not path:
+            raise InvalidParamsError(f"{where}: adapter [{i}] must be a dict with a non-empty 'path', got {item!r}")
+        scale = item.get("scaled", 1.0)
+        if scale is None:
+            scale = 1.0
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise InvalidParamsError(f"{where}: adapter [{i}] 'scaled' must be a number, got {scale!r}")
+        unknown = set(item) - {"path", "scaled"}
+        if unknown:
+            raise unknown_key_error(sorted(unknown)[0], ["path", "scaled"], f"{where}: adapter [{i}]")
+        path = os.path.expanduser(path.removeprefix("file://"))
+        merged.pop(path, None)  # the last mention decides the scale and the order
+        merged[path] = float(scale)
+    return [{"path": path, "scaled": scale} for path, scale in merged.items()]
+
+
+def init_lora(checked: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The adapters ``init_llama`` applies: ``lora`` (at ``lora_scaled``), then ``lora_list``, as llama.rn merges them."""
+    entries = [{"path": checked["lora"], "scaled": checked["lora_scaled"]}] if checked.get("lora") else []
+    return lora_entries(entries + list(checked.get("lora_list") or []), "init_llama")
 
 # Init params a remote core (bridge, openai) uses itself; the others describe a model the server already loaded.
 _REMOTE_CLIENT_FIELDS = frozenset({"backend", "strict", "embedding", "embd_normalize", "model"})
@@ -239,6 +275,11 @@ def validate_remote(raw: Mapping[str, Any], fields: Mapping[str, Field], backend
 
 EMBEDDING_FIELDS: dict[str, Field] = {
     "embd_normalize": _int(2, lambda v: v >= -1, ">= -1 (-1 none, 0 max-abs, 1 taxicab, 2 L2, >2 p-norm)"),
+}
+
+# llama.rn's rerank params: its native side ignores ``normalize``, and so do we (accepted for ported code).
+RERANK_FIELDS: dict[str, Field] = {
+    "normalize": Field((int, float), None, nullable=True),
 }
 
 

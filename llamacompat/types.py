@@ -19,6 +19,8 @@ __all__ = [
     "CompletionResult",
     "TokenizeResult",
     "EmbeddingResult",
+    "RerankResult",
+    "LoraAdapter",
     "SessionLoadResult",
     "BenchResult",
     "TokenCallback",
@@ -170,6 +172,17 @@ class TokenizeResult(TypedDict):
 
 class EmbeddingResult(TypedDict):
     embedding: List[float]
+
+
+class RerankResult(TypedDict):
+    score: float
+    index: int
+    document: str
+
+
+class LoraAdapter(TypedDict, total=False):
+    path: str
+    scaled: float
 
 
 class SessionLoadResult(TypedDict):

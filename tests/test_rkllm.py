@@ -183,8 +183,21 @@ def test_init_params_reach_the_runtime(build, abi, tmp_path):
             assert run["keep_history"] == 0 and seen["kv_clears"] >= 1  # a whole prompt each run
         if abi in ("1.2.1", "1.3.0"):
             assert run["role"] == "user"
+    other = tmp_path / "other.rkllm_lora"
+    other.write_bytes(b"lora")
     with pytest.raises(InvalidParamsError, match="one LoRA"):
-        init_llama(params_for(build, abi, lora_list=[{"path": str(lora)}, {"path": str(lora)}]))
+        init_llama(params_for(build, abi, lora_list=[{"path": str(lora)}, {"path": str(other)}]))
+    with init_llama(params_for(build, abi)) as ctx:  # applied later, replaced, removed
+        ctx.apply_lora_adapters([{"path": str(other), "scaled": 0.5}])
+        ctx.completion({"prompt": "Hi", "n_predict": 1, **GREEDY})
+        assert record(ctx)["last_run"]["lora"] == "other"
+        ctx.apply_lora_adapters([{"path": str(lora)}])
+        ctx.completion({"prompt": "Hi", "n_predict": 1, **GREEDY})
+        assert record(ctx)["last_run"]["lora"] == "style-1" and record(ctx)["lora"] == ["other", "style-1"]
+        assert ctx.get_loaded_lora_adapters() == [{"path": str(lora), "scaled": 1.0}]
+        ctx.remove_lora_adapters()
+        ctx.completion({"prompt": "Hi", "n_predict": 1, **GREEDY})
+        assert record(ctx)["last_run"]["lora"] is None
     with pytest.raises(InvalidParamsError, match="rkllm_sampling: 'top_k'"):
         init_llama(params_for(build, abi, rkllm_sampling={"top_k": -1}))
     if abi != "1.1":

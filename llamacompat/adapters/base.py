@@ -118,6 +118,10 @@ class Adapter(ABC):
     eos_text: str
     chat_template: str | None
     capabilities: Capabilities
+    #: llama.rn's context attributes: whether a GPU runs the model, why not, and the devices in use
+    gpu: bool = False
+    reason_no_gpu: str = "GPU backend is not available"
+    devices: list[str] = ["CPU"]
     #: sampling params (llama.rn names) the runtime fixes when the model is loaded: a request asking for the
     #: same value gets it silently, another value is warned about as missing
     fixed_sampling: dict[str, Any] = {}
@@ -132,6 +136,11 @@ class Adapter(ABC):
         """Whether the runtime is on this machine. An adapter over a native library imports without it;
         ``installed_builtin_backends`` (the conformance suite's default) lists only backends that have it."""
         return True
+
+    @classmethod
+    def backend_devices(cls) -> list[dict[str, Any]]:
+        """llama.rn's getBackendDevicesInfo entries for this runtime: backend, type, deviceName, maxMemorySize."""
+        return []
 
     @classmethod
     def can_load(cls, model_path: str) -> bool:
@@ -199,6 +208,22 @@ class Adapter(ABC):
     def embedding(self, tokens: list[int]) -> list[float]:
         """The pooled embedding of ``tokens`` (not normalised)."""
         raise UnsupportedFeatureError(f"embedding is not supported by the {self.name} backend")
+
+    def rank(self, query: list[int], document: list[int]) -> float:
+        """A reranker's relevance score of ``document`` for ``query`` (llama.cpp's rank pooling)."""
+        raise UnsupportedFeatureError(f"rerank is not supported by the {self.name} backend")
+
+    def set_lora(self, adapters: list[tuple[str, float]]) -> None:
+        """Apply exactly these (path, scale) LoRA adapters, replacing the current set; ``[]`` removes them all.
+
+        A refused file raises with the previous set still applied. The KV cache is emptied on a change,
+        since it was computed with other weights.
+        """
+        raise UnsupportedFeatureError(f"LoRA adapters are not supported by the {self.name} backend")
+
+    @abstractmethod
+    def clear_cache(self, clear_data: bool) -> None:
+        """Forget the KV cache (``tokens_cached`` becomes 0); ``clear_data`` also zeroes its buffers."""
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
         """llama.rn's bench result (camelCase keys)."""

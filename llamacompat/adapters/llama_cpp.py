@@ -98,6 +98,40 @@ _SESSION_HINTS = {
 }
 
 
+_DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel")
+
+
+def _ggml_devices() -> list[dict[str, Any]]:
+    """ggml's device registry (llama.rn's getBackendDevicesInfo): llama-cpp-python binds none of it, so we do."""
+    # dlsym on libllama's handle finds ggml in libllama's own dependencies. (llama_cpp._ggml opens
+    # libggml.so by another file name: a second copy of ggml, whose set-up corrupts the first one's.)
+    libggml = lc.llama_cpp._lib
+    if not hasattr(libggml, "ggml_backend_dev_count"):
+        return []
+    dev = ctypes.c_void_p
+    libggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    libggml.ggml_backend_dev_get.argtypes, libggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], dev
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(libggml, name).argtypes, getattr(libggml, name).restype = [dev], ctypes.c_char_p
+    libggml.ggml_backend_dev_type.argtypes, libggml.ggml_backend_dev_type.restype = [dev], ctypes.c_int
+    libggml.ggml_backend_dev_memory.argtypes = [dev, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    libggml.ggml_backend_dev_memory.restype = None
+    out = []
+    for i in range(libggml.ggml_backend_dev_count()):
+        handle = libggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        libggml.ggml_backend_dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
+        kind = libggml.ggml_backend_dev_type(handle)
+        out.append({
+            "backend": "llama_cpp", "type": _DEVICE_TYPES[kind] if 0 <= kind < len(_DEVICE_TYPES) else str(kind),
+            "deviceName": libggml.ggml_backend_dev_name(handle).decode("utf-8", "replace"),
+            "maxMemorySize": int(total.value),
+            "metadata": {"description": libggml.ggml_backend_dev_description(handle).decode("utf-8", "replace"),
+                         "freeMemory": int(free.value)},
+        })
+    return out
+
+
 def default_threads() -> int:
     """Half the cores, at least one (llama.rn's iOS rule; the decode is memory bound)."""
     return max(1, (os.cpu_count() or 2) // 2)
@@ -109,6 +143,10 @@ class LlamaCppAdapter(Adapter):
     @classmethod
     def can_load(cls, model_path: str) -> bool:
         return model_path.lower().endswith(".gguf")
+
+    @classmethod
+    def backend_devices(cls) -> list[dict[str, Any]]:
+        return _ggml_devices()
 
     @classmethod
     def load(cls, params: dict[str, Any], on_progress: Callable[[float], bool] | None) -> "LlamaCppAdapter":
@@ -186,6 +224,12 @@ class LlamaCppAdapter(Adapter):
         self._flash_attn = cparams.flash_attn_type
         self._cache_types = (params["cache_type_k"], params["cache_type_v"])
         self._n_gpu_layers = params["n_gpu_layers"] if lc.llama_supports_gpu_offload() else 0
+        found = _ggml_devices()
+        gpus = [d["deviceName"] for d in found if d["type"] in ("gpu", "igpu")]
+        self.gpu = bool(gpus) and self._n_gpu_layers != 0
+        self.devices = gpus if self.gpu else [d["deviceName"] for d in found if d["type"] == "cpu"] or ["CPU"]
+        self.reason_no_gpu = ("" if self.gpu else "GPU devices disabled by user" if gpus
+                              else "GPU backend is not available")
         if not params["vocab_only"]:
             self._ctx = lc.llama_init_from_model(model, cparams)
             if not self._ctx:
@@ -208,14 +252,19 @@ class LlamaCppAdapter(Adapter):
         self._sampler = None
         self._one = (lc.llama_token * 1)()
         self._abort_cb = None
+        self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
+        ranking = self._ctx is not None and self.embedding_enabled and self.pooling == _POOLING["rank"]
         self.capabilities = Capabilities(self.name, {
             "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "native",
             "temperature": "native", "top_k": "native", "top_p": "native", "min_p": "native",
             "typical_p": "native", "xtc": "native", "top_n_sigma": "native", "penalties": "native",
             "mirostat": "native", "dry": "native", "seed": "native", "logit_bias": "native",
             "ignore_eos": "native", "n_probs": "native", "tokenize": "native", "detokenize": "native",
-            "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
-            **({"completion": "missing", "embedding": "missing", "bench": "missing"} if self._ctx is None else {}),
+            "embedding": "native" if self.embedding_enabled and not ranking else "missing", "bench": "native",
+            "rerank": "native" if ranking else "emulated" if self.embedding_enabled else "missing",
+            "lora": "native",
+            **({"completion": "missing", "embedding": "missing", "bench": "missing", "rerank": "missing",
+                "lora": "missing"} if self._ctx is None else {}),
             "interrupt_prompt": "native", "chat_template": "emulated",
             "session": "native" if self._ctx is not None else "missing",
             "prefix_cache": "native" if self._ctx is not None else "missing",
@@ -439,10 +488,28 @@ class LlamaCppAdapter(Adapter):
             raise
         return chain
 
-    # -- embeddings and bench ----------------------------------------------
+    # -- embeddings, rerank and bench ----------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:
+        return self._pooled(tokens, self.n_embd, "embed")
+
+    def rank(self, query: list[int], document: list[int]) -> float:
+        return self._pooled(self._rerank_input(query, document), 1, "rerank")[0]
+
+    def _rerank_input(self, query: list[int], document: list[int]) -> list[int]:
+        """llama.cpp's reranker input: [BOS] query [EOS] [SEP] document [EOS]."""
+        bos, eos, sep = (lc.llama_vocab_bos(self._vocab), lc.llama_vocab_eos(self._vocab),
+                         lc.llama_vocab_sep(self._vocab))
+        end = eos if eos >= 0 else sep
+        tokens = [bos] if self.add_bos and bos >= 0 else []
+        tokens += query + ([end] if end >= 0 else [])
+        if lc.llama_vocab_get_add_sep(self._vocab) and sep >= 0:
+            tokens.append(sep)
+        return tokens + document + ([end] if end >= 0 else [])
+
+    def _pooled(self, tokens: list[int], width: int, what: str) -> list[float]:
+        """One pooled output of ``tokens`` (``width`` floats: n_embd, or the rank head's score)."""
         if len(tokens) > self._n_batch:
-            raise ContextFullError(f"Context is full: {len(tokens)} tokens to embed, n_batch is {self._n_batch}")
+            raise ContextFullError(f"Context is full: {len(tokens)} tokens to {what}, n_batch is {self._n_batch}")
         lc.llama_memory_clear(self._mem, True)  # llama.rn clears the KV cache too
         self._tokens.clear()
         lc.llama_set_embeddings(self._ctx, True)
@@ -450,17 +517,40 @@ class LlamaCppAdapter(Adapter):
             arr = (lc.llama_token * len(tokens))(*tokens)
             rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(tokens)))
             if rc != 0:
-                raise GenerationError(f"llama_decode failed with code {rc} while embedding ({_native_detail()})")
+                raise GenerationError(f"llama_decode failed with code {rc} while trying to {what} ({_native_detail()})")
             if self.pooling == _POOLING["none"]:
                 data = lc.llama_get_embeddings_ith(self._ctx, -1)
             else:
                 data = lc.llama_get_embeddings_seq(self._ctx, 0)
             if not data:
                 raise GenerationError("llama.cpp returned no embedding")
-            return data[: self.n_embd]
+            return data[:width]
         finally:
             lc.llama_set_embeddings(self._ctx, False)
             lc.llama_memory_clear(self._mem, True)
+
+    # -- LoRA adapters and the cache ----------------------------------------
+    def set_lora(self, adapters: list[tuple[str, float]]) -> None:
+        for path, _ in adapters:
+            if path not in self._loras:
+                _recent_problems.clear()
+                loaded = lc.llama_adapter_lora_init(self._model, os.fsencode(path))
+                if not loaded:
+                    detail = _native_detail()
+                    raise ModelLoadError(f"Failed to apply lora adapters: {path}" + (f" ({detail})" if detail else ""))
+                self._loras[path] = loaded
+        ptrs = (lc.llama_adapter_lora_p_ctypes * max(1, len(adapters)))(*(self._loras[p] for p, _ in adapters))
+        scales = (ctypes.c_float * max(1, len(adapters)))(*(scale for _, scale in adapters))
+        if lc.llama_set_adapters_lora(self._ctx, ptrs if adapters else None, len(adapters),
+                                      scales if adapters else None) != 0:
+            raise GenerationError(f"llama_set_adapters_lora refused the adapters ({_native_detail()})")
+        self.clear_cache(False)
+
+    def clear_cache(self, clear_data: bool) -> None:
+        self._pending = None
+        self._tokens.clear()
+        if self._ctx is not None:
+            lc.llama_memory_clear(self._mem, clear_data)
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
         def fresh() -> Callable[[list[int]], None]:
@@ -542,6 +632,9 @@ class LlamaCppAdapter(Adapter):
         if self._ctx is not None:
             lc.llama_free(self._ctx)
             self._ctx = None
+        for lora in self._loras.values():
+            lc.llama_adapter_lora_free(lora)
+        self._loras.clear()
         if self._model is not None:
             lc.llama_model_free(self._model)
             self._model = None

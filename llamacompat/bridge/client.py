@@ -30,7 +30,7 @@ from ..errors import (
     error_from_code,
 )
 from ..models import local_path, resolve_model
-from ..types import CompletionResult, EmbeddingResult, SessionLoadResult, TokenData, TokenizeResult
+from ..types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
 from .protocol import default_socket, encode
 
 __all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
@@ -102,6 +102,7 @@ class BridgeCore:
         self._closed = False
         self._lost: str | None = None
         self.model: dict[str, Any] = {}
+        self.gpu, self.reason_no_gpu, self.devices = False, "", []  # the server's, from the handshake
         self._capabilities: dict[str, Any] = {"backend": self.backend, "features": {}}
         self._reader = threading.Thread(target=self._read_replies, name="llamacompat-bridge-client", daemon=True)
         self._reader.start()
@@ -115,6 +116,7 @@ class BridgeCore:
                                  f"{info['model_path']}, not {wanted_model}")
         self.model = info["model"]
         self.params["model"] = info["model_path"]
+        self.gpu, self.reason_no_gpu, self.devices = info["gpu"], info["reason_no_gpu"], info["devices"]
         self._capabilities = {"backend": self.backend, "features": info["capabilities"]["features"],
                               "server_backend": info["backend"]}
 
@@ -237,6 +239,22 @@ class BridgeCore:
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
         return self._call("bench", {"pp": pp, "tg": tg, "pl": pl, "nr": nr})
+
+    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
+        return self._call("rerank", {"query": query, "documents": documents, "params": params})
+
+    def apply_lora(self, adapters: Any) -> None:
+        entries = P.lora_entries(adapters, "apply_lora_adapters")
+        self._call("apply_lora_adapters", {"lora_list": [{**e, "path": os.path.abspath(e["path"])} for e in entries]})
+
+    def remove_lora(self) -> None:
+        self._call("remove_lora_adapters", {})
+
+    def loaded_lora(self) -> list[dict[str, Any]]:
+        return self._call("get_loaded_lora_adapters", {})
+
+    def clear_cache(self, clear_data: bool) -> None:
+        self._call("clear_cache", {"clear_data": clear_data})
 
     def load_session(self, path: str) -> SessionLoadResult:
         return self._call("load_session", {"path": _server_path(path, "load")})

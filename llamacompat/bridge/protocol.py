@@ -23,8 +23,9 @@ MAX_LINE = 1 << 20  # bytes in one request line, newline excluded
 # (answered by the event loop at once).
 METHODS = {
     "completion": "queue", "embedding": "queue", "bench": "queue", "load_session": "queue",
-    "save_session": "queue", "load": "queue", "free": "queue",
-    "tokenize": "side", "detokenize": "side", "get_formatted_chat": "side",
+    "save_session": "queue", "load": "queue", "free": "queue", "rerank": "queue", "clear_cache": "queue",
+    "apply_lora_adapters": "queue", "remove_lora_adapters": "queue",
+    "tokenize": "side", "detokenize": "side", "get_formatted_chat": "side", "get_loaded_lora_adapters": "side",
     "model_info": "inline", "stop": "inline", "ping": "inline", "status": "inline", "auth": "inline",
 }
 TEXT_COMMANDS = ("PING", "STATUS", "LOAD", "INFER", "INFER_STREAM", "FREE", "QUIT", "AUTH")

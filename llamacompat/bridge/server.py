@@ -407,6 +407,26 @@ class BridgeServer:
     def _m_bench(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
         return self._model().bench(params.get("pp"), params.get("tg"), params.get("pl", 1), params.get("nr", 1))
 
+    def _m_rerank(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().rerank(params.get("query"), params.get("documents"), params.get("params"))
+
+    def _m_clear_cache(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        self._model().clear_cache(params.get("clear_data", False))
+        return None
+
+    def _m_apply_lora_adapters(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        entries = P.lora_entries(params.get("lora_list"), "apply_lora_adapters")
+        self._model().apply_lora([{**entry, "path": self._model_file(entry["path"], "LoRA adapters")}
+                                  for entry in entries])
+        return None
+
+    def _m_remove_lora_adapters(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        self._model().remove_lora()
+        return None
+
+    def _m_get_loaded_lora_adapters(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        return self._model().loaded_lora()
+
     def _m_load_session(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
         return self._model().load_session(self._session_file(params.get("path"), "load_session"))
 
@@ -540,11 +560,11 @@ class BridgeServer:
         if old is not None:
             old.close()
 
-    def _model_file(self, path: Any) -> str:
+    def _model_file(self, path: Any, what: str = "LOAD") -> str:
         if self._models_dir is None:
-            raise UnsupportedFeatureError("LOAD is disabled: start the server with --models-dir DIR")
+            raise UnsupportedFeatureError(f"{what} is disabled: start the server with --models-dir DIR")
         if not isinstance(path, str) or not path:
-            raise InvalidParamsError("LOAD needs a model path inside the server's --models-dir")
+            raise InvalidParamsError(f"{what} needs a path inside the server's --models-dir")
         real = _inside(self._models_dir, path)
         if real is None:
             raise ModelLoadError(f"Failed to load model: {path!r} is outside the server's --models-dir "
@@ -567,8 +587,11 @@ class BridgeServer:
         caps = core.capabilities
         if self._sessions_dir is None:
             caps = {**caps, "features": {**caps["features"], "session": "missing"}}
+        if self._models_dir is None:
+            caps = {**caps, "features": {**caps["features"], "lora": "missing"}}
         return {"backend": core.backend, "model": core.model, "capabilities": caps,
-                "model_path": core.params["model"], "sessions_dir": self._sessions_dir}
+                "model_path": core.params["model"], "sessions_dir": self._sessions_dir,
+                "gpu": core.gpu, "reason_no_gpu": core.reason_no_gpu, "devices": core.devices}
 
     def _status(self) -> dict[str, Any]:
         core = self.core

@@ -32,7 +32,15 @@ from ..errors import (
     LlamaError,
     UnsupportedFeatureError,
 )
-from ..types import CompletionProbability, CompletionResult, EmbeddingResult, SessionLoadResult, TokenData, TokenizeResult
+from ..types import (
+    CompletionProbability,
+    CompletionResult,
+    EmbeddingResult,
+    RerankResult,
+    SessionLoadResult,
+    TokenData,
+    TokenizeResult,
+)
 from .dialects import DIALECTS, ServerFacts, probe
 from .http import HttpSession, http_error
 from .request import CompletionPlan, check_token_ids, plan_completion
@@ -96,7 +104,9 @@ class OpenAICore:
             "completion": "native", "streaming": "native", "stop": "emulated", "temperature": "native",
             **dialect.features(), "embedding": "missing", "bench": "missing", "session": "missing",
             "interrupt_prompt": "emulated", "chat_template": "native", "formatted_chat": "missing",
+            "rerank": "missing", "lora": "missing",
         }
+        self.gpu, self.reason_no_gpu, self.devices = False, "the model runs in a server that does not say", []
 
     @property
     def capabilities(self) -> dict[str, Any]:
@@ -177,6 +187,21 @@ class OpenAICore:
 
     def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
         raise UnsupportedFeatureError("bench: not available over the OpenAI API; time completions instead")
+
+    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
+        raise UnsupportedFeatureError("rerank: not available over the OpenAI API")
+
+    def apply_lora(self, adapters: Any) -> None:
+        raise UnsupportedFeatureError("apply_lora_adapters: an OpenAI-compatible server loads its adapters itself")
+
+    def remove_lora(self) -> None:
+        raise UnsupportedFeatureError("remove_lora_adapters: an OpenAI-compatible server loads its adapters itself")
+
+    def loaded_lora(self) -> list[dict[str, Any]]:
+        return []  # none that this client applied
+
+    def clear_cache(self, clear_data: bool) -> None:
+        """Nothing to clear here: every request carries its whole prompt, and the server's cache is its own."""
 
     def load_session(self, path: str) -> SessionLoadResult:
         raise UnsupportedFeatureError("load_session: an OpenAI-compatible server keeps its KV cache to itself")

@@ -43,6 +43,14 @@ class MlxAdapter(Adapter):
     name = "mlx"
 
     @classmethod
+    def backend_devices(cls) -> list[dict[str, Any]]:
+        gpu = mx.default_device() == mx.gpu
+        memory = mx.metal.device_info().get("memory_size", 0) if gpu else os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+            "SC_PHYS_PAGES")
+        return [{"backend": "mlx", "type": "gpu" if gpu else "cpu", "deviceName": str(mx.default_device()),
+                 "maxMemorySize": int(memory)}]
+
+    @classmethod
     def can_load(cls, model_path: str) -> bool:
         return os.path.isfile(os.path.join(model_path, "config.json")) or model_path.lower().endswith(".gguf")
 
@@ -89,6 +97,9 @@ class MlxAdapter(Adapter):
         self.eos_text = vocab.pieces[vocab.eos].decode("utf-8", "replace") if vocab.eos is not None else ""
         self.chat_template = template
         self.embedding_enabled = params["embedding"]
+        self.gpu = mx.default_device() == mx.gpu  # Metal, on Apple silicon
+        self.devices = [str(mx.default_device())]
+        self.reason_no_gpu = "" if self.gpu else "GPU backend is not available (MLX runs on the CPU here)"
         pooling = params.get("pooling_type") or "mean"
         if pooling not in _POOLING:
             raise InvalidParamsError(f"init_llama: the mlx backend pools embeddings as {', '.join(_POOLING)}; got {pooling!r}")
@@ -107,6 +118,7 @@ class MlxAdapter(Adapter):
             "typical_p": "missing", "mirostat": "missing", "dry": "missing",
             "seed": "native", "n_probs": "native", "tokenize": "native", "detokenize": "native",
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
+            "rerank": "emulated" if self.embedding_enabled else "missing", "lora": "missing",
             "interrupt_prompt": "native", "chat_template": "emulated", "session": "native", "prefix_cache": "native",
         })
 
@@ -215,6 +227,9 @@ class MlxAdapter(Adapter):
     @property
     def n_past(self) -> int:
         return len(self._tokens)
+
+    def clear_cache(self, clear_data: bool) -> None:
+        self._cache, self._tokens = make_prompt_cache(self._model), []  # a fresh cache holds no data either
 
     # -- embeddings and bench ----------------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:

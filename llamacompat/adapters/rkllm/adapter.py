@@ -61,10 +61,6 @@ def _release(value: str) -> bool:
     return abi_for(value) is not None
 
 
-def _lora_list(value: list) -> bool:
-    return all(isinstance(item, dict) and isinstance(item.get("path"), str) for item in value)
-
-
 class _Run:
     """One rkllm_run in flight on its own thread: what its callback has delivered, in order."""
 
@@ -126,7 +122,6 @@ class RkllmAdapter(Adapter):
         "rkllm_base_domain_id": Field((int,), 0, lambda v: v >= 0, ">= 0 (one per model in a process)"),
         "rkllm_sampling": Field((dict,), None, nullable=True),
         "rkllm_tokenizer": Field((str,), None, nullable=True),
-        "lora_list": Field((list,), None, _lora_list, "a list of {'path': str, 'scaled': float}", nullable=True),
     }
 
     @classmethod
@@ -176,10 +171,7 @@ class RkllmAdapter(Adapter):
                                      f"got {self._pooling!r}")
         sampling = validate(params["rkllm_sampling"], _SAMPLING_FIELDS, "init_llama: rkllm_sampling")
         self.fixed_sampling = {} if self._abi.per_run_sampling else sampling
-        loras = params["lora_list"] or []
-        if len(loras) > 1:
-            raise InvalidParamsError("init_llama: the RKLLM runtime applies one LoRA adapter per run; "
-                                     f"lora_list has {len(loras)}")
+        self.devices = ["NPU"]  # the runtime places the model itself; there is no GPU path
         self._handle = C.c_void_p()
         self._callbacks: Any = None
         self._run: _Run | None = None
@@ -192,10 +184,10 @@ class RkllmAdapter(Adapter):
         self._session: list[int] = []  # the tokens of the loaded prompt cache
         self._timings: tuple[float, float] | None = None
         self._tmp: str | None = None  # private folder for prompt-cache files
-        self._lora: C.Structure | None = None
+        self._lora: C.Structure | None = None  # the adapter each run applies
+        self._lora_names: dict[tuple[str, float], bytes] = {}  # (path, scale) -> name the runtime loaded it under
+        self._keep_alive: list[bytes] = []
         self._init_runtime(params, sampling)
-        if loras:
-            self._load_lora(loras[0])
         per_run = "native" if self._abi.per_run_sampling else "missing"
         self.capabilities = Capabilities(self.name, {
             "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "missing",
@@ -205,7 +197,7 @@ class RkllmAdapter(Adapter):
             "tokenize": "emulated", "detokenize": "emulated", "chat_template": "emulated",
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "missing",
             "interrupt_prompt": "native", "session": "native", "prefix_cache": "missing",
-            "lora": "native" if loras else "missing",
+            "lora": "native", "rerank": "emulated" if self.embedding_enabled else "missing",
         })
 
     # -- runtime set-up ---------------------------------------------------------
@@ -243,20 +235,29 @@ class RkllmAdapter(Adapter):
                 f"({self.n_ctx}) is within the max_context it was converted with, and the runtime's log on stderr"
             )
 
-    def _load_lora(self, lora: dict[str, Any]) -> None:
-        path = lora["path"]
-        scale = lora.get("scaled", 1.0)
-        if not os.path.isfile(path) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            self.close()
-            raise InvalidParamsError(f"init_llama: lora_list entry {lora!r} needs an existing 'path' and a numeric "
-                                     "'scaled'")
-        self._lora_name = os.path.splitext(os.path.basename(path))[0].encode()
-        self._lora_path = os.fsencode(path)
-        adapter = C.pointer(self._abi.structs["RKLLMLoraAdapter"](self._lora_path, self._lora_name, float(scale)))
-        if self._rt.rkllm_load_lora(self._handle, adapter) != 0:
-            self.close()
-            raise ModelLoadError(f"Failed to load model: rkllm_load_lora refused {path}")
-        self._lora = self._abi.structs["RKLLMLoraParam"](self._lora_name)
+    # -- LoRA and the cache --------------------------------------------------------
+    def set_lora(self, adapters: list[tuple[str, float]]) -> None:
+        if len(adapters) > 1:
+            raise InvalidParamsError(f"the RKLLM runtime applies one LoRA adapter per run; got {len(adapters)}")
+        lora = None
+        for path, scale in adapters:
+            name = self._lora_names.get((path, scale))  # the runtime takes the scale when it loads an adapter
+            if name is None:
+                stem = os.path.splitext(os.path.basename(path))[0]
+                name = (stem if len(self._lora_names) == 0 else f"{stem}-{len(self._lora_names)}").encode()
+                encoded = os.fsencode(path)
+                adapter = self._abi.structs["RKLLMLoraAdapter"](encoded, name, float(scale))
+                if self._rt.rkllm_load_lora(self._handle, C.byref(adapter)) != 0:
+                    raise ModelLoadError(f"Failed to apply lora adapters: rkllm_load_lora refused {path}")
+                self._lora_names[(path, scale)] = name
+                self._keep_alive += [encoded, name]  # whether the runtime copies the strings is undocumented
+            lora = self._abi.structs["RKLLMLoraParam"](name)
+        self._lora = lora
+        self.clear_cache(False)
+
+    def clear_cache(self, clear_data: bool) -> None:
+        self._finish_run()
+        self._tokens, self._session = [], []  # every run clears the runtime's KV cache and sends its whole prompt
 
     # -- model description -------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
