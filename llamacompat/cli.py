@@ -1,16 +1,20 @@
-"""The ``llamacompat`` command: complete, chat and info on the default model or any GGUF."""
+"""The ``llamacompat`` command: chat, complete, bench, info, serve, grammar, session and conformance."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
+import shutil
 import sys
+import traceback
 from typing import Any, Sequence
 
-from . import init_llama, load_llama_model_info
+from . import LlamaContext, init_llama, load_llama_model_info
 from .errors import LlamaCompatWarning, LlamaError
-from .models import DEFAULT_MODEL, local_path
+from .models import DEFAULT_MODEL, local_path, resolve_model
 from .sessions import read_header, read_sidecar
 
 __all__ = ["main"]
@@ -29,25 +33,65 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the full result as JSON after the text")
 
 
+def _key_value(text: str) -> str:
+    """``--param KEY=VALUE``, checked by argparse so a bad one is a usage error (exit 2)."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+EXIT_CODES = """exit codes:
+  0    done (grammar test: the text is accepted)
+  1    an error (one line on stderr: llamacompat: error [code]: message; --debug adds the traceback),
+       a failed conformance check, or a rejected text (grammar test)
+  2    bad command-line usage
+  130  interrupted with Ctrl-C"""
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamacompat", description="llama.rn's API for Python, on local backends.")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's own default must not undo "llamacompat --debug chat"
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="log to stderr (native logs included) and show tracebacks")
+    parser = argparse.ArgumentParser(prog="llamacompat", description="llama.rn's API for Python, on local backends.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    complete = sub.add_parser("complete", help="continue a raw prompt, streaming tokens")
+    add = functools.partial(sub.add_parser, parents=[common])
+    complete = add("complete", help="continue a raw prompt, streaming tokens")
     complete.add_argument("prompt")
     _add_model_args(complete)
-    chat = sub.add_parser("chat", help="answer one chat message with the model's chat template, streaming tokens")
-    chat.add_argument("message")
+    chat = add("chat", help="chat with the model: interactive, or answer one MESSAGE and exit")
+    chat.add_argument("message", nargs="?", help="answer this one message and exit (no message: interactive chat)")
     _add_model_args(chat)
-    info = sub.add_parser("info", help="print a GGUF file's metadata without loading it")
+    bench = add("bench", help="llama.rn's bench figures (prompt and generation tokens/s) as a table")
+    bench.add_argument("--model", default=DEFAULT_MODEL, help="GGUF path or model folder (default: smollm2)")
+    bench.add_argument("--backend", action="append", default=[], help="backend to measure (repeatable; default auto)")
+    bench.add_argument("--compare", action="store_true", help="measure every installed backend that loads the model")
+    bench.add_argument("--pp", type=_positive, default=128, help="prompt tokens (default 128)")
+    bench.add_argument("--tg", type=_positive, default=64, help="generated tokens (default 64)")
+    bench.add_argument("--nr", type=_positive, default=3, help="rounds per backend; the table shows medians (default 3)")
+    bench.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                       help="another init_llama param (repeatable; VALUE is JSON or a string)")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    info = add("info", help="print a GGUF file's metadata without loading it")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
-    conformance = sub.add_parser("conformance", help="run the conformance checks against a backend and print a table")
+    conformance = add("conformance", help="run the conformance checks against a backend and print a table")
     conformance.add_argument("--backend", action="append", default=[],
                              help="backend to check (repeatable; default: every installed built-in backend)")
-    conformance.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+    conformance.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                              help="init_llama param (repeatable; VALUE is JSON or a string), e.g. model=/path/to.gguf")
     conformance.add_argument("--check", action="append", default=[], help="run only this check (repeatable)")
-    grammar = sub.add_parser("grammar", help="check and test GBNF grammars, convert JSON schemas, list and show the built-in ones")
+    grammar = add("grammar", help="check and test GBNF grammars, convert JSON schemas, list and show the built-in ones")
     grammar_sub = grammar.add_subparsers(dest="action", required=True)
     check = grammar_sub.add_parser("check", help="parse and check GBNF files ('-' reads standard input)")
     check.add_argument("files", nargs="+")
@@ -62,12 +106,12 @@ def _build_parser() -> argparse.ArgumentParser:
     grammar_sub.add_parser("list", help="list the built-in grammars")
     show = grammar_sub.add_parser("show", help="print a built-in grammar")
     show.add_argument("name")
-    serve = sub.add_parser("serve", help="serve one model to other processes over a Unix socket (or TCP with a token)")
+    serve = add("serve", help="serve one model to other processes over a Unix socket (or TCP with a token)")
     serve.add_argument("--model", default=DEFAULT_MODEL, help="GGUF path or model folder (default: smollm2)")
     serve.add_argument("--backend", default="auto", help="backend that loads the model (default: auto)")
     serve.add_argument("--n-ctx", type=int, default=2048, help="context size in tokens (default 2048)")
     serve.add_argument("--embedding", action="store_true", help="enable embedding requests")
-    serve.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+    serve.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                        help="another init_llama param (repeatable; VALUE is JSON or a string)")
     serve.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR or the temp folder, "
                                         "llamacompat-<uid>.sock)")
@@ -79,7 +123,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sessions-dir", help="folder session files may be saved to and loaded from "
                                               "(sessions are disabled without it)")
     serve.add_argument("--n-predict", type=int, default=512, help="tokens INFER / INFER_STREAM generate at most")
-    session = sub.add_parser("session", help="work with session files").add_subparsers(dest="action", required=True)
+    session = add("session", help="work with session files").add_subparsers(dest="action", required=True)
     inspect = session.add_parser("inspect", help="print a session file's header, identity and (with --model) its text")
     inspect.add_argument("file")
     inspect.add_argument("--model", help="model whose vocabulary turns the tokens back into text")
@@ -173,11 +217,7 @@ def _conformance(args: argparse.Namespace) -> int:
     if unknown:
         print(f"llamacompat: unknown check {unknown[0]!r}; checks: {', '.join(CHECKS)}", file=sys.stderr)
         return 2
-    try:
-        params = parse_params(args.param)
-    except ValueError as err:
-        print(f"llamacompat: --param: {err}", file=sys.stderr)
-        return 2
+    params = parse_params(args.param)
     failed = False
     for backend in args.backend or installed_builtin_backends():
         outcomes = run_checks(backend, params, args.check or None)
@@ -190,11 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .bridge.server import run_server
     from .conformance.kit import parse_params
 
-    try:
-        extra = parse_params(args.param)
-    except ValueError as err:
-        print(f"llamacompat: --param: {err}", file=sys.stderr)
-        return 2
+    extra = parse_params(args.param)
     params = {"model": args.model, "backend": args.backend, "n_ctx": args.n_ctx, "embedding": args.embedding, **extra}
 
     def ready(addresses: list[str]) -> None:
@@ -233,15 +269,36 @@ def _inspect_session(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(params: dict[str, Any], quiet: bool = False) -> LlamaContext:
+    """``init_llama`` with a progress bar on stderr while the model loads (a terminal only)."""
+    if quiet or not sys.stderr.isatty():
+        return init_llama(params)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    name = os.path.basename(str(params.get("model") or DEFAULT_MODEL))
+    with Progress(TextColumn("loading {task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(name, total=100)
+        return init_llama(params, lambda percent: bar.update(task, completed=percent))
+
+
+def _model_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.model, "backend": args.backend, "n_ctx": args.n_ctx}
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"n_predict": args.n_predict, "temperature": args.temperature, "seed": args.seed, "stop": args.stop}
+
+
 def _run_completion(args: argparse.Namespace, request: dict[str, Any]) -> int:
-    params = {"model": args.model, "backend": args.backend, "n_ctx": args.n_ctx}
-    request.update(n_predict=args.n_predict, temperature=args.temperature, seed=args.seed, stop=args.stop)
+    request.update(_sampling(args))
 
     def show(event: dict[str, Any]) -> None:
         sys.stdout.write(event["token"])
         sys.stdout.flush()
 
-    with init_llama(params) as ctx:
+    with _load(_model_params(args), quiet=args.json) as ctx:
         try:
             result = ctx.completion(request, show)
         except KeyboardInterrupt:  # Ctrl-C ends the answer, not with a traceback
@@ -253,35 +310,99 @@ def _run_completion(args: argparse.Namespace, request: dict[str, Any]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    try:
-        if args.command == "info":
-            info = load_llama_model_info(args.model)
-            if args.json:
-                print(json.dumps(info, indent=2, ensure_ascii=False))
-            else:
-                width = max(map(len, info))
-                for key, value in info.items():
-                    value = value if len(value) <= 100 else value[:97] + "..."
-                    print(f"{key:<{width}}  {value}".replace("\n", "\\n"))
-            return 0
-        if args.command == "grammar":
-            return _grammar(args)
-        if args.command == "conformance":
-            return _conformance(args)
-        if args.command == "session":
-            return _inspect_session(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "complete":
-            return _run_completion(args, {"prompt": args.prompt})
+def _chat(args: argparse.Namespace) -> int:
+    if args.message is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.message}
         ]
         return _run_completion(args, {"messages": messages})
-    except LlamaError as err:
-        print(f"llamacompat: error [{err.code}]: {err}", file=sys.stderr)
+    from .repl import Repl
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # pragma: no cover - not on every platform
+        pass
+    with _load(_model_params(args)) as ctx:
+        return Repl(ctx, _sampling(args), args.system).run()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import backends_for, format_table, run_bench
+    from .conformance.kit import parse_params
+
+    params = parse_params(args.param)
+    backends = backends_for(args.model) if args.compare else args.backend or [_auto_backend(args.model)]
+    if not backends:
+        print(f"llamacompat: error: no installed backend loads {args.model}", file=sys.stderr)
+        return 1
+    steps = len(backends) * args.nr
+    if args.json or not sys.stderr.isatty():
+        rows = run_bench(args.model, backends, args.pp, args.tg, args.nr, params)
+    else:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True),
+                      transient=True) as bar:
+            task = bar.add_task("bench", total=steps)
+            rows = run_bench(args.model, backends, args.pp, args.tg, args.nr, params, lambda: bar.advance(task))
+    header, cells = format_table(rows)
+    if args.json:
+        fastest = max(row.median("speedTg") for row in rows)
+        print(json.dumps({"model": args.model, "pp": args.pp, "tg": args.tg, "nr": args.nr,
+                          "results": [row.as_dict(fastest) for row in rows]}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{os.path.basename(args.model)}: pp {args.pp}, tg {args.tg}, median of {args.nr}")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in cells:
+        table.add_row(*row)
+    Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
+    return 0
+
+
+def _auto_backend(model: str) -> str:
+    from .registry import select_backend
+
+    return select_backend("auto", resolve_model(model)).name
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "info":
+        info = load_llama_model_info(args.model)
+        if args.json:
+            print(json.dumps(info, indent=2, ensure_ascii=False))
+        else:
+            width = max(map(len, info))
+            for key, value in info.items():
+                value = value if len(value) <= 100 else value[:97] + "..."
+                print(f"{key:<{width}}  {value}".replace("\n", "\\n"))
+        return 0
+    commands = {"grammar": _grammar, "conformance": _conformance, "session": _inspect_session, "serve": _serve,
+                "bench": _bench, "chat": _chat}
+    if args.command in commands:
+        return commands[args.command](args)
+    return _run_completion(args, {"prompt": args.prompt})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("llamacompat: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line; the traceback only with --debug
+        if debug:
+            traceback.print_exc()
+        code = err.code if isinstance(err, LlamaError) else type(err).__name__
+        print(f"llamacompat: error [{code}]: {err}", file=sys.stderr)
         return 1
 
 

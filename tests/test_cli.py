@@ -71,3 +71,95 @@ def test_session_inspect(capsys, ctx, tmp_path):
     (tmp_path / "junk").write_bytes(b"not a session at all")
     assert main(["session", "inspect", str(tmp_path / "junk")]) == 1
     assert "not a llama.cpp session file" in capsys.readouterr().err
+
+
+def _spawn_chat(*args: str):
+    import pexpect
+
+    return pexpect.spawn(sys.executable, ["-m", "llamacompat.cli", "chat", "--n-ctx", "2048", *args],
+                         encoding="utf-8", timeout=120, dimensions=(40, 200))
+
+
+def test_interactive_chat_in_a_terminal(tmp_path):
+    """Ask, interrupt an answer with Ctrl-C, save, reset, load, quit: through a real pseudo-terminal."""
+    child = _spawn_chat("--n-predict", "600")
+    child.expect("loading")  # the progress bar, on a terminal only
+    child.expect("> ")
+    child.sendline("Name the capital of France.")
+    child.expect("Paris")
+    child.expect("\n> ")
+    child.sendline("Write a very long story about a dragon who learns to paint.")
+    child.expect_exact("paint.")  # the terminal's echo of the line
+    child.expect(r"\w\w")  # the answer has started
+    child.sendintr()
+    child.expect_exact("[interrupted]")
+    child.expect("\n> ")
+    session = str(tmp_path / "chat.session")
+    child.sendline(f"/save {session}")
+    child.expect(r"\(saved 4 messages, (\d+) tokens")
+    saved_tokens = int(child.match.group(1))
+    child.sendline("/reset")
+    child.expect_exact("(conversation forgotten)")
+    child.sendline(f"/load {session}")
+    child.expect(rf"\(loaded 4 messages, {saved_tokens} tokens")
+    child.sendline(f"/load {tmp_path / 'missing'}")
+    child.expect("llamacompat: error: .*missing")
+    child.expect("> ")
+    child.sendintr()  # at the prompt: a hint, not an exit
+    child.expect_exact("(Ctrl-D or /quit leaves)")
+    child.sendline("/quit")
+    child.expect(pexpect_eof())
+    child.close()
+    assert child.exitstatus == 0
+    history = json.loads(open(session + ".chat.json").read())["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert "Paris" in history[1]["content"] and history[3]["content"]
+
+
+def test_chat_leaves_on_ctrl_d():
+    child = _spawn_chat()
+    child.expect("> ")
+    child.sendeof()
+    child.expect(pexpect_eof())
+    child.close()
+    assert child.exitstatus == 0
+
+
+def pexpect_eof():
+    import pexpect
+
+    return pexpect.EOF
+
+
+def test_debug_shows_the_traceback_and_usage_errors_exit_2(capsys, tmp_path):
+    missing = str(tmp_path / "none.gguf")
+    assert main(["complete", "x", "--model", missing, "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("llamacompat: error [model_load_error]")
+    assert main(["--debug", "info", missing]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    try:
+        main(["chat", "--n-predict", "lots"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("argparse accepted a bad --n-predict")
+
+
+def test_bench_prints_llama_rn_figures(capsys):
+    assert main(["bench", "--pp", "32", "--tg", "8", "--nr", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["results"]
+    assert row["backend"] == "llama_cpp" and row["rounds"] == 2 and row["ratioTg"] == 1.0
+    assert row["speedPp"] > 0 and row["speedTg"] > 0 and row["ttftMs"] > 0
+    assert {"nKvMax", "nBatch", "speedPp", "speedTg", "tPp", "tTg"} <= set(row["bench"])
+    assert main(["bench", "--pp", "16", "--tg", "4", "--nr", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tg t/s" in out and "llama_cpp" in out
+    for bad in (["bench", "--nr", "0"], ["bench", "--param", "no-equals-sign"]):
+        try:
+            main(bad)
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        else:
+            raise AssertionError(f"argparse accepted {bad}")
