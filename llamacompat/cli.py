@@ -13,6 +13,7 @@ import traceback
 from typing import Any, Sequence
 
 from . import LlamaContext, init_llama, load_llama_model_info
+from .cli_models import add_models_parser, run_models
 from .errors import LlamaCompatWarning, LlamaError
 from .models import DEFAULT_MODEL, local_path, resolve_model
 from .sessions import read_header, read_sidecar
@@ -82,6 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                        help="another init_llama param (repeatable; VALUE is JSON or a string)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_models_parser(add)
     info = add("info", help="print a GGUF file's metadata without loading it")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
@@ -382,7 +384,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"{key:<{width}}  {value}".replace("\n", "\\n"))
         return 0
     commands = {"grammar": _grammar, "conformance": _conformance, "session": _inspect_session, "serve": _serve,
-                "bench": _bench, "chat": _chat}
+                "bench": _bench, "chat": _chat, "models": run_models}
     if args.command in commands:
         return commands[args.command](args)
     return _run_completion(args, {"prompt": args.prompt})

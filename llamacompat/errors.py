@@ -31,6 +31,8 @@ __all__ = [
     "OutOfMemoryError",
     "AuthenticationError",
     "RequestTimeoutError",
+    "DownloadError",
+    "ChecksumError",
     "LlamaCompatWarning",
     "map_exceptions",
     "error_from_code",
@@ -165,6 +167,20 @@ class RequestTimeoutError(LlamaError, TimeoutError):
 
     code = "timeout"
     default_message = "The server did not answer in time"
+
+
+class DownloadError(LlamaError, OSError):
+    """A model could not be brought into the cache (not found, no network, an interrupted transfer)."""
+
+    code = "download_error"
+    default_message = "Failed to download the model"
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file differs from the checksum its source publishes; nothing was added to the cache."""
+
+    code = "checksum_mismatch"
+    default_message = "The downloaded file does not match its checksum"
 
 
 def _classes(root: type[LlamaError]) -> Iterator[type[LlamaError]]:

@@ -7,6 +7,7 @@ offset and answers in milliseconds, with no extra dependency.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -14,7 +15,7 @@ from typing import Any
 
 from .errors import ModelLoadError
 
-__all__ = ["load_model_info", "read_metadata", "SKIPPED_KEYS"]
+__all__ = ["load_model_info", "read_metadata", "read_gguf", "SKIPPED_KEYS"]
 
 _MAGIC = b"GGUF"
 # type id -> struct format for scalars
@@ -75,6 +76,11 @@ def _to_str(value: Any) -> str:
 
 def read_metadata(path: str, *, skip: frozenset[str] = SKIPPED_KEYS) -> dict[str, Any]:
     """GGUF header as typed values, plus ``version``, ``alignment`` and ``data_offset``."""
+    return read_gguf(path, skip=skip)[0]
+
+
+def read_gguf(path: str, *, skip: frozenset[str] = SKIPPED_KEYS) -> tuple[dict[str, Any], int]:
+    """``read_metadata``'s header and the parameter count (the elements of every tensor)."""
     if not os.path.isfile(path):
         raise ModelLoadError(f"Failed to load model info: no such file: {path}")
     try:
@@ -95,13 +101,15 @@ def read_metadata(path: str, *, skip: frozenset[str] = SKIPPED_KEYS) -> dict[str
                 if key not in skip:
                     info[key] = value
             alignment = int(info.get("general.alignment", 32))
+            n_params = 0
             for _ in range(n_tensors):  # walk the tensor table to find where data starts
                 cur.skip_string()
                 n_dims = cur.unpack("<I")
+                n_params += math.prod(struct.unpack_from(f"<{n_dims}Q", buf, cur.pos))
                 cur.pos += 8 * n_dims + 4 + 8
             info["alignment"] = alignment
             info["data_offset"] = (cur.pos + alignment - 1) // alignment * alignment
-            return info
+            return info, n_params
     except (struct.error, ValueError, OSError) as err:
         raise ModelLoadError(f"Failed to load model info: {path} is truncated or corrupt ({err})") from err
 
