@@ -225,17 +225,40 @@ def test_async_twins(lora_files):
 
 
 # -- the other backends -------------------------------------------------------------
-def test_mlx_clears_its_cache_ranks_by_similarity_and_declares_no_lora(lora_files):
+def test_mlx_clears_its_cache_and_ranks_by_similarity():
     with init_llama({"backend": "mlx", "n_ctx": 512, "embedding": True}) as context:
-        assert context.capabilities["features"]["lora"] == "missing"
-        with pytest.raises(UnsupportedFeatureError, match="LoRA adapters"):
-            context.apply_lora_adapters([{"path": lora_files[0]}])
         context.completion(QUESTION)
         assert context.completion(QUESTION)["timings"]["cache_n"] > 0
         context.clear_cache()
         assert context.completion(QUESTION)["timings"]["cache_n"] == 0
         assert context.rerank("What is the capital of France?", DOCS)[0]["index"] == 0
         assert context.devices and context.gpu is False
+
+
+def test_mlx_applies_the_same_gguf_lora_as_llama_cpp(lora_files, model_path):
+    """The same adapter file on both backends: the first token's distribution moves the same way."""
+    a, b = lora_files
+    first = {"prompt": "The capital of France is", "n_predict": 1, "n_probs": 3, **GREEDY}
+
+    def top(context) -> dict[str, float]:
+        return {p["tok_str"]: p["prob"] for p in context.completion(first)["completion_probabilities"][0]["probs"]}
+
+    with init_llama({"backend": "mlx", "n_ctx": 512}) as mlx, \
+            init_llama({"n_ctx": 512, "n_threads": 2, "flash_attn_type": "off"}) as cpp:
+        assert mlx.capabilities["features"]["lora"] == "emulated"
+        base = top(mlx)
+        for adapters in ([{"path": a}], [{"path": a, "scaled": 0.5}, {"path": b}]):
+            mlx.apply_lora_adapters(adapters)
+            cpp.apply_lora_adapters(adapters)
+            ours, theirs = top(mlx), top(cpp)
+            assert ours != base and next(iter(ours)) == next(iter(theirs))
+            for token in set(ours) & set(theirs):
+                assert ours[token] == pytest.approx(theirs[token], abs=0.02), (adapters, ours, theirs)
+        with pytest.raises(ModelLoadError, match="expect general.type 'adapter'"):
+            mlx.apply_lora_adapters([{"path": model_path}])
+        assert len(mlx.get_loaded_lora_adapters()) == 2 and top(mlx) == ours  # the failed call changed nothing
+        mlx.remove_lora_adapters()
+        assert top(mlx) == base
 
 
 def test_the_bridge_forwards_rerank_lora_and_clear_cache(tmp_path, lora_files):

@@ -30,6 +30,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .gguf import load_gguf, meta_value, model_from_gguf
 from .grammar import GrammarMask, token_table
+from .lora import apply_lora, read_lora
 from .sampling import Sampling
 from ...vocab import Vocab, read_tokenizer_files, vocab_from_gguf
 
@@ -108,6 +109,8 @@ class MlxAdapter(Adapter):
         self._eog = vocab.eog
         self._table = None  # llguidance's tokenizer, built on the first grammar
         self._cache = make_prompt_cache(model)
+        self._lora_files: dict[str, Any] = {}  # path -> read_lora(path)
+        self._lora_bases: dict[str, Any] = {}  # module path -> the layer a LoRA stack wraps
         self._tokens: list[int] = []  # what the KV cache holds, in order
         self._steps: Iterator[tuple[int, mx.array]] | None = None
         self._last_logits: mx.array | None = None
@@ -118,7 +121,7 @@ class MlxAdapter(Adapter):
             "typical_p": "missing", "mirostat": "missing", "dry": "missing",
             "seed": "native", "n_probs": "native", "tokenize": "native", "detokenize": "native",
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
-            "rerank": "emulated" if self.embedding_enabled else "missing", "lora": "missing",
+            "rerank": "emulated" if self.embedding_enabled else "missing", "lora": "emulated",
             "interrupt_prompt": "native", "chat_template": "emulated", "session": "native", "prefix_cache": "native",
         })
 
@@ -227,6 +230,17 @@ class MlxAdapter(Adapter):
     @property
     def n_past(self) -> int:
         return len(self._tokens)
+
+    def set_lora(self, adapters: list[tuple[str, float]]) -> None:
+        files = [path for path, _ in adapters]
+        loaded = [(*self._lora_file(path), scale) for path, scale in adapters]  # every file read before any change
+        self._lora_bases = apply_lora(self._model, self._lora_bases, loaded, files)
+        self.clear_cache(False)
+
+    def _lora_file(self, path: str) -> tuple[Any, float]:
+        if path not in self._lora_files:
+            self._lora_files[path] = read_lora(path)
+        return self._lora_files[path]
 
     def clear_cache(self, clear_data: bool) -> None:
         self._cache, self._tokens = make_prompt_cache(self._model), []  # a fresh cache holds no data either

@@ -18,7 +18,7 @@ from mlx_lm.models import llama
 from ...errors import ModelLoadError
 from ...vocab import meta_value
 
-__all__ = ["load_gguf", "meta_value", "model_from_gguf"]
+__all__ = ["gguf_module_path", "load_gguf", "meta_value", "model_from_gguf"]
 
 # GGUF tensor name (after "blk.N.") -> mlx-lm llama module path
 _LAYER_TENSORS = {
@@ -74,14 +74,20 @@ def _model_args(meta: dict[str, Any], tensors: dict[str, mx.array], n_vocab: int
     )
 
 
-def _mlx_name(name: str) -> str:
-    base, _, kind = name.rpartition(".")
+def gguf_module_path(name: str) -> str | None:
+    """The mlx-lm module a GGUF tensor belongs to ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj")."""
+    base = name.rpartition(".")[0]
     layer = _LAYER_NAME.match(base)
     if layer and layer[2] in _LAYER_TENSORS:
-        return f"model.layers.{layer[1]}.{_LAYER_TENSORS[layer[2]]}.{kind}"
-    if base in _MODEL_TENSORS:
-        return f"{_MODEL_TENSORS[base]}.{kind}"
-    raise ModelLoadError(f"Failed to load model: unexpected tensor '{name}' for a llama model")
+        return f"model.layers.{layer[1]}.{_LAYER_TENSORS[layer[2]]}"
+    return _MODEL_TENSORS.get(base)
+
+
+def _mlx_name(name: str) -> str:
+    module = gguf_module_path(name)
+    if module is None:
+        raise ModelLoadError(f"Failed to load model: unexpected tensor '{name}' for a llama model")
+    return f"{module}.{name.rpartition('.')[2]}"
 
 
 def model_from_gguf(tensors: dict[str, mx.array], meta: dict[str, Any], path: str) -> llama.Model:
