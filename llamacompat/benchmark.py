@@ -19,7 +19,7 @@ from .context import LlamaContext, init_llama
 from .models import resolve_model
 from .registry import get_adapter, installed_builtin_backends
 
-__all__ = ["BenchRow", "backends_for", "run_bench", "format_table"]
+__all__ = ["BenchRow", "backends_for", "run_bench", "summarize", "format_table"]
 
 
 @dataclass
@@ -125,13 +125,15 @@ def run_bench(model: str, backends: list[str], pp: int, tg: int, nr: int, params
     return list(rows.values())
 
 
-def format_table(rows: list[BenchRow]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the comparison table (the CLI draws it)."""
+def summarize(rows: list[BenchRow]) -> list[dict[str, Any]]:
+    """Each backend's figures (``BenchRow.as_dict``), generation speed relative to the fastest backend's."""
     fastest = max((row.median("speedTg") for row in rows), default=0.0)
+    return [row.as_dict(fastest) for row in rows]
+
+
+def format_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the comparison table (the CLI draws it)."""
     header = ["backend", "pp t/s", "tg t/s", "first token ms", "memory MB", "load s", "tg vs fastest"]
-    cells = []
-    for row in rows:
-        d = row.as_dict(fastest)
-        cells.append([d["backend"], f"{d['speedPp']:.1f}", f"{d['speedTg']:.1f}", f"{d['ttftMs']:.1f}",
-                      f"{d['peakRssMb']:.0f}", f"{d['loadS']:.2f}", f"{d['ratioTg']:.2f}"])
+    cells = [[d["backend"], f"{d['speedPp']:.1f}", f"{d['speedTg']:.1f}", f"{d['ttftMs']:.1f}",
+              f"{d['peakRssMb']:.0f}", f"{d['loadS']:.2f}", f"{d['ratioTg']:.2f}"] for d in summary]
     return header, cells

@@ -329,7 +329,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .benchmark import backends_for, format_table, run_bench
+    from .benchmark import backends_for, format_table, run_bench, summarize
     from .conformance.kit import parse_params
 
     params = parse_params(args.param)
@@ -348,12 +348,12 @@ def _bench(args: argparse.Namespace) -> int:
                       transient=True) as bar:
             task = bar.add_task("bench", total=steps)
             rows = run_bench(args.model, backends, args.pp, args.tg, args.nr, params, lambda: bar.advance(task))
-    header, cells = format_table(rows)
+    summary = summarize(rows)
     if args.json:
-        fastest = max(row.median("speedTg") for row in rows)
-        print(json.dumps({"model": args.model, "pp": args.pp, "tg": args.tg, "nr": args.nr,
-                          "results": [row.as_dict(fastest) for row in rows]}, indent=2))
+        print(json.dumps({"model": args.model, "pp": args.pp, "tg": args.tg, "nr": args.nr, "results": summary},
+                         indent=2))
         return 0
+    header, cells = format_table(summary)
     from rich.console import Console
     from rich.table import Table
 

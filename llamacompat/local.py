@@ -213,10 +213,9 @@ class LocalCore:
         if adapter.capabilities.features.get("rerank") == "native":
             query_tokens = adapter.tokenize(query, False)
             scores = [adapter.rank(query_tokens, adapter.tokenize(doc, False)) for doc in documents]
-        else:  # an embedding model ranks by cosine similarity
-            target = np.asarray(normalize_embedding(adapter.embedding(adapter.tokenize(query, True)), 2))
-            scores = [float(target @ np.asarray(normalize_embedding(adapter.embedding(adapter.tokenize(doc, True)), 2)))
-                      for doc in documents]
+        else:  # an embedding model ranks by cosine similarity (dot products of L2-normalised embeddings)
+            target = np.asarray(self.embedding(query, 2)["embedding"])
+            scores = [float(target @ np.asarray(self.embedding(doc, 2)["embedding"])) for doc in documents]
         ranked = [{"score": float(score), "index": i, "document": doc}
                   for i, (score, doc) in enumerate(zip(scores, documents))]
         return sorted(ranked, key=lambda r: -r["score"])  # type: ignore[return-value]

@@ -29,8 +29,6 @@ FILE_TYPES = {
 # What the mlx backend maps from GGUF (llamacompat/adapters/mlx/gguf.py): llama models in types MLX reads.
 _MLX_GGUF_ARCHITECTURES = ("llama",)
 _MLX_GGUF_FILE_TYPES = (0, 1, 2, 3, 7)
-_SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "U32": 32, "I16": 16,
-                     "U16": 16, "I8": 8, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8}
 
 
 def model_format(path: str) -> str | None:
@@ -118,6 +116,5 @@ def _safetensors_params(path: str, bits: int | None) -> int:
         if name == "__metadata__" or (bits and name.endswith((".scales", ".biases"))):
             continue
         count = math.prod(tensor["shape"])
-        packed = _SAFETENSORS_BITS.get(tensor["dtype"], 0)
-        total += count * (packed // bits) if bits and tensor["dtype"] == "U32" else count
+        total += count * (32 // bits) if bits and tensor["dtype"] == "U32" else count
     return total

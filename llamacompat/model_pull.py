@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import urllib.parse
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import AuthenticationError, ChecksumError, DownloadError, InvalidParamsError
 from .model_cache import ModelCache, file_sha256, folder_sha256
@@ -63,7 +64,7 @@ def _pull_file(source: str, path: str, cache: ModelCache, name: str | None, link
     if kind is None:
         raise InvalidParamsError(f"models pull: {path} is not a GGUF file, an .rkllm file or an mlx-lm model folder")
     name = cache.check_name(name or _default_name(path))
-    digest = folder_sha256(path) if os.path.isdir(path) else file_sha256(path)
+    digest = _digest(path)
     if link:
         return cache.add(name, "", f"file:{path}", digest, link_to=path)
     with cache.staging() as stage:
@@ -242,33 +243,29 @@ def _silent_bar() -> type:
     return Silent
 
 
-class _hub_errors:
+@contextlib.contextmanager
+def _hub_errors(source: str, where: str) -> Iterator[None]:
     """huggingface_hub's and httpx2's exceptions as llamacompat errors that say what to do."""
+    import httpx2
+    from huggingface_hub import errors as hub
 
-    def __init__(self, source: str, where: str) -> None:
-        self.source, self.where = source, where
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, err: BaseException | None, _tb: Any) -> bool:
-        if err is None or not isinstance(err, Exception) or isinstance(err, (DownloadError, InvalidParamsError)):
-            return False
-        import httpx2
-        from huggingface_hub import errors as hub
-
+    try:
+        yield
+    except (DownloadError, InvalidParamsError):
+        raise
+    except Exception as err:  # noqa: BLE001 - what is not mapped below propagates as it is
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if isinstance(err, (hub.GatedRepoError,)) or getattr(getattr(err, "response", None), "status_code",
-                                                              None) in (401, 403):
-            raise AuthenticationError(f"models pull {self.source}: {self.where} refused access ({message}); set "
-                                      "HF_TOKEN to a token that may read the repository") from err
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(err, hub.GatedRepoError) or status in (401, 403):
+            raise AuthenticationError(f"models pull {source}: {where} refused access ({message}); set HF_TOKEN "
+                                      "to a token that may read the repository") from err
         if isinstance(err, (hub.RepositoryNotFoundError, hub.RemoteEntryNotFoundError, hub.RevisionNotFoundError,
                             hub.EntryNotFoundError)):
-            raise DownloadError(f"models pull {self.source}: not found on {self.where} ({message})") from err
+            raise DownloadError(f"models pull {source}: not found on {where} ({message})") from err
         if isinstance(err, (httpx2.ConnectError, httpx2.TimeoutException, hub.LocalEntryNotFoundError)):
-            raise DownloadError(f"models pull {self.source}: cannot reach {self.where} ({message}); check the "
-                                "network, a proxy, or HF_ENDPOINT") from err
+            raise DownloadError(f"models pull {source}: cannot reach {where} ({message}); check the network, "
+                                "a proxy, or HF_ENDPOINT") from err
         if isinstance(err, (hub.HfHubHTTPError, httpx2.HTTPError, OSError)):
-            raise DownloadError(f"models pull {self.source}: the download failed ({message}); pull again to "
-                                "resume it") from err
-        return False
+            raise DownloadError(f"models pull {source}: the download failed ({message}); pull again to resume "
+                                "it") from err
+        raise

@@ -9,11 +9,11 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .errors import InvalidParamsError, UnsupportedFeatureError, compat_warning
+from .models import local_path
 
 __all__ = ["Field", "validate", "validate_remote", "lora_entries", "init_lora", "COMPLETION_FIELDS", "CONTEXT_FIELDS",
            "EMBEDDING_FIELDS", "RERANK_FIELDS"]
@@ -246,7 +246,7 @@ def lora_entries(value: Any, where: str) -> list[dict[str, Any]]:
         unknown = set(item) - {"path", "scaled"}
         if unknown:
             raise unknown_key_error(sorted(unknown)[0], ["path", "scaled"], f"{where}: adapter [{i}]")
-        path = os.path.expanduser(path.removeprefix("file://"))
+        path = local_path(path)
         merged.pop(path, None)  # the last mention decides the scale and the order
         merged[path] = float(scale)
     return [{"path": path, "scaled": scale} for path, scale in merged.items()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -101,32 +102,41 @@ _SESSION_HINTS = {
 _DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel")
 
 
+@functools.cache
+def _ggml() -> Any:
+    """libggml's device-registry functions, bound once; None without them.
+
+    dlsym on libllama's handle finds ggml in libllama's own dependencies. (llama_cpp._ggml opens libggml.so
+    by another file name: a second copy of ggml, whose set-up corrupts the first one's.)
+    """
+    lib = lc.llama_cpp._lib
+    if not hasattr(lib, "ggml_backend_dev_count"):
+        return None
+    dev = ctypes.c_void_p
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes, lib.ggml_backend_dev_get.restype = [ctypes.c_size_t], dev
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = [dev], ctypes.c_char_p
+    lib.ggml_backend_dev_type.argtypes, lib.ggml_backend_dev_type.restype = [dev], ctypes.c_int
+    lib.ggml_backend_dev_memory.argtypes = [dev, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_dev_memory.restype = None
+    return lib
+
+
 def _ggml_devices() -> list[dict[str, Any]]:
     """ggml's device registry (llama.rn's getBackendDevicesInfo): llama-cpp-python binds none of it, so we do."""
-    # dlsym on libllama's handle finds ggml in libllama's own dependencies. (llama_cpp._ggml opens
-    # libggml.so by another file name: a second copy of ggml, whose set-up corrupts the first one's.)
-    libggml = lc.llama_cpp._lib
-    if not hasattr(libggml, "ggml_backend_dev_count"):
-        return []
-    dev = ctypes.c_void_p
-    libggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    libggml.ggml_backend_dev_get.argtypes, libggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], dev
-    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
-        getattr(libggml, name).argtypes, getattr(libggml, name).restype = [dev], ctypes.c_char_p
-    libggml.ggml_backend_dev_type.argtypes, libggml.ggml_backend_dev_type.restype = [dev], ctypes.c_int
-    libggml.ggml_backend_dev_memory.argtypes = [dev, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
-    libggml.ggml_backend_dev_memory.restype = None
-    out = []
-    for i in range(libggml.ggml_backend_dev_count()):
-        handle = libggml.ggml_backend_dev_get(i)
+    lib = _ggml()
+    out: list[dict[str, Any]] = []
+    for i in range(lib.ggml_backend_dev_count() if lib is not None else 0):
+        handle = lib.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        libggml.ggml_backend_dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
-        kind = libggml.ggml_backend_dev_type(handle)
+        lib.ggml_backend_dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
+        kind = lib.ggml_backend_dev_type(handle)
         out.append({
             "backend": "llama_cpp", "type": _DEVICE_TYPES[kind] if 0 <= kind < len(_DEVICE_TYPES) else str(kind),
-            "deviceName": libggml.ggml_backend_dev_name(handle).decode("utf-8", "replace"),
+            "deviceName": lib.ggml_backend_dev_name(handle).decode("utf-8", "replace"),
             "maxMemorySize": int(total.value),
-            "metadata": {"description": libggml.ggml_backend_dev_description(handle).decode("utf-8", "replace"),
+            "metadata": {"description": lib.ggml_backend_dev_description(handle).decode("utf-8", "replace"),
                          "freeMemory": int(free.value)},
         })
     return out
