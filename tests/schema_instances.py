@@ -49,10 +49,11 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any):
         yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-def is_valid(instance: Any, schema: Any) -> bool:
+def is_valid(instance: Any, schema: Any, root: Any = None) -> bool:
     """jsonschema's verdict under the schema's own draft (2020-12 by default), formats checked, patterns as
-    ECMA-262, and OpenAPI's ``nullable``."""
-    base = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    ECMA-262, and OpenAPI's ``nullable``. ``schema`` may be a part of ``root``, the document its $refs name."""
+    root = schema if root is None else root
+    base = jsonschema.validators.validator_for(root, default=jsonschema.Draft202012Validator)
     check_type = base.VALIDATORS["type"]
 
     def nullable_type(validator: Any, types: Any, instance: Any, schema: Any):
@@ -60,7 +61,7 @@ def is_valid(instance: Any, schema: Any) -> bool:
             yield from check_type(validator, types, instance, schema)
 
     validator = jsonschema.validators.extend(base, {"pattern": _ecma_pattern, "type": nullable_type})
-    return validator(schema, format_checker=base.FORMAT_CHECKER).is_valid(instance)
+    return validator(root, format_checker=base.FORMAT_CHECKER).evolve(schema=schema).is_valid(instance)
 
 
 # -- the converter's canonical form -----------------------------------------------------------------------
@@ -110,8 +111,7 @@ def _branch(schema: dict[str, Any], value: Any, root: Any) -> Any:
             siblings = {k: v for k, v in schema.items() if k != key}
             for branch in schema[key]:
                 candidate = {"allOf": [siblings, branch]} if siblings else branch
-                defs = {k: root[k] for k in ("$defs", "definitions") if isinstance(root, dict) and k in root}
-                if is_valid(value, {**defs, "allOf": [candidate]}):
+                if is_valid(value, candidate, root):
                     return candidate
     return schema
 

@@ -1,9 +1,9 @@
 """Property tests (hypothesis): a converted schema's grammar accepts its instances and rejects the rest.
 
-Instances come from hypothesis-jsonschema, are checked with jsonschema (patterns read as ECMA-262, formats
-checked), and are written the grammar's way (schema_instances.canonical). Two recognisers judge each text:
-this package's (over the parse_gbnf AST) and llama.cpp's own grammar engine; a third, llguidance on our
-Lark translation (the mlx backend's engine), must agree.
+Instances are drawn by schema_strategy (our own, on hypothesis's public strategies), kept only where jsonschema
+accepts them (patterns read as ECMA-262, formats checked), and written the grammar's way
+(schema_instances.canonical). Two recognisers judge each text: this package's (over the parse_gbnf AST) and
+llama.cpp's own grammar engine; a third, llguidance on our Lark translation (the mlx backend's engine), must agree.
 """
 
 from __future__ import annotations
@@ -14,24 +14,17 @@ import warnings
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from hypothesis_jsonschema import from_schema
 
 from llamacompat.grammars import accepts, convert_json_schema_to_grammar, parse_gbnf
 from .lark_grammar import lark_accepts
 from .llama_grammar import native_accepts, tokenizable
 from .schema_corpus import CORPUS
 from .schema_instances import OutsideLanguage, canonical, is_valid
+from .schema_strategy import instances
 
-# hypothesis-jsonschema cannot draw from recursive schemas, reads 2020-12 prefixItems as unknown, and
-# draws Unicode matches for \w \s \d, which ECMA-262 reads as ASCII (almost no draw is an instance).
-NOT_DRAWABLE = {"recursive tree", "recursive linked list", "comment thread", "prefixItems optional tail",
-                "ref escaped pointer", "geojson point", "pattern class escapes"}
-CASES = [c for c in CORPUS if c.expect == "ok" and isinstance(c.schema, (dict, bool)) and c.name not in NOT_DRAWABLE]
+CASES = [c for c in CORPUS if c.expect == "ok" and isinstance(c.schema, (dict, bool))]
 SETTINGS = settings(max_examples=12, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
-
-# hypothesis-jsonschema draws arbitrary text for formats it does not know.
-FORMATS = {"uuid": st.uuids().map(str)}
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(-1e6, 1e6, allow_nan=False) | st.text(max_size=8),
@@ -58,7 +51,7 @@ def test_instances_are_accepted(case, ctx):
     text, grammar = grammar_of(case)
 
     @SETTINGS
-    @given(from_schema(case.schema, custom_formats=FORMATS), st.booleans())
+    @given(instances(case.schema), st.booleans())
     def run(instance, indent):
         assume(is_valid(instance, case.schema))
         try:
@@ -116,7 +109,8 @@ def test_non_instances_are_rejected(case, ctx):
     @SETTINGS
     @given(st.data())
     def run(data):
-        instance = data.draw(from_schema(case.schema, custom_formats=FORMATS))
+        instance = data.draw(instances(case.schema))
+        assume(is_valid(instance, case.schema))
         broken = _mutations(data.draw, instance)
         assume(not is_valid(broken, case.schema))
         for written in (json.dumps(broken, ensure_ascii=False), json.dumps(broken, ensure_ascii=False, indent=2)):
