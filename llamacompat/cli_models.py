@@ -32,7 +32,7 @@ def add_models_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     get.add_argument("--json", action="store_true")
     remove = actions.add_parser("remove", help="delete a cached model (a linked one loses only its link)")
     remove.add_argument("name")
-    clean = actions.add_parser("clean", help="delete partial downloads and files no cached model uses")
+    clean = actions.add_parser("clean", help="delete partial downloads no pull holds and files no cached model uses")
     clean.add_argument("--json", action="store_true")
 
 
@@ -82,11 +82,12 @@ def run_models(args: argparse.Namespace) -> int:
         freed = cache.remove(args.name)
         print(f"removed {args.name} ({_mb(freed)} freed)")
         return 0
-    removed, freed = cache.clean()
+    removed, freed, skipped = cache.clean()
     if args.json:
-        print(json.dumps({"removed": removed, "freed": freed}))
+        print(json.dumps({"removed": removed, "freed": freed, "skipped": skipped}))
     else:
-        print(f"removed {len(removed)} item(s), {_mb(freed)} freed" + "".join(f"\n  {p}" for p in removed))
+        print(f"removed {len(removed)} item(s), {_mb(freed)} freed" + "".join(f"\n  {p}" for p in removed)
+              + "".join(f"\nskipped {p}: a pull in progress holds it" for p in skipped))
     return 0
 
 

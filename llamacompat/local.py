@@ -9,7 +9,6 @@ logit bias) and runs them on one adapter. The bridge server drives a
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any, Generator
@@ -34,12 +33,10 @@ from .errors import (
 from .grammars.builtin import checked_grammar
 from .grammars.schema import convert_json_schema_to_grammar
 from .models import local_path
-from .sessions import atomic_write, check_identity, read_sidecar, write_sidecar
+from .sessions import check_identity, read_sidecar, save_with_sidecar
 from .types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
 
 __all__ = ["LocalCore", "unsupported", "session_path"]
-
-logger = logging.getLogger(__name__)
 
 
 def unsupported(strict: bool, message: str) -> None:
@@ -267,7 +264,12 @@ class LocalCore:
         self.require("session", "load_session")
         if not os.path.isfile(path):
             raise SessionError(f"Failed to load session: no such file: {path}")
-        saved = read_sidecar(path)
+        try:
+            saved = read_sidecar(path)  # checks the file's checksum before any native loader reads it
+        except SessionError:
+            raise
+        except OSError as err:
+            raise SessionError(f"Failed to load session: cannot read {path}: {err.strerror or err}") from err
         if saved is not None:
             check_identity(saved, self.adapter.session_identity(), path)
         tokens = self.adapter.load_session(path)
@@ -280,18 +282,13 @@ class LocalCore:
         self.require("session", "save_session")
         if os.path.isdir(path):
             raise SessionError(f"Failed to save session: {path} is a folder; pass a file path")
-        saved: list[int] = []
         try:
-            atomic_write(path, lambda tmp: saved.append(self.adapter.save_session(tmp, token_size)))
+            return save_with_sidecar(path, lambda tmp: self.adapter.save_session(tmp, token_size),
+                                     self.adapter.session_identity())
         except SessionError:
             raise
-        except OSError as err:
+        except OSError as err:  # nothing changed: the previous file and its sidecar are as they were
             raise SessionError(f"Failed to save session: {path}: {err.strerror or err}") from err
-        try:
-            write_sidecar(path, self.adapter.session_identity(), saved[0])
-        except OSError as err:  # the session itself is saved; it just loads without the identity check
-            logger.warning("session %s saved, but its identity sidecar could not be written: %s", path, err)
-        return saved[0]
 
     def close(self) -> None:
         self.adapter.close()

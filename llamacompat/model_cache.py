@@ -5,6 +5,7 @@ Layout::
     index.json         name -> entry (backends, format, quantisation, size, source, sha256, last used)
     models/NAME/...    one folder per model: the GGUF or .rkllm file, or an mlx-lm folder's files
     partial/KEY/...    downloads in progress (a later pull of the same source resumes them)
+    partial/KEY.lock   held while a pull uses partial/KEY: ``clean`` skips what a pull holds
     .lock              held while the index changes, so two processes never lose each other's entries
 
 A model appears in ``models/`` and the index only once it is complete and verified:
@@ -21,8 +22,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from typing import Any, Iterator
 
@@ -71,6 +72,32 @@ def _size(path: str) -> int:
                if not os.path.islink(os.path.join(d, f)))
 
 
+def _lock(path: str, wait: bool = True) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): its descriptor, or None when ``wait`` is
+    False and another process holds it. Close the descriptor to release it.
+
+    A holder may unlink the lock file before it releases it (a finished pull, or ``clean``): a waiter
+    then wakes up holding a file nobody else can see, so after locking we check that ``path`` still
+    names the very file we hold, and start again if not.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = os.fstat(fd)
+            with contextlib.suppress(FileNotFoundError):
+                now = os.stat(path)
+                if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                    return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 class ModelCache:
     """One cache folder; every method is safe to call from several processes at once."""
 
@@ -85,13 +112,15 @@ class ModelCache:
     def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
         """The index, under the lock; written back (atomically) when the block ends without an error."""
         os.makedirs(self.models_dir, exist_ok=True)
-        with open(os.path.join(self.root, ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        fd = _lock(os.path.join(self.root, ".lock"))
+        try:
             models = self._read()
             before = json.dumps(models, sort_keys=True)
             yield models
             if json.dumps(models, sort_keys=True) != before:
                 atomic_write_bytes(self.index_path, json.dumps({"version": 1, "models": models}, indent=1).encode())
+        finally:
+            os.close(fd)
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
@@ -134,27 +163,29 @@ class ModelCache:
 
     @contextlib.contextmanager
     def staging(self, resume_key: str | None = None) -> Iterator[str]:
-        """A folder under ``partial/`` for one pull, removed once the block succeeds.
+        """A folder under ``partial/`` for one pull, locked while the pull uses it (``clean`` skips it) and
+        removed once the block succeeds.
 
         With ``resume_key`` (a source whose downloads can resume) it is the same folder for every pull of
-        that source, kept when the pull fails and locked while one pull uses it; without, a fresh folder
-        that goes either way.
+        that source, kept when the pull fails; a second pull of it waits for the first. Without, a fresh
+        folder that goes either way.
         """
         os.makedirs(self.partial_dir, exist_ok=True)
-        if resume_key is None:
-            path = tempfile.mkdtemp(dir=self.partial_dir)
+        key = hashlib.sha256(resume_key.encode()).hexdigest()[:16] if resume_key else f"tmp-{secrets.token_hex(8)}"
+        path = os.path.join(self.partial_dir, key)
+        fd = _lock(path + ".lock")  # before the folder exists, so clean never sees it unlocked
+        try:
+            os.makedirs(path, exist_ok=True)
             try:
                 yield path
-            finally:
-                shutil.rmtree(path, ignore_errors=True)
-            return
-        path = os.path.join(self.partial_dir, hashlib.sha256(resume_key.encode()).hexdigest()[:16])
-        with open(path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            os.makedirs(path, exist_ok=True)
-            yield path
+            except BaseException:
+                if resume_key is None:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
             shutil.rmtree(path, ignore_errors=True)
-            os.unlink(path + ".lock")
+            os.unlink(path + ".lock")  # while held: a waiter sees it gone and locks a new file
+        finally:
+            os.close(fd)
 
     def add(self, name: str, staged: str, source: str, sha256: str, *, link_to: str | None = None) -> dict[str, Any]:
         """Move ``staged`` (a file or folder under ``partial/``, or None with ``link_to``) into the cache as
@@ -193,18 +224,32 @@ class ModelCache:
             folder = os.path.join(self.models_dir, name)
             return self._delete_inside(folder)
 
-    def clean(self) -> tuple[list[str], int]:
-        """Remove partial downloads and anything under ``models/`` that no entry refers to: (paths, bytes)."""
-        removed, freed = [], 0
+    def clean(self) -> tuple[list[str], int, list[str]]:
+        """Remove partial downloads no pull holds and anything under ``models/`` that no entry refers to:
+        (paths removed, bytes freed, partial downloads skipped because a pull holds them)."""
+        removed, freed, skipped = [], 0, []
+        names = os.listdir(self.partial_dir) if os.path.isdir(self.partial_dir) else []
+        for key in sorted({name.removesuffix(".lock") for name in names}):
+            path = os.path.join(self.partial_dir, key)
+            fd = _lock(path + ".lock", wait=False)  # by name, whatever the listing showed: it may be stale
+            if fd is None:
+                skipped.append(path)
+                continue
+            try:
+                if os.path.lexists(path):
+                    freed += self._delete_inside(path)
+                    removed.append(path)
+                os.unlink(path + ".lock")
+            finally:
+                os.close(fd)
         with self._locked() as models:
             known = {entry["path"].split(os.sep)[0] for entry in models.values()}
-            for parent, keep in ((self.partial_dir, set()), (self.models_dir, known)):
-                for child in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-                    if child not in keep:
-                        path = os.path.join(parent, child)
-                        freed += self._delete_inside(path)
-                        removed.append(path)
-        return removed, freed
+            for child in sorted(os.listdir(self.models_dir)):
+                if child not in known:
+                    path = os.path.join(self.models_dir, child)
+                    freed += self._delete_inside(path)
+                    removed.append(path)
+        return removed, freed, skipped
 
     def _delete_inside(self, path: str) -> int:
         """Delete ``path``, which must lie in this cache; symlinks are removed, never followed."""

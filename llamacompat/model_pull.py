@@ -145,15 +145,19 @@ def _pull_hf(source: str, spec: str, cache: ModelCache, name: str | None, progre
     token = os.environ.get("HF_TOKEN") or None
     where = endpoint or "https://huggingface.co"
     quiet = None if progress else _silent_bar()
+    if filename:
+        _safe_name(filename, f"models pull {source}: the file name", InvalidParamsError)
     with _hub_errors(source, where):
         files = [filename] if filename else _repo_model_files(hub.HfApi(endpoint=endpoint, token=token), repo, source)
+    for file in files:  # a mirror's listing is input too: '../evil.gguf' must not leave partial/
+        _safe_name(file, f"models pull {source}: {where} lists the file", DownloadError)
     single = len(files) == 1 and model_format(files[0]) in ("gguf", "rkllm")
     name = cache.check_name(name or (_default_name(files[0]) if single else repo.split("/")[1]))
     with cache.staging(resume_key=f"hf:{repo}") as stage:
         with _hub_errors(source, where):
             for file in files:
                 _download(hub, repo, file, stage, endpoint, token, quiet, source)
-        staged = os.path.join(stage, files[0]) if single else _folder_of(stage, files)
+        staged = _inside(stage, files[0]) if single else _folder_of(stage, files)
         return cache.add(name, staged, source, _digest(staged))
 
 
@@ -168,14 +172,14 @@ def _download(hub: Any, repo: str, file: str, stage: str, endpoint: str | None, 
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
-    done = os.path.join(stage, file)
+    done = _inside(stage, file)
     resolve = hub.hf_hub_url(repo, file, endpoint=endpoint)
     meta = hub.get_hf_file_metadata(resolve, token=token, endpoint=endpoint)
     # huggingface_hub's rule: a redirect is followed up front, except for Xet-stored files (served over HTTP too)
     url = meta.location if meta.xet_file_data is None else resolve
     etag = (meta.etag or "").strip('"')
     if not os.path.isfile(done):
-        part = f"{done}.{etag[:16]}.part"  # a file that changed on the hub starts afresh
+        part = _inside(stage, f"{file}.{etag[:16]}.part")  # a file that changed on the hub starts afresh
         os.makedirs(os.path.dirname(part), exist_ok=True)
         have = os.path.getsize(part) if os.path.isfile(part) else 0
         if meta.size is not None and have > meta.size:
@@ -209,8 +213,27 @@ def _folder_of(stage: str, files: list[str]) -> str:
     folder = os.path.join(stage, "model")
     os.makedirs(folder, exist_ok=True)
     for file in files:
-        os.replace(os.path.join(stage, file), os.path.join(folder, file))
+        os.replace(_inside(stage, file), _inside(folder, file))
     return folder
+
+
+def _safe_name(name: object, what: str, error: type[Exception]) -> str:
+    """A relative path of plain parts: no absolute path, '..', '.', empty part, backslash or NUL."""
+    if (not isinstance(name, str) or "\\" in name or "\0" in name
+            or any(part in ("", ".", "..") for part in name.split("/"))):  # '/x' has an empty first part
+        raise error(f"{what} {name!r}, which is not a plain relative path (no absolute path, '..', '.', empty "
+                    "part, backslash or NUL); refusing to write it")
+    return name
+
+
+def _inside(folder: str, name: str) -> str:
+    """``folder/name`` for a checked ``name``, and only if the resolved path stays inside ``folder``."""
+    _safe_name(name, "models pull: the file name", DownloadError)
+    path = os.path.join(folder, name)
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise DownloadError(f"refusing to write {path}: it resolves outside {folder}")
+    return path
 
 
 def _verify(path: str, etag: str, source: str, file: str) -> None:

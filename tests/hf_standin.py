@@ -7,7 +7,9 @@
 
 Faults, switched on by the tests: ``cut_after`` ends the next ``cuts`` downloads after that many bytes
 (the connection just closes, as on a network drop), ``unavailable`` answers downloads 503, and ``lie``
-advertises a wrong checksum for the files it names. Every request is recorded as (method, path, Range).
+advertises a wrong checksum for the files it names, and ``stall_after`` holds the next download after that
+many bytes (setting ``stalled``) until the test sets ``go_on``. Every request is recorded as (method, path,
+Range).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import posixpath
 import re
 import threading
+import urllib.parse
 from typing import Any
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -36,6 +40,8 @@ class HubStandIn:
         self.unavailable = False
         self.down_after_cut = False  # a cut also makes the hub unavailable (the pull then fails)
         self.lie: set[str] = set()
+        self.stall_after: int | None = None
+        self.stalled, self.go_on = threading.Event(), threading.Event()
         self.bytes_sent = 0
         hub = self
 
@@ -79,9 +85,14 @@ class HubStandIn:
                        for name, data in sorted(files.items())]
             return self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(listing).encode(), body)
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", h.path)
-        if match is None:
+        found = self._hostile(h.path) if match is None or urllib.parse.unquote(match.group(3)) not in \
+            self.repos.get(match.group(1), {}) else None
+        if found:
+            repo, name = found
+        elif match is None:
             return self._error(h, 404, None, "no such endpoint")
-        repo, name = match.group(1), match.group(3)
+        else:
+            repo, name = match.group(1), urllib.parse.unquote(match.group(3))
         files = self.repos.get(repo)
         if files is None:
             return self._error(h, 404, "RepoNotFound", "Repository not found")
@@ -105,6 +116,20 @@ class HubStandIn:
             start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1))
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         payload = data[start:]
+        if self.stall_after is not None:
+            held, self.stall_after = self.stall_after, None
+            headers["Content-Length"] = str(len(payload))
+            h.send_response(206 if wanted else 200)
+            for key, value in headers.items():
+                h.send_header(key, value)
+            h.end_headers()
+            h.wfile.write(payload[:held])
+            h.wfile.flush()
+            self.stalled.set()
+            self.go_on.wait(60)  # bounded: a test that forgets to release it still ends
+            h.wfile.write(payload[held:])
+            self.bytes_sent += len(payload)
+            return None
         if self.cut_after is not None and self.cuts > 0:
             self.cuts -= 1
             headers["Content-Length"] = str(len(payload))
@@ -120,6 +145,16 @@ class HubStandIn:
             return None
         self.bytes_sent += len(payload)
         self._send(h, 206 if wanted else 200, headers, payload, True)
+
+    def _hostile(self, path: str) -> tuple[str, str] | None:
+        """The listed file a URL names once the client normalised it ('resolve/main/../evil.gguf' arrives as
+        'resolve/evil.gguf'): a hostile mirror serves the names it lists, whatever they are."""
+        wanted = urllib.parse.unquote(path.split("?")[0])
+        for repo, files in self.repos.items():
+            for name in files:
+                if posixpath.normpath(f"/{repo}/resolve/main/{name}") == wanted:
+                    return repo, name
+        return None
 
     def _send(self, h: http.server.BaseHTTPRequestHandler, status: int, headers: dict[str, str], payload: bytes,
               body: bool) -> None:

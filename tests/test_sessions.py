@@ -25,7 +25,8 @@ from llamacompat import (
     UnsupportedFeatureError,
     init_llama,
 )
-from llamacompat.sessions import read_header, sidecar_path
+from llamacompat.sessions import file_crc32, read_header, sidecar_path
+from llamacompat.sessions.sidecar import SUFFIX
 
 from .conftest import GREEDY, run_in_background
 
@@ -108,6 +109,8 @@ def test_sidecar_records_the_model_identity(sctx, tmp_path):
     doc = json.loads(open(sidecar_path(str(path))).read())
     assert doc["backend"] == "llama_cpp" and doc["layout"] == {"cache_type_k": "f16", "cache_type_v": "f16"}
     assert len(doc["model"]["fingerprint"]) == 64 and doc["file"]["size"] == os.path.getsize(path)
+    assert doc["file"] == {"size": os.path.getsize(path), "crc32": file_crc32(str(path))}
+    assert "previous" not in doc  # a new path: no file before it
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)  # conversation state stays private
 
 
@@ -246,13 +249,20 @@ def test_other_model_is_refused_by_its_sidecar(sctx, tmp_path, renamed_model):
         assert cached_prefix(other, PROMPT) == len(other.tokenize(PROMPT)["tokens"]) - 1
 
 
-def test_stale_sidecar_is_ignored(sctx, raw_llama, tmp_path):
+def test_a_file_rewritten_elsewhere_is_refused_until_its_sidecar_goes(sctx, raw_llama, tmp_path):
+    """Another program's rewrite cannot be told from damage: the sidecar's checksum refuses it, and says how to
+    load it unchecked."""
     path = tmp_path / "stale.session"
     saved_session(sctx, path)
     tokens = raw_llama.tokenize(b"Hello there", add_bos=False, special=True)
     raw_llama.eval(tokens)
     arr = (lc.llama_token * len(tokens))(*tokens)
     assert lc.llama_state_save_file(raw_llama._ctx.ctx, str(path).encode(), arr, len(tokens))  # rewritten elsewhere
+    n_prompt = _prime_state(sctx)
+    with pytest.raises(SessionError, match="does not match the checksum .*delete the sidecar to load it unchecked"):
+        sctx.load_session(str(path))
+    _assert_untouched(sctx, n_prompt)
+    os.unlink(sidecar_path(str(path)))
     assert sctx.load_session(str(path)) == {"tokens_loaded": len(tokens), "prompt": "Hello there"}
 
 
@@ -352,27 +362,42 @@ def test_native_write_failure_keeps_the_previous_file(sctx, tmp_path):
     assert sctx.load_session(str(path))["tokens_loaded"] == n
 
 
-def test_killed_during_save_keeps_the_previous_file(sctx, tmp_path):
+# A save renames two files: the sidecar listing the new file and the old one, then the session file. Killed
+# before either rename, the old file stays whole and the sidecar in place vouches for it.
+# (the renamed file's suffix, which of its renames, whether the new session is in place, temporary files then)
+KILL_POINTS = {"before the sidecar": (SUFFIX, 1, False, 2), "before the session file": ("", 1, False, 1)}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS, ids=list(KILL_POINTS))
+def test_killed_during_save_keeps_a_whole_checked_file(point, sctx, tmp_path):
+    suffix, occurrence, replaced, n_temps = KILL_POINTS[point]
     path = tmp_path / "crash.session"
     n = saved_session(sctx, path)
     before = path.read_bytes()
-    child = _child(_CHILD_SETUP + """
+    child = _child(_CHILD_SETUP + f"""
     import llamacompat.sessions.atomic as atomic
-    def hang(*args):  # the new file is complete and synced; die before the rename
-        print("ready", flush=True)
-        time.sleep(600)
+    real, seen = atomic.os.replace, []
+    def hang(src, dst):  # the new file is complete and synced; die before it is renamed
+        seen.append(dst)
+        if dst == sys.argv[1] + {suffix!r} and seen.count(dst) == {occurrence}:
+            print("ready", flush=True)
+            time.sleep(600)
+        real(src, dst)
     atomic.os.replace = hang
     ctx.save_session(sys.argv[1])
     """, str(path), PROMPT * 4)
     try:
         assert child.stdout.readline().strip() == "ready"
-        temps = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-        assert len(temps) == 1 and os.path.getsize(tmp_path / temps[0]) > len(before)
+        assert len([f for f in os.listdir(tmp_path) if f.endswith(".tmp")]) == n_temps
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
-    assert path.read_bytes() == before
-    assert sctx.load_session(str(path))["tokens_loaded"] == n
+    n_now = len(sctx.tokenize(PROMPT * 4)["tokens"]) if replaced else n
+    assert (path.read_bytes() != before) == replaced
+    assert sctx.load_session(str(path))["tokens_loaded"] == n_now  # its checksum matched
+    _rewrite(path, os.path.getsize(path) // 2, b"\xff\x00\xff\x00")
+    with pytest.raises(SessionError, match="does not match the checksum"):  # and is still checked
+        sctx.load_session(str(path))
 
 
 def test_a_save_loop_frozen_or_killed_anywhere_leaves_a_whole_file(sctx, tmp_path):

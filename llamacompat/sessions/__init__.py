@@ -1,8 +1,8 @@
-"""Session files: atomic writes, llama.cpp's ``ggsn`` header, and the model-identity sidecar."""
+"""Session files: atomic writes, llama.cpp's ``ggsn`` header, and the sidecar (checksum and model identity)."""
 
 from .atomic import atomic_write, atomic_write_bytes
 from .ggsn import SessionHeader, check_header, read_header
-from .sidecar import check_identity, read_sidecar, sidecar_path, write_sidecar
+from .sidecar import check_identity, file_crc32, read_sidecar, save_with_sidecar, sidecar_path
 
 __all__ = [
     "atomic_write",
@@ -11,7 +11,8 @@ __all__ = [
     "read_header",
     "check_header",
     "read_sidecar",
-    "write_sidecar",
+    "save_with_sidecar",
     "check_identity",
     "sidecar_path",
+    "file_crc32",
 ]
