@@ -238,7 +238,7 @@ class Core(Protocol):
     def embedding(self, text: str, normalize: int) -> EmbeddingResult: ...
     def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
                        strict: bool) -> dict[str, Any]: ...
-    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]: ...
+    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]: ...
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]: ...
     def apply_lora(self, adapters: Any) -> None: ...
     def remove_lora(self) -> None: ...
@@ -377,8 +377,15 @@ class LlamaContext:
         return self._core.formatted_chat(messages, template, params, self._strict)
 
     def bench(self, pp: int, tg: int, pl: int = 1, nr: int = 1) -> dict[str, Any]:
-        """llama.rn's bench: prompt-processing and generation speed (camelCase keys)."""
-        return self._exclusive(self._core.bench, pp, tg, pl, nr)
+        """llama.rn's bench: prompt-processing and generation speed (camelCase keys).
+
+        ``stop_completion()`` ends it early: the result then has ``interrupted: True``.
+        """
+        def run() -> dict[str, Any]:
+            self._stop.clear()
+            return self._core.bench(pp, tg, pl, nr, self._stop)
+
+        return self._exclusive(run)
 
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None = None) -> list[RerankResult]:
         """Score ``documents`` against ``query``: ``[{score, index, document}]``, best first.
