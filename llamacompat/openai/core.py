@@ -185,7 +185,7 @@ class OpenAICore:
         raise UnsupportedFeatureError("get_formatted_chat: an OpenAI-compatible server applies its chat template "
                                       "itself and does not expose the rendered prompt")
 
-    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event | None = None) -> dict[str, Any]:
+    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
         raise UnsupportedFeatureError("bench: not available over the OpenAI API; time completions instead")
 
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:

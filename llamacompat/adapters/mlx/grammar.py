@@ -41,8 +41,8 @@ class GrammarMask:
     cannot be applied: ``dead_end`` then says why, for the adapter to raise before that step's draw is used.
     """
 
-    def __init__(self, table: "llguidance.LLTokenizer", gbnf: str, n_logits: int, banned: set[int],
-                 eog: Iterable[int]) -> None:
+    def __init__(self, table: "llguidance.LLTokenizer", gbnf: str, n_logits: int, banned: Iterable[int] = (),
+                 eog: Iterable[int] = ()) -> None:
         lark = gbnf_to_lark(gbnf)  # GbnfError (a GrammarError) for invalid GBNF
         try:
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
@@ -55,9 +55,10 @@ class GrammarMask:
         self._bits = llg_numpy.allocate_token_bitmask(1, table.vocab_size)
         self._n_logits = n_logits
         self._usable: np.ndarray | None = None
+        banned = list(banned)
         if banned:
             self._usable = np.ones(n_logits, dtype=np.bool_)
-            self._usable[list(banned)] = False
+            self._usable[banned] = False
         self._eog = np.zeros(n_logits, dtype=np.bool_)
         self._eog[list(eog)] = True
         self.dead_end: NoTokenAllowed | None = None
