@@ -377,8 +377,17 @@ class LlamaContext:
         return self._core.formatted_chat(messages, template, params, self._strict)
 
     def bench(self, pp: int, tg: int, pl: int = 1, nr: int = 1) -> dict[str, Any]:
-        """llama.rn's bench: prompt-processing and generation speed (camelCase keys)."""
-        return self._exclusive(self._core.bench, pp, tg, pl, nr)
+        """llama.rn's bench: prompt-processing and generation speed (camelCase keys).
+
+        ``stop_completion()`` ends it early: the result then has ``interrupted: True``.
+        """
+        def run() -> dict[str, Any]:
+            self._stop.clear()
+            if isinstance(self._core, LocalCore):  # remote cores (bridge, openai) take no stop flag for bench yet
+                return self._core.bench(pp, tg, pl, nr, self._stop)
+            return self._core.bench(pp, tg, pl, nr)
+
+        return self._exclusive(run)
 
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None = None) -> list[RerankResult]:
         """Score ``documents`` against ``query``: ``[{score, index, document}]``, best first.

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator
 
-from .adapters.base import Adapter, Interrupted, SamplingParams
-from .errors import ContextFullError
+from .adapters.base import Adapter, Interrupted, NoTokenAllowed, SamplingParams
+from .errors import ContextFullError, GrammarError
 from .types import CompletionProbability, CompletionResult, TokenData
 
-__all__ = ["CompletionRequest", "generate", "find_stop", "StopScanner", "completion_result"]
+__all__ = ["CompletionRequest", "generate", "find_stop", "StopScanner", "completion_result", "stopped_before_prompt"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,15 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
             except Interrupted:
                 interrupted = True
                 break
+            except NoTokenAllowed as dead_end:
+                # The one place a grammar's dead end is decided, for every backend: a complete grammar ends the
+                # text as an end-of-generation token would (ignore_eos cannot extend it); anything else is an error.
+                if dead_end.grammar_complete:
+                    stopped_eos = True
+                    break
+                so_far_text = "".join(parts)
+                raise GrammarError(f"Failed to sample: no token may follow the {n_generated} generated "
+                                   f"({so_far_text[-40:]!r}): {dead_end.reason}") from None
             n_generated += 1
             if is_eog(token):
                 stopped_eos = True
@@ -231,6 +240,15 @@ def completion_result(text: str, parse: Callable[[str, bool], dict[str, Any]] | 
         elif text:
             result["content"] = text
     return result
+
+
+def stopped_before_prompt(n_cached: int) -> CompletionResult:
+    """The result of a completion stopped before it had a prompt (while its chat template rendered)."""
+    return completion_result(
+        "", None, chat_format=0, probabilities=[], n_predicted=0, n_evaluated=0, n_cached=n_cached, cache_n=0,
+        prompt_n=0, prompt_ms=0.0, predicted_ms=0.0, interrupted=True, stopped_eos=False, stopped_word=False,
+        stopping_word="", stopped_limit=False, context_full=False,
+    )
 
 
 def _probabilities(adapter: Adapter, piece: str, n_probs: int) -> CompletionProbability:

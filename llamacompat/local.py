@@ -19,9 +19,9 @@ from . import params as P
 from .adapters.base import Adapter, SamplingParams
 from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
 from .chat.formats import CONTENT
-from .chat.template import template_caps
+from .chat.template import RenderStopped, render_stop, template_caps
 from .embeddings import normalize_embedding
-from .engine import CompletionRequest, generate
+from .engine import CompletionRequest, generate, stopped_before_prompt
 from .errors import (
     EmbeddingDisabledError,
     InvalidParamsError,
@@ -31,6 +31,7 @@ from .errors import (
     compat_warning,
 )
 from .grammars.builtin import checked_grammar
+from .grammars.gbnf import check_tokens, parse_gbnf
 from .grammars.schema import convert_json_schema_to_grammar
 from .models import local_path
 from .sessions import check_identity, read_sidecar, save_with_sidecar
@@ -98,7 +99,11 @@ class LocalCore:
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         """Validate ``params`` (at the first ``next``), then yield TokenData and return the result."""
         self.require("completion", "completion")
-        request = self._request(params, strict)
+        try:
+            with render_stop(stop):  # stop_completion also ends a long chat template render
+                request = self._request(params, strict)
+        except RenderStopped:
+            return stopped_before_prompt(self.adapter.n_past)
         return (yield from generate(self.adapter, request, stop))
 
     def _request(self, params: dict[str, Any] | None, strict: bool) -> CompletionRequest:
@@ -111,6 +116,8 @@ class LocalCore:
         # Checked here, so a bad grammar or schema fails the same way on every backend.
         if p["grammar"] is not None:
             p["grammar"] = checked_grammar(p["grammar"])
+            if "<" in p["grammar"]:  # token references: no engine can match a token the vocabulary lacks
+                check_tokens(parse_gbnf(p["grammar"]), self.n_vocab, lambda text: len(self.adapter.tokenize(text, False)) == 1)
         elif schema is not None:
             p["grammar"] = convert_json_schema_to_grammar(schema, strict=strict)
         text, stops, chat_format, parse = self._prompt(p)
@@ -118,6 +125,7 @@ class LocalCore:
         self._check_features(p, strict)  # resets what the backend lacks (logit_bias included)
         tokens = self.adapter.tokenize(text, True)
         sampling = SamplingParams.from_params(p, logit_bias if p["logit_bias"] else ())
+        self._check_bans(sampling)
         return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
 
     def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:
@@ -160,6 +168,17 @@ class LocalCore:
             unsupported(strict, message + " (ignored)")
             for n in names:
                 p[n] = P.COMPLETION_FIELDS[n].default
+
+    def _check_bans(self, sampling: SamplingParams) -> None:
+        """Refuse a request whose bans leave no token to sample (with a grammar, the engine finds it per step)."""
+        if len(sampling.logit_bias) < self.n_vocab // 2:  # cheap: most requests ban a few tokens, if any
+            return
+        adapter = self.adapter
+        banned = sampling.banned(t for t in range(self.n_vocab) if adapter.is_eog(t))
+        if len(banned) >= self.n_vocab:
+            why = "logit_bias and ignore_eos ban" if sampling.ignore_eos else "logit_bias bans"
+            raise InvalidParamsError(f"completion: {why} every one of the {self.n_vocab} tokens; nothing could be "
+                                     "generated (leave some token without a -inf / false bias)")
 
     def _resolve_logit_bias(self, value: Any) -> tuple[tuple[int, float], ...]:
         out: list[tuple[int, float]] = []
@@ -251,12 +270,13 @@ class LocalCore:
             chat.grammar = convert_json_schema_to_grammar(schema, strict=strict)
         return chat.as_result()
 
-    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event | None = None) -> dict[str, Any]:
+        """llama.rn's bench; ``stop`` (the context's stop_completion flag) ends it early with ``interrupted``."""
         for name, value in (("pp", pp), ("tg", tg), ("pl", pl), ("nr", nr)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParamsError(f"bench: '{name}' must be an int >= 1, got {value!r}")
         self.require("bench", "bench")
-        return self.adapter.bench(pp, tg, pl, nr)
+        return self.adapter.bench(pp, tg, pl, nr, stop or threading.Event())
 
     # -- sessions ------------------------------------------------------------
     def load_session(self, path: str) -> SessionLoadResult:

@@ -58,6 +58,7 @@ def _is_message_list(value: Any) -> bool:
 
 
 TOOL_CHOICES = ("auto", "none", "required")
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: past it llama.cpp aborts, or fails to allocate its threads
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 _SEED_MAX = 2**32 - 1
 _INT32_MAX = 2**31 - 1  # llama.rn's native side holds n_predict in an int32
@@ -200,7 +201,7 @@ CONTEXT_FIELDS: dict[str, Field] = {
     "n_ctx": _int(0, lambda v: v >= 0, ">= 0 (0 = the model's training context)"),
     "n_batch": _int(2048, lambda v: v >= 1, ">= 1"),
     "n_ubatch": _int(512, lambda v: v >= 1, ">= 1"),
-    "n_threads": _int(0, lambda v: v >= 0, ">= 0 (0 = half the CPU cores)"),
+    "n_threads": _int(0, lambda v: 0 <= v <= MAX_THREADS, f"between 0 and {MAX_THREADS} (ggml's limit; 0 = half the CPU cores)"),
     "n_gpu_layers": _int(-1, lambda v: v >= -1, ">= -1 (-1 = all)"),
     "use_mlock": _bool(False),
     "use_mmap": _bool(True),
@@ -359,7 +360,8 @@ def normalize_logit_bias(value: Any) -> list[tuple[int | str, float]]:
             raise InvalidParamsError(f"completion: logit_bias[{i}] token must be an int id or a string, got {token!r}")
         if bias is False:
             bias = -math.inf
-        elif isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
-            raise InvalidParamsError(f"completion: logit_bias[{i}] bias must be a number or false, got {bias!r}")
+        elif isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) or bias == math.inf:
+            # +inf makes the samplers' softmax NaN (inf - inf): a large finite bias forces a token as well
+            raise InvalidParamsError(f"completion: logit_bias[{i}] bias must be a number below +inf or false, got {bias!r}")
         out.append((token, float(bias)))
     return out

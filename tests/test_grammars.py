@@ -51,6 +51,15 @@ BAD = [
     ('root ::= "a"{3000}', 1, 13, "root", "limit of 2000", True),
     ('root = "a"', 1, 6, "root", "expected '::='", True),
     ('root ::= *"a"', 1, 10, "root", "must follow an item", True),
+    # llama.cpp accepts these, then aborts the process at the first token (nothing can match)
+    ('root ::= "a" []', 1, 14, "root", "empty character class", False),
+    ("root ::= [^\\x00-\\U0010FFFF]", 1, 10, "root", "excludes every character", False),
+    ("root ::= [^\\x00-\\x7f\\x80-\\U0010FFFF]", 1, 10, "root", "excludes every character", False),
+    ("root ::= <[12a]>", 1, 10, "root", "bad token id <[12a]>", True),
+    # limits that keep every engine's recursion (and ours) bounded
+    ("root ::= " + "(" * 101 + '"a"' + ")" * 101, 1, 110, "root", "nested more than 100 levels deep (the limit)", False),
+    ("\n".join(f'r{i} ::= "a"' for i in range(1001)) + "\nroot ::= r0", 1001, 1, "r1000", "more than 1000 rules (the limit)",
+     False),
 ]
 
 
@@ -62,6 +71,37 @@ def test_bad_grammar_names_line_column_and_rule(source, line, column, rule, mess
     assert (err.line, err.column, err.rule) == (line, column, rule)
     assert message in str(err) and str(err).startswith("Failed to initialize sampling: invalid grammar at line")
     assert native_parses(vocab, source) is not native_rejects  # where we are stricter than llama.cpp, it is on purpose
+
+
+def test_grammars_at_the_limits_are_accepted():
+    assert len(parse_gbnf("root ::= " + "(" * 100 + '"a"' + ")" * 100).rules) == 1
+    chain = "\n".join([f"r{i} ::= r{i + 1}" for i in range(998)] + ['r998 ::= "a"', "root ::= r0"])
+    assert len(parse_gbnf(chain).rules) == 1000  # a chain this long once hit Python's recursion limit
+    assert parse_gbnf("root ::= [^\\x00-\\U0010FFFE] | [^]")
+
+
+def test_token_references_are_checked_against_the_vocabulary(ctx):
+    for grammar, message in [("root ::= <[99999999]>", "token <[99999999]> is outside the vocabulary (ids 0..49151)"),
+                             ('root ::= "a" <not-a-token>', "<not-a-token> is not a single token of this model's vocabulary")]:
+        with pytest.raises(GbnfError) as caught:
+            ctx.completion({"prompt": "Hi", "grammar": grammar})
+        assert message in str(caught.value) and caught.value.line == 1
+    result = ctx.completion({"prompt": "Hi", "grammar": "root ::= <[81]> <|im_start|>", "n_predict": 4})
+    assert result["text"] == "a<|im_start|>" and result["stopped_eos"]
+
+
+def test_a_schema_nested_too_deep_names_the_limit():
+    from llamacompat.grammars import SchemaError, convert_json_schema_to_grammar
+
+    for make in (lambda s: {"type": "array", "items": s}, lambda s: {"type": "object", "properties": {"a": s}},
+                 lambda s: {"allOf": [s]}, lambda s: {"anyOf": [s, {"type": "null"}]}):
+        schema: object = {"type": "string"}
+        for _ in range(300):
+            schema = make(schema)
+        with pytest.raises(SchemaError, match="nests more than 64 levels deep"):
+            convert_json_schema_to_grammar(schema)
+    with pytest.raises(SchemaError, match="nests more than 64 levels deep"):  # too deep for json itself
+        convert_json_schema_to_grammar('{"items":' * 100_000 + "{}" + "}" * 100_000)
 
 
 def test_a_grammar_that_crashes_llama_cpp_never_reaches_it(ctx, capfd):

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import numpy as np
 
 from ..errors import InvalidParamsError, UnsupportedFeatureError
 from ..params import Field
 
-__all__ = ["Adapter", "Capabilities", "Interrupted", "SamplingParams", "Support", "reusable_prefix"]
+__all__ = ["Adapter", "Capabilities", "Interrupted", "NoTokenAllowed", "SamplingParams", "Support", "reusable_prefix",
+           "MAX_BENCH_ROUNDS"]
+
+#: llama.rn's bench has no bound on ``nr``; ours keeps one call to a bounded amount of work
+MAX_BENCH_ROUNDS = 100
 
 Support = Literal["native", "emulated", "missing"]
 
@@ -36,6 +41,31 @@ class Interrupted(Exception):
     def __init__(self, cache_n: int = 0) -> None:
         super().__init__("interrupted during prompt evaluation")
         self.cache_n = cache_n
+
+
+class NoTokenAllowed(Exception):
+    """Raised by ``next_token`` when no token may be sampled: the grammar allows none that sampling does not ban.
+
+    The adapter reports the fact; the engine decides: with ``grammar_complete`` (the grammar allows only the
+    end of generation, which ``ignore_eos`` or a ``logit_bias`` bans) the completion ends cleanly, otherwise
+    it fails with a ``GrammarError`` carrying ``reason``. Raised before any token is accepted, so the
+    runtime's grammar state (and the KV cache) stays consistent.
+    """
+
+    def __init__(self, grammar_complete: bool, reason: str) -> None:
+        super().__init__(reason)
+        self.grammar_complete, self.reason = grammar_complete, reason
+
+    @classmethod
+    def judge(cls, allowed: np.ndarray, eog: np.ndarray) -> "NoTokenAllowed":
+        """Why nothing can be drawn, from boolean masks over the vocabulary: what the grammar ``allowed`` (all
+        of it banned by sampling) and which tokens end generation."""
+        if not allowed.any():
+            return cls(False, "the grammar allows no token of this vocabulary here (no token starts with a "
+                              "character it accepts)")
+        if not (allowed & ~eog).any():
+            return cls(True, "the grammar is complete; ignore_eos or logit_bias bans the end of generation")
+        return cls(False, "logit_bias (or ignore_eos) bans every token the grammar allows here")
 
 
 def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
@@ -78,6 +108,13 @@ class SamplingParams:
     grammar: str | None = None
     # The loop enforces n_predict on every backend; a runtime that takes a per-run limit (RKLLM 1.3) gets it too.
     n_predict: int = -1
+
+    def banned(self, eog: Iterable[int]) -> set[int]:
+        """Tokens sampling never draws: a bias of -inf (``false``), and the end-of-generation tokens with ``ignore_eos``."""
+        out = {token for token, bias in self.logit_bias if bias == -math.inf}
+        if self.ignore_eos:
+            out.update(eog)
+        return out
 
     @classmethod
     def from_params(cls, params: dict[str, Any], logit_bias: tuple[tuple[int, float], ...]) -> "SamplingParams":
@@ -225,35 +262,57 @@ class Adapter(ABC):
     def clear_cache(self, clear_data: bool) -> None:
         """Forget the KV cache (``tokens_cached`` becomes 0); ``clear_data`` also zeroes its buffers."""
 
-    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
-        """llama.rn's bench result (camelCase keys)."""
+    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
+        """llama.rn's bench result (camelCase keys); ``stop`` set ends it early (``interrupted: True``)."""
         raise UnsupportedFeatureError(f"bench is not supported by the {self.name} backend")
 
     def timed_bench(self, pp: int, tg: int, pl: int, nr: int, fresh: Callable[[], Callable[[list[int]], None]],
-                    settings: dict[str, Any]) -> dict[str, Any]:
-        """llama.rn's bench over random tokens: ``fresh()`` empties the cache and returns an evaluate function."""
+                    settings: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
+        """llama.rn's bench over random tokens: ``fresh()`` empties the cache and returns an evaluate function.
+
+        The prompt goes in ``settings["nBatch"]`` tokens at a time, as a completion's prompt does, and
+        ``stop`` is looked at between evaluations: once set, the figures are those of the rounds that
+        finished, and ``interrupted`` is set.
+        """
         if pl != 1:
             raise InvalidParamsError(f"bench: pl must be 1 (this context holds one sequence), got {pl}")
         if pp + tg > self.n_ctx:
             raise InvalidParamsError(f"bench: pp + tg = {pp + tg} exceeds n_ctx {self.n_ctx}")
+        if nr > MAX_BENCH_ROUNDS:
+            raise InvalidParamsError(f"bench: nr = {nr} is above the limit of {MAX_BENCH_ROUNDS} rounds")
         rng = np.random.default_rng(0)
         t_pp = t_tg = 0.0
-        for _ in range(nr):
-            evaluate = fresh()
-            start = time.perf_counter()
-            evaluate(rng.integers(0, self.n_vocab, pp).tolist())
-            t_pp += time.perf_counter() - start
-            start = time.perf_counter()
-            for token in rng.integers(0, self.n_vocab, tg).tolist():
-                evaluate([token])
-            t_tg += time.perf_counter() - start
-        t_pp, t_tg = t_pp / nr, t_tg / nr
-        return {
+        done = 0
+        try:
+            for _ in range(nr):
+                evaluate = fresh()
+                prompt, batch = rng.integers(0, self.n_vocab, pp).tolist(), settings["nBatch"]
+                start = time.perf_counter()
+                for at in range(0, pp, batch):
+                    if stop.is_set():
+                        raise Interrupted()
+                    evaluate(prompt[at:at + batch])
+                round_pp = time.perf_counter() - start
+                start = time.perf_counter()
+                for token in rng.integers(0, self.n_vocab, tg).tolist():
+                    if stop.is_set():
+                        raise Interrupted()
+                    evaluate([token])
+                t_tg += time.perf_counter() - start
+                t_pp += round_pp
+                done += 1
+        except Interrupted:
+            pass
+        t_pp, t_tg = (t_pp / done, t_tg / done) if done else (0.0, 0.0)
+        result = {
             "nKvMax": self.n_ctx, **settings, "pp": pp, "tg": tg, "pl": pl, "nKv": pp + tg,
             "tPp": t_pp, "speedPp": pp / t_pp if t_pp else 0.0,
             "tTg": t_tg, "speedTg": tg / t_tg if t_tg else 0.0,
             "t": t_pp + t_tg, "speed": (pp + tg) / (t_pp + t_tg) if t_pp + t_tg else 0.0,
         }
+        if done < nr:
+            result["interrupted"] = True
+        return result
 
     # -- sessions -----------------------------------------------------------
     def save_session(self, path: str, n_tokens: int) -> int:

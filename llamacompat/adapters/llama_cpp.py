@@ -30,7 +30,7 @@ from ..errors import (
     SessionError,
 )
 from ..sessions import check_header, read_header
-from .base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
+from .base import Adapter, Capabilities, Interrupted, NoTokenAllowed, SamplingParams, reusable_prefix
 
 try:
     import llama_cpp as lc
@@ -260,6 +260,9 @@ class LlamaCppAdapter(Adapter):
         self._tokens: list[int] = []  # what the KV cache holds, in order
         self._pending: int | None = None  # sampled but not yet evaluated
         self._sampler = None
+        self._post = None  # with a grammar, the chain after it (see _sample_checked)
+        self._grammar = None
+        self._candidates: Any = None  # a llama_token_data[n_vocab] buffer and views of it (_fill_candidates)
         self._one = (lc.llama_token * 1)()
         self._abort_cb = None
         self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
@@ -390,7 +393,7 @@ class LlamaCppAdapter(Adapter):
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         # (a vocab_only context lists completion, embedding, bench and session as "missing":
         # LlamaContext refuses those calls before they reach the adapter)
-        self._sampler = self._build_sampler(sampling, prompt)  # grammar errors before any work
+        self._sampler, self._grammar, self._post = self._build_sampler(sampling, prompt)  # grammar errors before any work
         reuse = reusable_prefix(self._tokens, prompt)
         self._rewind(reuse)
         cached = len(self._tokens)
@@ -414,9 +417,56 @@ class LlamaCppAdapter(Adapter):
             one[0] = pending
             self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(one, 1)))
             self._tokens.append(pending)
-        token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
+        if self._post is None:
+            token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
+        else:
+            token = self._sample_checked()
         self._pending = token
         return token
+
+    def _sample_checked(self) -> int:
+        """llama_sampler_sample for a chain with a grammar, which llama.cpp cannot end safely.
+
+        Sampling a token the grammar refuses aborts the process (GGML_ABORT, or an uncaught "Unexpected empty
+        grammar stack"), and that is what llama_sampler_sample does when nothing survives the grammar and the
+        bans. So the chain is split after the grammar: the first half runs on the candidates, and only when
+        a token survives does the second half draw and both accept it; otherwise NoTokenAllowed says why.
+        The extra cost is copying the logits into the candidate array and one argmax, per token.
+        """
+        view, cur_p = self._fill_candidates()
+        lc.llama_sampler_apply(self._sampler, ctypes.byref(cur_p))  # bias, penalties, dry, grammar: in place
+        best = int(np.argmax(view["logit"]))
+        if view["logit"][best] == -math.inf:
+            raise self._dead_end()
+        lc.llama_sampler_apply(self._post, ctypes.byref(cur_p))
+        chosen = cur_p.selected
+        token = best  # the draw found no finite candidate (NaN weights): take the best allowed one
+        if 0 <= chosen < cur_p.size and math.isfinite(cur_p.data[chosen].logit):
+            token = cur_p.data[chosen].id
+        lc.llama_sampler_accept(self._sampler, token)
+        lc.llama_sampler_accept(self._post, token)
+        return token
+
+    def _fill_candidates(self) -> tuple[np.ndarray, Any]:
+        """The candidate array in token order with the last logits (the second chain reorders and shortens it):
+        its numpy view and the llama_token_data_array over it."""
+        if self._candidates is None:
+            data = (lc.llama_token_data * self.n_vocab)()
+            self._candidates = (np.ctypeslib.as_array(data), np.arange(self.n_vocab, dtype=np.int32),
+                                ctypes.cast(data, lc.llama_token_data_p), lc.llama_token_data_array(), data)
+        view, ids, pointer, cur_p, _data = self._candidates
+        view["id"] = ids
+        view["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        cur_p.data, cur_p.size, cur_p.selected, cur_p.sorted = pointer, self.n_vocab, -1, False
+        return view, cur_p
+
+    def _dead_end(self) -> NoTokenAllowed:
+        """Why no candidate survived: what the grammar alone allows (the bans took the rest)."""
+        view, cur_p = self._fill_candidates()
+        lc.llama_sampler_apply(self._grammar, ctypes.byref(cur_p))
+        eog = np.zeros(self.n_vocab, dtype=bool)
+        eog[self._eog_tokens()] = True
+        return NoTokenAllowed.judge(view["logit"] != -math.inf, eog)
 
     def top_probs(self, n: int) -> list[tuple[int, float]]:
         logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
@@ -428,18 +478,25 @@ class LlamaCppAdapter(Adapter):
         return [(int(t), float(p)) for t, p in zip(top, probs)]
 
     def end(self) -> None:
-        if self._sampler is not None:
-            lc.llama_sampler_free(self._sampler)
-            self._sampler = None
+        for chain in (self._sampler, self._post):  # the grammar belongs to the first chain
+            if chain is not None:
+                lc.llama_sampler_free(chain)
+        self._sampler = self._grammar = self._post = None
 
     @property
     def n_past(self) -> int:
         return len(self._tokens)
 
     # -- sampling -----------------------------------------------------------
-    def _build_sampler(self, s: SamplingParams, prompt: list[int]):
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+    def _build_sampler(self, s: SamplingParams, prompt: list[int]) -> tuple[Any, Any, Any]:
+        """llama.cpp's chain in llama.rn's order: (chain, its grammar sampler, chain after the grammar).
+
+        Without a grammar it is one chain (``llama_sampler_sample`` as it is); with one, the chain ends at
+        the grammar and the rest is a second chain, so ``_sample_checked`` can look in between.
+        """
+        chains = [lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())]
+        add = lambda smpl: lc.llama_sampler_chain_add(chains[-1], smpl)  # noqa: E731
+        grammar = None
         try:
             seed = s.seed if s.seed >= 0 else lc.LLAMA_DEFAULT_SEED
             bias = list(s.logit_bias)
@@ -470,6 +527,7 @@ class LlamaCppAdapter(Adapter):
                     detail = _native_detail()
                     raise GrammarError("Failed to initialize sampling: invalid grammar" + (f" ({detail})" if detail else ""))
                 add(grammar)
+                chains.append(lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params()))
             if s.temperature <= 0:
                 add(lc.llama_sampler_init_greedy())
             elif s.mirostat == 1:
@@ -494,9 +552,10 @@ class LlamaCppAdapter(Adapter):
                 add(lc.llama_sampler_init_temp(s.temperature))
                 add(lc.llama_sampler_init_dist(seed))
         except BaseException:
-            lc.llama_sampler_free(chain)
+            for chain in chains:
+                lc.llama_sampler_free(chain)
             raise
-        return chain
+        return chains[0], grammar, chains[1] if len(chains) > 1 else None
 
     # -- embeddings, rerank and bench ----------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:
@@ -562,7 +621,7 @@ class LlamaCppAdapter(Adapter):
         if self._ctx is not None:
             lc.llama_memory_clear(self._mem, clear_data)
 
-    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
         def fresh() -> Callable[[list[int]], None]:
             lc.llama_memory_clear(self._mem, True)
             self._tokens.clear()
@@ -573,7 +632,7 @@ class LlamaCppAdapter(Adapter):
                 "nBatch": self._n_batch, "nUBatch": lc.llama_n_ubatch(self._ctx), "flashAttn": self._flash_attn,
                 "isPpShared": 0, "nGpuLayers": self._n_gpu_layers, "nThreads": self.n_threads,
                 "nThreadsBatch": self.n_threads,
-            })
+            }, stop)
         finally:
             lc.llama_memory_clear(self._mem, True)
             self._tokens.clear()

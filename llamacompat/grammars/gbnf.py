@@ -6,7 +6,10 @@ parentheses, ``{m,n}`` repetitions capped at 2000, ``<token>`` references). Ever
 error names the line, the column and the rule, which llama.cpp's parser does not
 (it prints the whole grammar to stderr). ``parse_gbnf`` also rejects what
 llama.cpp only finds later or accepts silently: undefined rules, a missing
-root, left recursion, a rule defined twice, and empty alternatives.
+root, left recursion, a rule defined twice, empty alternatives, character
+classes that match nothing, and (``check_tokens``, given the vocabulary) token
+references outside it. Size limits (``MAX_NESTING``, ``MAX_RULES``) keep every
+engine's recursion, and ours, bounded.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from ..errors import GrammarError
 
 __all__ = [
     "Grammar", "Rule", "Literal", "CharClass", "AnyChar", "RuleRef", "Token", "Group", "Repeat",
-    "GbnfError", "parse_gbnf", "MAX_REPETITIONS",
+    "GbnfError", "parse_gbnf", "check_tokens", "MAX_REPETITIONS", "MAX_NESTING", "MAX_RULES",
 ]
 
 MAX_REPETITIONS = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
+MAX_NESTING = 100  # parentheses inside parentheses (the schema corpus needs 7)
+MAX_RULES = 1000  # rules in one grammar (the schema corpus needs 17)
+_LAST_CODE_POINT = 0x10FFFF
 
 
 class GbnfError(GrammarError):
@@ -63,10 +69,13 @@ class RuleRef:
 
 @dataclass(frozen=True)
 class Token:
-    """``<text>`` or ``<[id]>`` (``!`` negates): a vocabulary token, checked by the backend."""
+    """``<text>`` or ``<[id]>`` (``!`` negates): a vocabulary token, checked against one by ``check_tokens``."""
 
     text: str
     negated: bool = False
+    id: int | None = None  # for ``<[id]>``
+    line: int = field(default=0, compare=False)
+    column: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class _Parser:
         self.pos = 0
         self.rule: str | None = None
         self.rules: dict[str, Rule] = {}
+        self.depth = 0  # open parentheses
 
     # -- positions and errors ---------------------------------------------------
     def where(self, pos: int | None = None) -> tuple[int, int]:
@@ -170,6 +180,8 @@ class _Parser:
             first = self.rules[name]
             raise self.fail(f"rule '{name}' is defined twice (first at line {first.line}); merge the definitions "
                             "with '|'", start)
+        if len(self.rules) == MAX_RULES:
+            raise self.fail(f"more than {MAX_RULES} rules (the limit)", start)
         self.rules[name] = Rule(name, alternatives, *self.where(start))
         if self.peek() == "\r":
             self.pos += 2 if self.peek(1) == "\n" else 1
@@ -204,12 +216,17 @@ class _Parser:
                 items.append(self.token())
             elif char == "(":
                 open_at = self.pos
+                self.depth += 1
+                if self.depth > MAX_NESTING:
+                    raise self.fail(f"parentheses nested more than {MAX_NESTING} levels deep (the limit); "
+                                    "move inner parts into rules of their own")
                 self.pos += 1
                 self.space(True)
                 group = Group(self.alternatives(nested=True))
                 if self.peek() != ")":
                     raise self.fail("unbalanced '(': no matching ')'", open_at)
                 self.pos += 1
+                self.depth -= 1
                 items.append(group)
             elif char and _is_word(char):
                 line, column = self.where()
@@ -285,9 +302,15 @@ class _Parser:
                     raise self.fail(f"empty range {low!r}-{high!r} in character class")
             ranges.append((ord(low), ord(high)))
         self.pos += 1
+        if not ranges and not negated:
+            raise self.fail("empty character class '[]': it matches no character", start)
+        if negated and _covers_everything(ranges):
+            raise self.fail(f"character class {self.src[start:self.pos]} excludes every character: it matches none",
+                            start)
         return CharClass(tuple(ranges), negated)
 
     def token(self) -> Token:
+        line, column = self.where()
         negated = self.peek() == "!"
         if negated:
             self.pos += 1
@@ -298,7 +321,14 @@ class _Parser:
         if end == -1 or "\n" in self.src[start:end]:
             raise self.fail("unterminated token: no closing '>'", start)
         self.pos = end + 1
-        return Token(self.src[start + 1:end], negated)
+        text = self.src[start + 1:end]
+        token_id = None
+        if text.startswith("["):
+            digits = text[1:-1] if text.endswith("]") else ""
+            if not (digits.isascii() and digits.isdigit()):
+                raise self.fail(f"bad token id <{text}>: write <[N]> with a non-negative integer N", start)
+            token_id = int(digits)
+        return Token(text, negated, token_id, line, column)
 
     def integer(self) -> int:
         start = self.pos
@@ -335,6 +365,16 @@ class _Parser:
         if high is not None and high < low:
             raise self.fail(f"repetition {{{low},{high}}} has its maximum below its minimum", open_at)
         return Repeat(node, low, high)
+
+
+def _covers_everything(ranges: list[tuple[int, int]]) -> bool:
+    """Whether the code point ranges leave no character out."""
+    reach = -1
+    for low, high in sorted(ranges):
+        if low > reach + 1:
+            return False
+        reach = max(reach, high)
+    return reach >= _LAST_CODE_POINT
 
 
 def _refs(nodes: tuple[Node, ...]) -> list[RuleRef]:
@@ -397,23 +437,55 @@ def _check(grammar: Grammar) -> None:
         raise GbnfError(f"no '{grammar.root}' rule: the grammar starts there", 1, 1, None)
     node_nullable = _nullability(rules)
     edges = {rule.name: [ref for alt in rule.alternatives for ref in _left_refs(alt, node_nullable)] for rule in rules.values()}
-    # A cycle in "can start with" edges is left recursion, which llama.cpp's engine rejects.
-    state: dict[str, int] = {}
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for ref in edges[name]:
-            if state.get(ref.name) == 1:
-                cycle = path[path.index(ref.name):] + [ref.name] if ref.name in path else [name, ref.name]
+    # A cycle in "can start with" edges is left recursion, which llama.cpp's engine rejects. Depth-first with
+    # an explicit stack: a chain of MAX_RULES rules would pass Python's recursion limit.
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in rules:
+        if start in state:
+            continue
+        state[start] = 1
+        path, pending = [start], [iter(edges[start])]
+        while pending:
+            ref = next(pending[-1], None)
+            if ref is None:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state.get(ref.name) == 1:
+                cycle = path[path.index(ref.name):] + [ref.name]
                 raise GbnfError("left recursion (" + " -> ".join(cycle) + "): llama.cpp cannot run it; "
-                                "rewrite it with repetition, e.g. a ::= b (\"+\" b)*", ref.line, ref.column, name)
-            if ref.name not in state:
-                visit(ref.name, path + [ref.name])
-        state[name] = 2
+                                "rewrite it with repetition, e.g. a ::= b (\"+\" b)*", ref.line, ref.column, path[-1])
+            elif ref.name not in state:
+                state[ref.name] = 1
+                path.append(ref.name)
+                pending.append(iter(edges[ref.name]))
 
-    for name in rules:
-        if name not in state:
-            visit(name, [name])
+
+def _tokens(nodes: tuple[Node, ...]) -> list[Token]:
+    """Every token reference in ``nodes`` (nesting is bounded by MAX_NESTING)."""
+    out: list[Token] = []
+    for node in nodes:
+        if isinstance(node, Token):
+            out.append(node)
+        elif isinstance(node, Group):
+            for alt in node.alternatives:
+                out.extend(_tokens(alt))
+        elif isinstance(node, Repeat):
+            out.extend(_tokens((node.node,)))
+    return out
+
+
+def check_tokens(grammar: Grammar, n_vocab: int, is_token: Callable[[str], bool]) -> None:
+    """Refuse token references the vocabulary lacks: ``<[id]>`` with ``id >= n_vocab``, and ``<text>`` where
+    ``is_token("<text>")`` is false (the text is not exactly one token). No engine could ever match them."""
+    for rule in grammar.rules.values():
+        for alt in rule.alternatives:
+            for token in _tokens(alt):
+                if token.id is not None and token.id >= n_vocab:
+                    raise GbnfError(f"token <[{token.id}]> is outside the vocabulary (ids 0..{n_vocab - 1})",
+                                    token.line, token.column, rule.name)
+                if token.id is None and not is_token(f"<{token.text}>"):
+                    raise GbnfError(f"<{token.text}> is not a single token of this model's vocabulary",
+                                    token.line, token.column, rule.name)
 
 
 def parse_gbnf(source: str, root: str = "root") -> Grammar:

@@ -8,7 +8,9 @@ AST keeps every grammar we validate usable: rules become lowercase Lark rules,
 classes ``/[...]/`` with ``\\x{...}`` escapes, and literals one string a
 character. GBNF works on characters, but llguidance lexes greedily: with a
 literal ``"02-"`` in the grammar, a date's ``"01"`` was lexed as the start of
-``"02-"`` and then refused, so no lexeme is longer than one character.
+``"02-"`` and then refused, so no lexeme is longer than one character. And
+llguidance's Lark parser refuses about 28 nested parentheses, which GBNF allows
+(up to ``MAX_NESTING``): groups deeper than ``_MAX_NESTING`` become rules.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .gbnf import AnyChar, CharClass, GbnfError, Group, Literal, Node, Repeat, R
 __all__ = ["gbnf_to_lark"]
 
 _PLAIN = re.compile(r"[A-Za-z0-9 ]")
+_MAX_NESTING = 8  # parentheses written inside one Lark rule
 
 
 def _code(code: int) -> str:
@@ -38,6 +41,23 @@ def _char_class(node: CharClass) -> str:
 class _Writer:
     def __init__(self, names: dict[str, str]) -> None:
         self.names = names
+        self.extra: list[str] = []  # rules made of groups nested too deep
+        self.depth = 0
+
+    def group(self, options: tuple[tuple[Node, ...], ...]) -> str:
+        """``(options)``, or past ``_MAX_NESTING`` parentheses the name of a new rule that holds them."""
+        if self.depth >= _MAX_NESTING:
+            outer, self.depth = self.depth, 0
+            body = self.alternatives(options)
+            self.depth = outer
+            name = f"aux{len(self.extra)}"  # rule names from GBNF are written r<index>_<name>
+            self.extra.append(f"{name}: {body}")
+            return name
+        self.depth += 1
+        try:
+            return f"({self.alternatives(options)})"
+        finally:
+            self.depth -= 1
 
     def alternatives(self, options: tuple[tuple[Node, ...], ...]) -> str:
         return " | ".join(self.sequence(items) for items in options)
@@ -59,9 +79,9 @@ class _Writer:
                 raise GbnfError("negated token references (<!...>) have no Lark equivalent", 0, 0, None)
             return f"<{node.text}>"
         if isinstance(node, Group):
-            return f"({self.alternatives(node.alternatives)})"
+            return self.group(node.alternatives)
         if isinstance(node, Repeat):
-            inner = f"({self.node(node.node)})"
+            inner = self.group(node.node.alternatives if isinstance(node.node, Group) else ((node.node,),))
             if node.max is None:
                 return f"{inner}*" if node.min == 0 else f"{inner}+" if node.min == 1 else f"{inner}{{{node.min},}}"
             if (node.min, node.max) == (0, 1):
@@ -79,4 +99,4 @@ def gbnf_to_lark(source: str, root: str = "root") -> str:
     writer = _Writer(names)
     lines = [f"start: {names[grammar.root]}"]
     lines += [f"{names[name]}: {writer.alternatives(rule.alternatives)}" for name, rule in grammar.rules.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + writer.extra) + "\n"

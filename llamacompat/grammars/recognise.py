@@ -9,6 +9,8 @@ tests and ``llamacompat grammar test``; generation uses the backend's engine.
 
 from __future__ import annotations
 
+import sys
+
 from .gbnf import AnyChar, CharClass, Grammar, Group, Literal, Node, Repeat, RuleRef, Token, parse_gbnf
 from ..errors import GrammarError
 
@@ -74,4 +76,8 @@ class _Recogniser:
 def accepts(grammar: Grammar | str, text: str) -> bool:
     """True when the whole of ``text`` is in the language of ``grammar`` (GBNF source or a parsed Grammar)."""
     parsed = parse_gbnf(grammar) if isinstance(grammar, str) else grammar
-    return len(text) in _Recogniser(parsed, text).rule(parsed.root, 0)
+    try:
+        return len(text) in _Recogniser(parsed, text).rule(parsed.root, 0)
+    except RecursionError:  # it recurses once per rule reference it follows
+        raise GrammarError("the recogniser cannot check this text: its parse nests rules deeper than Python's "
+                           f"recursion limit ({sys.getrecursionlimit()})") from None

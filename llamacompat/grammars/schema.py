@@ -24,13 +24,14 @@ cannot honour raises ``SchemaError``, a ``GrammarError``. No remote ``$ref``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import re
 import urllib.parse
 from decimal import Decimal
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import GrammarError, compat_warning
 from .emit import char_class, literal
@@ -38,7 +39,9 @@ from .gbnf import MAX_REPETITIONS, GbnfError, parse_gbnf
 from .numbers import INTEGER, NUMBER, integer_range, number_range
 from .pattern import JSON_STRING_CHAR, PatternError, pattern_to_gbnf
 
-__all__ = ["convert_json_schema_to_grammar", "SchemaError", "FORMATS"]
+__all__ = ["convert_json_schema_to_grammar", "SchemaError", "FORMATS", "MAX_SCHEMA_DEPTH"]
+
+MAX_SCHEMA_DEPTH = 64  # nested subschemas (properties, items, anyOf, allOf, $ref chains)
 
 ANNOTATIONS = frozenset({
     "$schema", "$id", "$anchor", "$comment", "$vocabulary", "$dynamicAnchor", "title", "description", "default",
@@ -159,6 +162,7 @@ class _Converter:
         self.ref_rules: dict[str, str] = {}
         self.merging: list[str] = []
         self.warnings: list[str] = []
+        self.depth = 0  # nested visit / flatten calls
 
     # -- rules -----------------------------------------------------------------------------------
     def name_for(self, hint: str) -> str:
@@ -193,8 +197,23 @@ class _Converter:
         self.warnings.append(f"JSON schema at {pointer}: {message}")
 
     # -- schemas ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deeper(self, ptr: str) -> Iterator[None]:
+        """One level of nesting; past MAX_SCHEMA_DEPTH a SchemaError (not Python's RecursionError)."""
+        if self.depth >= MAX_SCHEMA_DEPTH:
+            raise SchemaError(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels deep (the limit)", ptr)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
     def visit(self, schema: Any, ptr: str, hint: str) -> str:
         """A GBNF expression (usually a rule name) for the instances of ``schema``."""
+        with self.deeper(ptr):
+            return self.visit_here(schema, ptr, hint)
+
+    def visit_here(self, schema: Any, ptr: str, hint: str) -> str:
         if schema is True or schema == {}:
             return self.primitive("value")
         if schema is False:
@@ -352,6 +371,10 @@ class _Converter:
         return out
 
     def flatten(self, schema: Any, ptr: str) -> list[dict[str, Any]]:
+        with self.deeper(ptr):
+            return self.flatten_here(schema, ptr)
+
+    def flatten_here(self, schema: Any, ptr: str) -> list[dict[str, Any]]:
         if schema is True:
             return []
         if schema is False:
@@ -659,6 +682,8 @@ def convert_json_schema_to_grammar(schema: Any, prop_order: Sequence[str] | Mapp
             schema = json.dumps(schema, sort_keys=False)
         except (TypeError, ValueError) as err:
             raise SchemaError(f"the schema is not JSON data: {err}", "#") from None
+        except RecursionError:
+            raise SchemaError(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels deep (the limit)", "#") from None
     order = _order(prop_order)
     text, dropped = _convert(schema, tuple(order.items()), dotall, strict, root_name)
     for message in dropped:
@@ -674,6 +699,8 @@ def _convert(schema_text: str | bytes, prop_order: tuple[tuple[str, int], ...], 
         schema = json.loads(schema_text)
     except ValueError as err:
         raise SchemaError(f"the schema is not valid JSON: {err}", "#") from None
+    except RecursionError:
+        raise SchemaError(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels deep (the limit)", "#") from None
     converter = _Converter(schema, dict(prop_order), dotall, strict, root_name)
     root = converter.visit(schema, "#", root_name)
     if root != root_name:

@@ -158,7 +158,7 @@ class MlxAdapter(Adapter):
         if sampling.grammar is not None:  # grammar errors before any work
             if self._table is None:
                 self._table = token_table(self._vocab, self._eog)
-            grammar = GrammarMask(self._table, sampling.grammar, self._n_logits)
+            grammar = GrammarMask(self._table, sampling.grammar, self._n_logits, sampling.banned(self._eog), self._eog)
         if sampling.seed >= 0:
             mx.random.seed(sampling.seed)
         chain = Sampling(sampling, self._n_logits, self.n_ctx, self._eog, prompt, grammar)
@@ -203,6 +203,7 @@ class MlxAdapter(Adapter):
         token, logits = first
         tokens = self._tokens
         while True:
+            chain.check()  # ``token`` was drawn from a mask that allowed nothing: never hand it out or accept it
             following = self._step(token, chain, token)  # puts ``token`` in the KV cache
             mx.async_eval(following[0])
             value = token.item()
@@ -251,7 +252,7 @@ class MlxAdapter(Adapter):
         pooled = {"mean": lambda: hidden.mean(axis=0), "cls": lambda: hidden[0]}.get(self._pooling, lambda: hidden[-1])()
         return pooled.tolist()
 
-    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
         def fresh() -> Callable[[list[int]], None]:  # a cache of its own: the context's stays as it is
             cache = make_prompt_cache(self._model)
             return lambda tokens: mx.eval(self._model(mx.array([tokens]), cache=cache))
@@ -259,7 +260,7 @@ class MlxAdapter(Adapter):
         return self.timed_bench(pp, tg, pl, nr, fresh, {
             "nBatch": self._n_batch, "nUBatch": self._n_batch, "flashAttn": 0, "isPpShared": 0, "nGpuLayers": 0,
             "nThreads": 0, "nThreadsBatch": 0,
-        })
+        }, stop)
 
     # -- sessions: mlx-lm's prompt cache with our header -------------------
     def save_session(self, path: str, n_tokens: int) -> int:

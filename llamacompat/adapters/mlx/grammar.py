@@ -18,6 +18,7 @@ import numpy as np
 from ...errors import BackendUnavailableError, GrammarError
 from ...grammars.lark import gbnf_to_lark
 from ...vocab import Vocab
+from ..base import NoTokenAllowed
 
 try:
     import llguidance
@@ -34,9 +35,14 @@ def token_table(vocab: Vocab, eog: Iterable[int]) -> "llguidance.LLTokenizer":
 
 
 class GrammarMask:
-    """A logits processor that lets through only the tokens the grammar allows next."""
+    """A logits processor that lets through only the tokens the grammar allows next.
 
-    def __init__(self, table: "llguidance.LLTokenizer", gbnf: str, n_logits: int) -> None:
+    When no allowed token is left once the ``banned`` ones (bias -inf, ignore_eos) are taken out, the mask
+    cannot be applied: ``dead_end`` then says why, for the adapter to raise before that step's draw is used.
+    """
+
+    def __init__(self, table: "llguidance.LLTokenizer", gbnf: str, n_logits: int, banned: Iterable[int] = (),
+                 eog: Iterable[int] = ()) -> None:
         lark = gbnf_to_lark(gbnf)  # GbnfError (a GrammarError) for invalid GBNF
         try:
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
@@ -48,6 +54,14 @@ class GrammarMask:
             raise GrammarError(f"Failed to initialize sampling: invalid grammar ({self._matcher.get_error()})")
         self._bits = llg_numpy.allocate_token_bitmask(1, table.vocab_size)
         self._n_logits = n_logits
+        self._usable: np.ndarray | None = None
+        banned = list(banned)
+        if banned:
+            self._usable = np.ones(n_logits, dtype=np.bool_)
+            self._usable[banned] = False
+        self._eog = np.zeros(n_logits, dtype=np.bool_)
+        self._eog[list(eog)] = True
+        self.dead_end: NoTokenAllowed | None = None
 
     def __call__(self, logits: mx.array, token: mx.array | None) -> mx.array:
         mx.async_eval(logits)  # the forward pass runs while the mask is computed
@@ -55,5 +69,7 @@ class GrammarMask:
             self._matcher.consume_token(int(token.item()))
         llg_numpy.fill_next_token_bitmask(self._matcher, self._bits)
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-        allowed = np.pad(allowed, (0, max(0, self._n_logits - allowed.size)))[: self._n_logits]
-        return mx.where(mx.array(allowed.astype(np.bool_)), logits, -float("inf"))
+        allowed = np.pad(allowed, (0, max(0, self._n_logits - allowed.size)))[: self._n_logits].astype(np.bool_)
+        if not (allowed if self._usable is None else allowed & self._usable).any():
+            self.dead_end = NoTokenAllowed.judge(allowed, self._eog)
+        return mx.where(mx.array(allowed), logits, -float("inf"))

@@ -11,12 +11,15 @@ model's forward pass.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, apply_xtc, categorical_sampling
 
 from ..base import SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar import GrammarMask
 
 __all__ = ["Sampling"]
 
@@ -27,7 +30,7 @@ class Sampling:
     """One completion's logits processing and token draw; ``process`` then ``sample`` at every step."""
 
     def __init__(self, s: SamplingParams, n_vocab: int, n_ctx: int, eog: Iterable[int], history: list[int],
-                 grammar: Callable[[Logits, mx.array | None], Logits] | None = None) -> None:
+                 grammar: "GrammarMask | None" = None) -> None:
         self._grammar = grammar
         bias = dict(s.logit_bias)
         if s.ignore_eos:
@@ -56,6 +59,11 @@ class Sampling:
 
     def sample(self, logits: Logits) -> mx.array:
         return self._draw(logits)
+
+    def check(self) -> None:
+        """Raise the grammar's ``NoTokenAllowed`` when the last processed step left nothing to draw."""
+        if self._grammar is not None and self._grammar.dead_end is not None:
+            raise self._grammar.dead_end
 
     def _penalise(self, logits: Logits, token: mx.array | None) -> Logits:
         s = self._s
