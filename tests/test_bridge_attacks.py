@@ -214,7 +214,7 @@ def test_the_default_socket_lives_in_a_private_folder(tmp_path, default_env, sha
     finally:
         assert server.stop() == 0, server.log()
     assert not os.path.exists(f"{folder}/bridge.sock")
-    # XDG_RUNTIME_DIR is used only while it is the user's own
+    # an XDG_RUNTIME_DIR that is not the user's own is refused too
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     os.chown(runtime, NOBODY, NOBODY)
