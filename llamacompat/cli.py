@@ -13,6 +13,7 @@ import traceback
 from typing import Any, Sequence
 
 from . import LlamaContext, init_llama, load_llama_model_info
+from .bridge.protocol import MAX_CLIENTS, MAX_LINE
 from .cli_models import add_models_parser, run_models
 from .errors import LlamaCompatWarning, LlamaError
 from .models import DEFAULT_MODEL, local_path, resolve_model
@@ -115,8 +116,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--embedding", action="store_true", help="enable embedding requests")
     serve.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                        help="another init_llama param (repeatable; VALUE is JSON or a string)")
-    serve.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR or the temp folder, "
-                                        "llamacompat-<uid>.sock)")
+    serve.add_argument("--socket", help="Unix socket path (default: $XDG_RUNTIME_DIR/llamacompat-<uid>.sock, "
+                                        "else <temp>/llamacompat-<uid>/bridge.sock, in a folder of mode 0700)")
     serve.add_argument("--host", default="127.0.0.1", help="TCP address with --port (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen on TCP too (0: any free port); needs a token")
     serve.add_argument("--token", default=os.environ.get("LLAMACOMPAT_BRIDGE_TOKEN"),
@@ -125,6 +126,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sessions-dir", help="folder session files may be saved to and loaded from "
                                               "(sessions are disabled without it)")
     serve.add_argument("--n-predict", type=int, default=512, help="tokens INFER / INFER_STREAM generate at most")
+    serve.add_argument("--max-line", type=int, default=MAX_LINE, help=f"bytes in one request line (default {MAX_LINE})")
+    serve.add_argument("--max-clients", type=int, default=MAX_CLIENTS,
+                       help=f"connections at once (default {MAX_CLIENTS}, fewer under a low open-file limit)")
     session = add("session", help="work with session files").add_subparsers(dest="action", required=True)
     inspect = session.add_parser("inspect", help="print a session file's header, identity and (with --model) its text")
     inspect.add_argument("file")
@@ -234,12 +238,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     extra = parse_params(args.param)
     params = {"model": args.model, "backend": args.backend, "n_ctx": args.n_ctx, "embedding": args.embedding, **extra}
+    if not getattr(args, "debug", False):  # the server's warnings (refused connections, a forced exit) go to stderr
+        logging.basicConfig(level=logging.WARNING, format="llamacompat serve: %(message)s")
 
     def ready(addresses: list[str]) -> None:
         print("llamacompat: serving on " + ", ".join(addresses), flush=True)
 
     run_server(params, socket_path=args.socket, host=args.host, port=args.port, token=args.token,
-               models_dir=args.models_dir, sessions_dir=args.sessions_dir, n_predict=args.n_predict, on_ready=ready)
+               models_dir=args.models_dir, sessions_dir=args.sessions_dir, n_predict=args.n_predict,
+               max_line=args.max_line, max_clients=args.max_clients, on_ready=ready)
     return 0
 
 

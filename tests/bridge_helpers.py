@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -14,15 +15,23 @@ from typing import Any
 class Served:
     """A ``llamacompat serve`` process; ``address`` is what it printed it listens on."""
 
-    def __init__(self, folder: str, *args: str, socket_name: str | None = "bridge.sock", env: dict | None = None) -> None:
+    def __init__(self, folder: str, *args: str, socket_name: str | None = "bridge.sock", env: dict | None = None,
+                 before: str = "", nofile: int | None = None) -> None:
+        """``before``: Python run in the server process before the CLI starts; ``nofile``: its open-file limit."""
         self.socket = os.path.join(folder, socket_name) if socket_name else None
-        cmd = [sys.executable, "-m", "llamacompat.cli", "serve", "--n-ctx", "1024", "--param", "n_threads=2", *args]
+        start = ["-m", "llamacompat.cli"] if not before else \
+            ["-c", f"import sys\n{before}\nfrom llamacompat.cli import main\nsys.exit(main(sys.argv[1:]))"]
+        cmd = [sys.executable, *start, "serve", "--n-ctx", "1024", "--param", "n_threads=2", *args]
         if self.socket:
             cmd += ["--socket", self.socket]
         self.log_path = os.path.join(folder, f"serve-{os.getpid()}-{id(self)}.log")
         self._log = open(self.log_path, "w")
+
+        def limit_files() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=limit_files if nofile else None)
         line = self.proc.stdout.readline()
         self.addresses = line.strip().partition("serving on ")[2].split(", ") if "serving on" in line else []
 

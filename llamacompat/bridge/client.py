@@ -6,6 +6,12 @@ here, validation and generation happen in the server, and the server's errors
 and warnings arrive as the same exception and warning classes. One reader
 thread routes reply lines to the call waiting for them, so a ``tokenize`` can
 run while a completion streams.
+
+Before it sends anything on a Unix socket, the client checks that the socket and
+the process listening on it belong to this user (or root): another user's server
+would read every prompt. A call waits only while the server shows it is alive:
+after ``timeout`` seconds without a line the client pings it, and after twice
+that the call fails with ``RequestTimeoutError``.
 """
 
 from __future__ import annotations
@@ -16,22 +22,27 @@ import logging
 import os
 import queue
 import socket
+import struct
 import threading
+import time
 from typing import Any, Generator
 
 from .. import params as P
 from ..context import drain
 from ..errors import (
+    AuthenticationError,
     BackendUnavailableError,
     InvalidParamsError,
+    LlamaError,
     ModelLoadError,
+    RequestTimeoutError,
     SessionError,
     compat_warning,
     error_from_code,
 )
 from ..models import local_path, resolve_model
 from ..types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
-from .protocol import default_socket, encode
+from .protocol import MAX_LINE, default_socket, encode
 
 __all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
 
@@ -42,10 +53,13 @@ BRIDGE_FIELDS: dict[str, P.Field] = {
     "host": P.Field((str,), None, nullable=True),
     "port": P.Field((int,), None, lambda v: 0 < v < 65536, "a TCP port (1..65535)", nullable=True),
     "token": P.Field((str,), None, nullable=True),
-    "timeout": P.Field((int, float), 10.0, lambda v: v > 0, "> 0 seconds (to connect)"),
+    "timeout": P.Field((int, float), 10.0, lambda v: v > 0, "> 0 seconds (to connect, to send a line, and of "
+                       "silence before a ping)"),
 }
-# How often a waiting completion looks at its stop flag (stop latency while no token arrives).
+# How often a waiting completion looks at its stop flag (stop latency while no token arrives),
+# and how often any other waiting call looks whether the server has gone silent.
 _STOP_POLL_S = 0.02
+_ALIVE_POLL_S = 0.25
 
 
 def connect(raw: dict[str, Any]) -> "BridgeCore":
@@ -83,8 +97,34 @@ def _open(params: dict[str, Any]) -> tuple[socket.socket, str]:
         hint = f"llamacompat serve --host {params['host']} --port {params['port']} --token ..." if tcp \
             else f"llamacompat serve --socket {address}"
         raise BackendUnavailableError(f"no bridge server at {address} ({err.strerror or err}); start one with: {hint}") from err
-    sock.settimeout(None)
+    try:
+        if not tcp:
+            _check_server_user(sock, address)
+        sock.settimeout(None)  # the reader blocks; sends get their own deadline
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
+    except BaseException:
+        sock.close()
+        raise
     return sock, address
+
+
+def _check_server_user(sock: socket.socket, path: str) -> None:
+    """Refuse a server that another user runs (it would read our prompts), before sending it anything.
+
+    The socket file's owner is checked everywhere, the listening process's (SO_PEERCRED) on Linux.
+    """
+    trusted = {os.getuid(), 0}
+    owners = [("socket file", os.stat(path).st_uid)]
+    if hasattr(socket, "SO_PEERCRED"):
+        size = struct.calcsize("iII")
+        owners.append(("process listening on it", struct.unpack("iII", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, size))[1]))
+    for what, uid in owners:
+        if uid not in trusted:
+            raise AuthenticationError(
+                f"bridge: the {what} at {path} belongs to uid {uid}, not to you (uid {os.getuid()}) or root; "
+                "refusing to send it anything, since another user may be posing as the server. Remove the "
+                "socket if it is not yours and start `llamacompat serve` yourself, or pass your server's 'socket'")
 
 
 class BridgeCore:
@@ -101,6 +141,11 @@ class BridgeCore:
         self._ids = itertools.count(1)
         self._closed = False
         self._lost: str | None = None
+        self._lost_error_body: dict[str, Any] | None = None  # the server's last word, when it closed after an error
+        self._timeout = float(params["timeout"])
+        self._max_line = MAX_LINE  # the server's, from the handshake
+        self._heard = self._pinged = time.monotonic()
+        self._ping_lock = threading.Lock()
         self.model: dict[str, Any] = {}
         self.gpu, self.reason_no_gpu, self.devices = False, "", []  # the server's, from the handshake
         self._capabilities: dict[str, Any] = {"backend": self.backend, "features": {}}
@@ -116,6 +161,7 @@ class BridgeCore:
                                  f"{info['model_path']}, not {wanted_model}")
         self.model = info["model"]
         self.params["model"] = info["model_path"]
+        self._max_line = info.get("max_line", MAX_LINE)
         self.gpu, self.reason_no_gpu, self.devices = info["gpu"], info["reason_no_gpu"], info["devices"]
         self._capabilities = {"backend": self.backend, "features": info["capabilities"]["features"],
                               "server_backend": info["backend"]}
@@ -127,18 +173,25 @@ class BridgeCore:
     # -- the wire ------------------------------------------------------------
     def _read_replies(self) -> None:
         reason = "the bridge server closed the connection"
+        last_error = None
         try:
             with self._sock.makefile("rb") as lines:
                 for line in lines:
+                    self._heard = time.monotonic()
                     msg = json.loads(line)
-                    waiting = self._pending.get(msg.get("id"))
+                    rid = msg.get("id")
+                    waiting = self._pending.get(rid) if rid is not None else None
+                    last_error = msg["error"] if rid is None and "error" in msg else None
                     if waiting is not None:
                         waiting.put(msg)
-                    elif "error" in msg:
-                        logger.warning("bridge: error from the server: %s", msg["error"].get("message"))
+                    elif last_error is not None:
+                        logger.warning("bridge: error from the server: %s", last_error.get("message"))
         except (OSError, ValueError) as err:
             reason = f"the bridge connection broke: {err}"
         finally:
+            if last_error is not None:  # the server's reason for closing (a connection limit, ...)
+                self._lost_error_body = last_error
+                reason = f"{reason}: {last_error.get('message')}"
             self._lost = reason
             for waiting in list(self._pending.values()):
                 waiting.put(None)
@@ -150,6 +203,10 @@ class BridgeCore:
             data = encode({"id": rid, "method": method, "params": params, "strict": strict})
         except (TypeError, ValueError) as err:
             raise InvalidParamsError(f"{method}: the arguments must be JSON data to cross the bridge: {err}") from None
+        if len(data) - 1 > self._max_line:  # the server would skip it
+            raise InvalidParamsError(f"{method}: the request is {len(data) - 1} bytes of JSON, over the bridge server's "
+                                     f"line limit of {self._max_line} bytes (`llamacompat serve --max-line`); send "
+                                     "less at once (split the text), or raise the server's limit")
         replies: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._pending[rid] = replies
         try:
@@ -165,11 +222,38 @@ class BridgeCore:
         try:
             with self._send_lock:
                 self._sock.sendall(data)
-        except OSError as err:
+        except OSError as err:  # a line may be half sent: the connection cannot go on
+            if not isinstance(err, (BlockingIOError, TimeoutError)):
+                self._reader.join(self._timeout)  # the server closed: its last line may say why
+                if self._lost_error_body is not None:
+                    raise self._lost_error() from err
+            self._shut()
+            if isinstance(err, (BlockingIOError, TimeoutError)):
+                raise RequestTimeoutError(f"the bridge server at {self.address} took no data for {self._timeout:g} s "
+                                          "(the 'timeout' init param); the connection is closed") from err
             raise BackendUnavailableError(f"the bridge server at {self.address} went away: {err}") from err
 
-    def _lost_error(self) -> BackendUnavailableError:
+    def _lost_error(self) -> LlamaError:
+        if self._lost_error_body is not None:
+            body = self._lost_error_body
+            return error_from_code(body.get("code", "llama_error"), f"the bridge server at {self.address} closed the "
+                                   f"connection: {body.get('message')}")
         return BackendUnavailableError(f"the bridge server at {self.address} went away: {self._lost}")
+
+    def _check_alive(self, since: float) -> None:
+        """A call waits while the server talks: after ``timeout`` s of silence (since the call began) ping it,
+        after twice that give up."""
+        heard = max(self._heard, since)
+        silent = time.monotonic() - heard
+        if silent < self._timeout:
+            return
+        if silent > 2 * self._timeout:
+            raise RequestTimeoutError(f"the bridge server at {self.address} has sent nothing for {silent:.0f} s, not "
+                                      f"even the answer to a ping (the 'timeout' init param is {self._timeout:g} s)")
+        with self._ping_lock:
+            if self._pinged <= heard:  # one ping per silence
+                self._pinged = time.monotonic()
+                self._send(encode({"id": f"alive-{next(self._ids)}", "method": "ping", "params": {}}))
 
     def _reply(self, msg: dict[str, Any] | None) -> Any:
         """The result of a final reply line; raises its error."""
@@ -188,6 +272,7 @@ class BridgeCore:
         ``_STOP_POLL_S`` while none arrives), and a generator closed early stops the server's work.
         """
         rid, replies = self._open_request(method, params, strict)
+        began = time.monotonic()
         stop_sent = finished = False
         try:
             while True:
@@ -195,8 +280,9 @@ class BridgeCore:
                     stop_sent = True
                     self._send_stop(rid)
                 try:
-                    msg = replies.get(timeout=_STOP_POLL_S if stop is not None else None)
+                    msg = replies.get(timeout=_STOP_POLL_S if stop is not None else _ALIVE_POLL_S)
                 except queue.Empty:
+                    self._check_alive(began)
                     continue
                 if msg is not None and "event" in msg:
                     yield msg["event"]
@@ -209,7 +295,7 @@ class BridgeCore:
             if stop is not None and not finished and self._lost is None and not stop_sent:  # abandoned stream
                 try:
                     self._send_stop(rid)
-                except BackendUnavailableError:
+                except LlamaError:
                     pass
             self._pending.pop(rid, None)
 
@@ -262,14 +348,17 @@ class BridgeCore:
     def save_session(self, path: str, token_size: int) -> int:
         return self._call("save_session", {"path": _server_path(path, "save"), "token_size": token_size})
 
+    def _shut(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end and fails every waiting call
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._shut()
         self._sock.close()
         self._reader.join(5)
 

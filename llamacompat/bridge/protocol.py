@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import Any
 
-from ..errors import LlamaError
+from ..errors import AuthenticationError, InvalidParamsError, LlamaError
 
-__all__ = ["MAX_LINE", "METHODS", "TEXT_COMMANDS", "encode", "error_body", "default_socket"]
+__all__ = ["MAX_LINE", "MAX_DEPTH", "MAX_CLIENTS", "METHODS", "TEXT_COMMANDS", "encode", "decode", "error_body",
+           "default_socket", "private_folder"]
 
 MAX_LINE = 1 << 20  # bytes in one request line, newline excluded
+MAX_DEPTH = 100  # nesting of arrays and objects in one JSON request
+MAX_CLIENTS = 256  # connections a server holds at once (fewer under a low open-file limit)
 
 # JSON methods -> where they run: "queue" (the model's FIFO worker, one at a time),
 # "side" (beside it, as tokenize runs beside a completion in a context) or "inline"
@@ -31,9 +35,37 @@ METHODS = {
 TEXT_COMMANDS = ("PING", "STATUS", "LOAD", "INFER", "INFER_STREAM", "FREE", "QUIT", "AUTH")
 
 
-def default_socket() -> str:
-    """Where ``serve`` listens and the client connects by default: one socket per user."""
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), f"llamacompat-{os.getuid()}.sock")
+def default_socket(create: bool = False) -> str:
+    """Where ``serve`` listens and the client connects by default: one socket per user, in a folder only it can use.
+
+    ``$XDG_RUNTIME_DIR/llamacompat-<uid>.sock`` (that folder is the user's own), else
+    ``<temp>/llamacompat-<uid>/bridge.sock``: a world-writable temp folder would let another user
+    create the socket first. ``create`` (the server) makes the private folder.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(private_folder(runtime, create=False), f"llamacompat-{os.getuid()}.sock")
+    folder = os.path.join(tempfile.gettempdir(), f"llamacompat-{os.getuid()}")
+    return os.path.join(private_folder(folder, create), "bridge.sock")
+
+
+def private_folder(folder: str, create: bool) -> str:
+    """``folder`` if it is ours and closed to others (made mode 0700 with ``create``); else AuthenticationError."""
+    if create:
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return folder  # nothing listens there yet: connecting fails with "no bridge server"
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise AuthenticationError(
+            f"bridge: {folder} (the default socket's folder) must be a folder owned by you (uid {os.getuid()}) "
+            f"with mode 0700; it is owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}. Another user "
+            "may have created it to intercept the bridge: remove it, or pass an explicit socket path")
+    return folder
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -41,8 +73,37 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
+def decode(line: bytes) -> Any:
+    """A request line's JSON; InvalidParamsError if it is malformed or nested deeper than ``MAX_DEPTH``."""
+    too_deep = InvalidParamsError(f"JSON request nested deeper than {MAX_DEPTH} levels of arrays and objects "
+                                  "(llamacompat.bridge.MAX_DEPTH); flatten it")
+    try:
+        value = json.loads(line)
+    except RecursionError:  # the parser's own limit, far deeper than ours
+        raise too_deep from None
+    except ValueError as err:
+        raise InvalidParamsError(f"malformed JSON: {err}") from None
+    # Counting brackets is cheap; only a line with many of them is walked.
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise too_deep
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in ``value`` (iterative: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def error_body(err: BaseException) -> dict[str, str]:
     """``{"code", "message"}``: a LlamaError's own code, anything else as an internal error."""
     if isinstance(err, LlamaError):
         return {"code": err.code, "message": err.message}
+    if isinstance(err, RecursionError):  # a request's data nested past what some step can walk
+        return {"code": InvalidParamsError.code, "message": f"request data nested too deeply to process: {err}"}
     return {"code": "internal_error", "message": f"internal error in the bridge server: {type(err).__name__}: {err}"}

@@ -6,6 +6,11 @@ single worker thread, in the order the requests arrived; tokenize, detokenize
 and chat formatting run beside it, as they do in a context. Each job has its
 own stop flag, so a client stops only its own requests, and a client whose
 connection breaks has its jobs stopped.
+
+Nothing a request does can hold the process: connections are capped (and those
+still to authenticate have a deadline and a cap of their own), and a shutdown
+that finds a job still running after a short grace leaves ``run_server`` to exit
+hard, since a thread stuck in native code cannot be interrupted.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ from .. import params as P
 from ..context import drain, load_local
 from ..errors import (
     AuthenticationError,
+    ContextLimitError,
     ContextReleasedError,
     InvalidParamsError,
     LlamaError,
@@ -39,29 +47,44 @@ from ..errors import (
     warnings_to,
 )
 from ..local import LocalCore, session_path
-from .protocol import MAX_LINE, METHODS, TEXT_COMMANDS, default_socket, encode, error_body
+from .protocol import MAX_CLIENTS, MAX_LINE, METHODS, TEXT_COMMANDS, decode, default_socket, encode, error_body
 
-__all__ = ["BridgeServer", "bind_unix_socket", "run_server"]
+__all__ = ["BridgeServer", "bind_unix_socket", "run_server", "MAX_UNAUTHENTICATED", "AUTH_TIMEOUT_S", "SHUTDOWN_GRACE_S"]
 
 logger = logging.getLogger(__name__)
 
 # Replies a client has not read yet; past this it is treated as gone (its jobs stop).
 MAX_BACKLOG = 64 << 20
-_SHUTDOWN_GRACE_S = 30.0
+# Connections at once are MAX_CLIENTS (fewer when the open-file limit is low: see _client_cap); of
+# them, this many may be waiting to authenticate: a newcomer past that closes the oldest such one.
+MAX_UNAUTHENTICATED = 16
+AUTH_TIMEOUT_S = 5.0  # to send AUTH on a server with a token
+_EVICTABLE_AFTER_S = 0.5  # a connection this old that has not authenticated may be closed for a newcomer
+_PRE_AUTH_LINE = 4096  # bytes in a line before AUTH
+_FD_RESERVE = 32  # open files kept for the model, logs and the listening sockets
+# After SIGTERM: how long running jobs may take to stop before the process exits without them.
+SHUTDOWN_GRACE_S = 3.0
+# The id of an over-long request, read from its first bytes so that the error reaches its caller.
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(-?\d{1,19}|"(?:[^"\\\n]|\\.){0,256}")\s*[,}]')
 
 
 class _Oversize:
-    """A line longer than the limit was skipped; ``json`` tells which reply format to use."""
+    """A line longer than the limit was skipped; ``json_like`` tells which reply format to use, ``rid`` its id if read."""
 
-    def __init__(self, json_like: bool) -> None:
-        self.json_like = json_like
+    def __init__(self, head: bytes) -> None:
+        self.json_like = head.lstrip().startswith(b"{")
+        match = _LEADING_ID.match(head)
+        try:
+            self.rid = json.loads(match.group(1)) if match else None
+        except ValueError:
+            self.rid = None
 
 
 class _LineReader:
     """Lines of at most ``limit`` bytes; a longer one is skipped whole and reported once."""
 
     def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
-        self._reader, self._limit = reader, limit
+        self._reader, self.limit = reader, limit
         self._buf = bytearray()
         self._scanned = 0
         self._skipping: _Oversize | None = None
@@ -76,9 +99,9 @@ class _LineReader:
                 skipped, self._skipping = self._skipping, None
                 if skipped is not None:
                     return skipped
-                return _Oversize(line.lstrip().startswith(b"{")) if len(line) > self._limit else line
-            if self._skipping is None and len(self._buf) > self._limit:
-                self._skipping = _Oversize(self._buf.lstrip().startswith(b"{"))
+                return _Oversize(line[:512]) if len(line) > self.limit else line
+            if self._skipping is None and len(self._buf) > self.limit:
+                self._skipping = _Oversize(bytes(self._buf[:512]))
             if self._skipping is not None:
                 self._buf.clear()
             self._scanned = len(self._buf)
@@ -109,6 +132,7 @@ class _Client:
         self.jobs: dict[Any, _Job] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
+        self.since = time.monotonic()
 
     def send(self, data: bytes) -> None:
         """Write one reply line (event-loop thread). A broken or hopelessly slow peer stops its jobs."""
@@ -132,6 +156,11 @@ class _Client:
             body["data"] = data
         self.send(encode(body))
 
+    def refuse(self, err: LlamaError) -> None:
+        """End the connection with one error line that either protocol's client can read."""
+        self.send(encode({"id": None, "status": "error", "message": err.message, "error": error_body(err)}))
+        self.close()
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -147,13 +176,15 @@ class BridgeServer:
 
     def __init__(self, model_params: dict[str, Any], *, models_dir: str | None = None,
                  sessions_dir: str | None = None, token: str | None = None, n_predict: int = 512,
-                 max_line: int = MAX_LINE) -> None:
+                 max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS, auth_timeout: float = AUTH_TIMEOUT_S) -> None:
         self._params = dict(model_params)
         self._models_dir = os.path.realpath(models_dir) if models_dir else None
         self._sessions_dir = os.path.realpath(sessions_dir) if sessions_dir else None
         self._token = token.encode() if token else None
         self._n_predict = n_predict
         self._max_line = max_line
+        self._max_clients = _client_cap(max_clients)
+        self._auth_timeout = auth_timeout
         self.core: LocalCore | None = None
         self._use = threading.Lock()  # side calls vs. a model swap or free
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamacompat-bridge")
@@ -163,6 +194,8 @@ class BridgeServer:
         self._socket_path: str | None = None
         self._socket_inode = 0
         self._clients: set[_Client] = set()
+        self._unauthed: dict[_Client, None] = {}  # oldest first
+        self._tasks: set[asyncio.Task[Any]] = set()  # every request being answered, whatever its client does
         self._submitted = 0  # counted by the event loop ...
         self._started_jobs = 0  # ... and by the worker: each counter has one writer
         self._served = 0
@@ -171,6 +204,7 @@ class BridgeServer:
         self._started = time.monotonic()
         self._closing = False
         self._done: asyncio.Event | None = None
+        self.clean = True  # False: a shutdown left a job running (run_server then exits hard)
 
     # -- lifetime ------------------------------------------------------------
     def load(self) -> None:
@@ -197,6 +231,7 @@ class BridgeServer:
         """Serve until ``shutdown`` (SIGTERM and SIGINT call it); then clean up."""
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        self._loop.set_exception_handler(_loop_error)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
@@ -206,69 +241,123 @@ class BridgeServer:
             ready()
         await self._done.wait()
 
-    async def shutdown(self) -> None:
-        """Stop accepting, stop what runs, answer every request, remove the socket file, free the model."""
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> bool:
+        """Stop accepting, stop what runs, answer every request, remove the socket file, free the model.
+
+        Jobs get ``grace`` seconds to stop. One that has not (native code, or a loop that never looks
+        at its stop flag) cannot be interrupted: its request and those queued behind it are answered
+        ``context_released``, the model stays loaded, and False is returned (``run_server`` exits hard).
+        """
         if self._closing:
-            return
+            return self.clean
         self._closing = True
         for server in self._servers:
             server.close()
         for client in list(self._clients):
             for job in client.jobs.values():
                 job.stop.set()
-        tasks = [task for client in self._clients for task in client.tasks]
-        if tasks:
-            await asyncio.wait(tasks, timeout=_SHUTDOWN_GRACE_S)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        self.clean = not self._tasks
+        gone = ContextReleasedError("Context not found: the bridge server is shutting down")
         for client in list(self._clients):
+            for rid in list(client.jobs):
+                if isinstance(rid, tuple):  # a text command
+                    client.status("error", gone.message)
+                else:
+                    client.reply(rid, error=error_body(gone))
             client.close()
         if self._socket_path and _inode(self._socket_path) == self._socket_inode:  # ours, not a successor's
             os.unlink(self._socket_path)
-        await asyncio.get_running_loop().run_in_executor(self._worker, self._free)
+        if self.clean:
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._worker, self._free), grace)
+            except asyncio.TimeoutError:
+                self.clean = False
         self._worker.shutdown(wait=False)
         self._side.shutdown(wait=False)
         if self._done is not None:
             self._done.set()
+        return self.clean
 
     # -- connections ---------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._loop = asyncio.get_running_loop()  # the worker posts replies to it
         client = _Client(writer, self._token is None, self._count_abandoned)
-        self._clients.add(client)
+        if not self._admit(client):
+            return
         lines = _LineReader(reader, self._max_line)
+        deadline = None if client.authed else self._loop.call_later(self._auth_timeout, self._auth_expired, client)
         try:
             while not client.closed:
+                lines.limit = self._max_line if client.authed else _PRE_AUTH_LINE
                 line = await lines.next()
                 if line is None:
                     break
                 if isinstance(line, _Oversize):
-                    message = f"request line longer than {self._max_line} bytes; it was skipped"
+                    message = f"request line longer than {lines.limit} bytes (the bridge's line limit); it was skipped"
                     if line.json_like:
-                        client.reply(None, error={"code": InvalidParamsError.code, "message": message})
+                        client.reply(line.rid, error={"code": InvalidParamsError.code, "message": message})
                     else:
                         client.status("error", message)
-                    continue
-                if not line.strip():
-                    continue
-                if line.lstrip().startswith(b"{"):
-                    self._json_request(client, line)
-                elif not await self._track(client, self._text_command(client, line)):
-                    break
+                elif line.strip() or not client.authed:
+                    if line.lstrip().startswith(b"{"):
+                        self._json_request(client, line)
+                    elif not await self._track(client, self._text_command(client, line)):
+                        break
+                if not client.authed:  # anything but a right AUTH ends a connection that has not authenticated
+                    client.close()
             # At end of input, answer what is in flight: `echo "INFER hi" | nc -U` half-closes and reads on.
             if client.tasks:
                 await asyncio.wait(list(client.tasks))
         except ConnectionError:
             pass
         finally:
+            if deadline is not None:
+                deadline.cancel()
             client.close()
             self._clients.discard(client)
+            self._unauthed.pop(client, None)
+
+    def _admit(self, client: _Client) -> bool:
+        """Count a new connection in. Past a cap, the oldest connection still to authenticate makes room
+        if it has had its chance (a burst of newcomers cannot push out one whose AUTH is on its way);
+        otherwise this one is refused."""
+        waiting = len(self._unauthed) >= MAX_UNAUTHENTICATED and not client.authed
+        if waiting or len(self._clients) >= self._max_clients:
+            oldest = next(iter(self._unauthed), None)
+            if oldest is None or time.monotonic() - oldest.since < _EVICTABLE_AFTER_S:
+                client.refuse(ContextLimitError(
+                    f"Context limit reached: the bridge server holds {len(self._clients)} connections, "
+                    f"{len(self._unauthed)} of them waiting to authenticate; its limit is {self._max_clients} "
+                    f"({MAX_UNAUTHENTICATED} waiting). Retry shortly"))
+                return False
+            oldest.refuse(AuthenticationError("closed: no AUTH yet, and a newer connection needed the place; "
+                                              "send AUTH as soon as you connect"))
+            self._clients.discard(oldest)
+            self._unauthed.pop(oldest, None)
+        self._clients.add(client)
+        if not client.authed:
+            self._unauthed[client] = None
+        return True
+
+    def _auth_expired(self, client: _Client) -> None:
+        if not client.authed and not client.closed:
+            client.refuse(AuthenticationError(f"no AUTH within {self._auth_timeout:g} s; connection closed"))
+
+    def _authenticated(self, client: _Client) -> None:
+        client.authed = True
+        self._unauthed.pop(client, None)
 
     def _track(self, client: _Client, work: Any) -> "asyncio.Task[Any]":
         """Run ``work`` as a task of ``client`` (shutdown waits for these), counted as served."""
         task = asyncio.ensure_future(work)
         client.tasks.add(task)
+        self._tasks.add(task)
 
         def finished(done: "asyncio.Task[Any]") -> None:
             client.tasks.discard(done)
+            self._tasks.discard(done)
             self._served += 1
 
         task.add_done_callback(finished)
@@ -281,9 +370,9 @@ class BridgeServer:
     # -- the JSON protocol ---------------------------------------------------
     def _json_request(self, client: _Client, line: bytes) -> None:
         try:
-            msg = json.loads(line)
-        except ValueError as err:
-            client.reply(None, error={"code": InvalidParamsError.code, "message": f"malformed JSON: {err}"})
+            msg = decode(line)
+        except LlamaError as err:
+            client.reply(None, error=error_body(err))
             return
         rid = msg.get("id") if isinstance(msg, dict) else None
         try:
@@ -293,9 +382,17 @@ class BridgeServer:
             if isinstance(err, AuthenticationError):  # no second guess on this connection
                 client.close()
             return
+        if rid in client.jobs:  # answered with id null: the running request's caller must not take it for its own
+            client.reply(None, error=error_body(InvalidParamsError(
+                f"request id {_brief(rid)} is already in flight on this connection; this request was not run. "
+                "Give each request in flight its own id")))
+            return
         if method == "auth":
-            client.authed = True
+            self._authenticated(client)
             client.reply(rid, result={"authenticated": True})
+            return
+        if self._closing and METHODS[method] != "inline":  # the shutdown waits only for what it found running
+            client.reply(rid, error=error_body(ContextReleasedError("Context not found: the bridge server is shutting down")))
             return
         job = _Job(client, rid)
         client.jobs[rid] = job
@@ -308,10 +405,10 @@ class BridgeServer:
         if not isinstance(msg, dict):
             raise InvalidParamsError("a JSON request must be an object {\"id\", \"method\", \"params\"}")
         rid, method, params = msg.get("id"), msg.get("method"), msg.get("params", {})
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            raise InvalidParamsError(f"request 'id' must be a string or an integer, got {rid!r}")
+        if not _is_id(rid):
+            raise InvalidParamsError(f"request 'id' must be a string or an integer, got {_brief(rid)}")
         if not isinstance(method, str):
-            raise InvalidParamsError(f"request 'method' must be a string, got {method!r}")
+            raise InvalidParamsError(f"request 'method' must be a string, got {_brief(method)}")
         if method not in METHODS:
             close = difflib.get_close_matches(method, list(METHODS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; methods: {', '.join(METHODS)}"
@@ -322,11 +419,9 @@ class BridgeServer:
             raise AuthenticationError("authenticate first: send {\"method\": \"auth\", \"params\": {\"token\": ...}}")
         if not isinstance(params, dict):
             raise InvalidParamsError(f"request 'params' must be an object, got {type(params).__name__}")
-        if rid in client.jobs:
-            raise InvalidParamsError(f"request id {rid!r} is already in flight on this connection")
         strict = msg.get("strict", False)
         if not isinstance(strict, bool):
-            raise InvalidParamsError(f"request 'strict' must be a bool, got {strict!r}")
+            raise InvalidParamsError(f"request 'strict' must be a bool, got {_brief(strict)}")
         return method, params, strict
 
     def _authenticate(self, token: Any) -> None:
@@ -455,6 +550,9 @@ class BridgeServer:
         return self._model_info()
 
     def _m_stop(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
+        if not _is_id(params.get("id")):
+            raise InvalidParamsError(f"stop: 'id' must be the string or integer id of one of this connection's "
+                                     f"requests, got {_brief(params.get('id'))}")
         target = job.client.jobs.get(params.get("id"))
         if target is not None and target is not job:
             target.stop.set()
@@ -482,7 +580,7 @@ class BridgeServer:
             except AuthenticationError as err:
                 client.status("error", err.message)
                 return False
-            client.authed = True
+            self._authenticated(client)
             client.status("ok", "authenticated")
             return True
         if not client.authed:
@@ -565,7 +663,7 @@ class BridgeServer:
             raise UnsupportedFeatureError(f"{what} is disabled: start the server with --models-dir DIR")
         if not isinstance(path, str) or not path:
             raise InvalidParamsError(f"{what} needs a path inside the server's --models-dir")
-        real = _inside(self._models_dir, path)
+        real = _inside(self._models_dir, path, what)
         if real is None:
             raise ModelLoadError(f"Failed to load model: {path!r} is outside the server's --models-dir "
                                  f"({self._models_dir})")
@@ -575,7 +673,7 @@ class BridgeServer:
         if self._sessions_dir is None:
             raise UnsupportedFeatureError(f"{where}: sessions are disabled on this bridge server; "
                                           "start it with --sessions-dir DIR")
-        real = _inside(self._sessions_dir, session_path(path, where))
+        real = _inside(self._sessions_dir, session_path(path, where), where)
         if real is None:
             action = where.removesuffix("_session")
             raise SessionError(f"Failed to {action} session: {path!r} is outside the server's --sessions-dir "
@@ -590,7 +688,7 @@ class BridgeServer:
         if self._models_dir is None:
             caps = {**caps, "features": {**caps["features"], "lora": "missing"}}
         return {"backend": core.backend, "model": core.model, "capabilities": caps,
-                "model_path": core.params["model"], "sessions_dir": self._sessions_dir,
+                "model_path": core.params["model"], "sessions_dir": self._sessions_dir, "max_line": self._max_line,
                 "gpu": core.gpu, "reason_no_gpu": core.reason_no_gpu, "devices": core.devices}
 
     def _status(self) -> dict[str, Any]:
@@ -607,10 +705,45 @@ class BridgeServer:
         }
 
 
-def _inside(root: str, path: str) -> str | None:
+def _inside(root: str, path: str, what: str) -> str | None:
     """The real path of ``path`` (relative to ``root`` unless absolute) if it is inside ``root``, symlinks followed."""
+    if "\0" in path:
+        raise InvalidParamsError(f"{what}: the path {path!r} contains a NUL byte, which no file name can hold")
     real = os.path.realpath(os.path.join(root, path))
     return real if os.path.commonpath([root, real]) == root else None
+
+
+def _loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's own errors; out of file descriptors in accept is one line (asyncio retries after a second)."""
+    if context.get("message") == "socket.accept() out of system resource":
+        logger.warning("bridge: no file descriptor left to accept a connection (%s); accepting again in 1 s",
+                       context.get("exception"))
+    else:
+        loop.default_exception_handler(context)
+
+
+def _is_id(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (str, int))
+
+
+def _brief(value: Any) -> str:
+    """A value for an error message, cut short: it came from the client and may be huge."""
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else f"a JSON {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _client_cap(wanted: int) -> int:
+    """``wanted`` connections, fewer if the open-file limit could not hold them (accept would fail with EMFILE)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    # Half of what is left: asyncio accepts a burst of connections before any is turned away.
+    return min(wanted, max(4, (soft - _FD_RESERVE) // 2))
 
 
 def _inode(path: str) -> int:
@@ -658,16 +791,21 @@ def bind_unix_socket(path: str) -> socket.socket:
 def run_server(model_params: dict[str, Any], *, socket_path: str | None = None, host: str = "127.0.0.1",
                port: int | None = None, token: str | None = None, models_dir: str | None = None,
                sessions_dir: str | None = None, n_predict: int = 512, max_line: int = MAX_LINE,
-               on_ready: Callable[[list[str]], None] | None = None) -> None:
-    """Load the model and serve it until SIGTERM / SIGINT (blocking): a Unix socket unless only a port is given."""
+               max_clients: int = MAX_CLIENTS, on_ready: Callable[[list[str]], None] | None = None) -> None:
+    """Load the model and serve it until SIGTERM / SIGINT (blocking): a Unix socket unless only a port is given.
+
+    If a job has not stopped ``SHUTDOWN_GRACE_S`` after the signal, the process exits at once with
+    status 1 (``os._exit``: a thread stuck in native code would otherwise keep it alive), the socket
+    file already removed and every request answered.
+    """
     server = BridgeServer(model_params, models_dir=models_dir, sessions_dir=sessions_dir, token=token,
-                          n_predict=n_predict, max_line=max_line)
+                          n_predict=n_predict, max_line=max_line, max_clients=max_clients)
     server.load()
 
     async def main() -> None:
         addresses = []
         if socket_path is not None or port is None:
-            path = socket_path or default_socket()
+            path = socket_path or default_socket(create=True)
             await server.start_unix(path)
             addresses.append(f"unix:{path}")
         if port is not None:
@@ -676,6 +814,13 @@ def run_server(model_params: dict[str, Any], *, socket_path: str | None = None, 
             bound = await server.start_tcp(host, port)
             addresses.append(f"tcp:{host}:{bound}")
         await server.serve(lambda: on_ready(addresses) if on_ready else None)
+        if not server.clean:  # inside the loop: tearing it down would wait on, or cancel, what is stuck
+            logger.error("bridge: a request was still running %g s after the shutdown signal; exiting without it",
+                         SHUTDOWN_GRACE_S)
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(1)
 
     try:
         asyncio.run(main())
