@@ -33,6 +33,7 @@ from .errors import (
 from .grammars.builtin import checked_grammar
 from .grammars.gbnf import check_tokens, parse_gbnf
 from .grammars.schema import convert_json_schema_to_grammar
+from .grammars.triggers import parse_triggers
 from .models import local_path
 from .sessions import check_identity, read_sidecar, save_with_sidecar
 from .types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
@@ -121,6 +122,11 @@ class LocalCore:
         elif schema is not None:
             p["grammar"] = convert_json_schema_to_grammar(schema, strict=strict)
         text, stops, chat_format, parse = self._prompt(p)
+        p["grammar_triggers"] = parse_triggers(p["grammar_triggers"], self.n_vocab)
+        if p["grammar_lazy"] and p["grammar"] is None:
+            raise InvalidParamsError("completion: 'grammar_lazy' needs a 'grammar' (or 'json_schema') to apply lazily")
+        if p["grammar_lazy"] and not p["grammar_triggers"]:
+            raise InvalidParamsError("completion: 'grammar_lazy' needs 'grammar_triggers' (where the grammar starts)")
         logit_bias = self._resolve_logit_bias(p["logit_bias"])  # a bad token id is bad input on every backend
         self._check_features(p, strict)  # resets what the backend lacks (logit_bias included)
         tokens = self.adapter.tokenize(text, True)
@@ -148,6 +154,8 @@ class LocalCore:
         chat = self._chat(p["messages"], p["chat_template"], p, has_grammar=p["grammar"] is not None)
         if chat.grammar:
             p["grammar"] = chat.grammar
+            if chat.grammar_lazy:  # tools in auto mode: free text, or a schema-valid call once one starts
+                p["grammar_lazy"], p["grammar_triggers"] = True, list(chat.grammar_triggers)
         return chat.prompt, p["stop"] + chat.additional_stops, chat.tool_format.chat_format, chat.parser()
 
     def _check_features(self, p: dict[str, Any], strict: bool) -> None:

@@ -58,6 +58,7 @@ def _is_message_list(value: Any) -> bool:
 
 
 TOOL_CHOICES = ("auto", "none", "required")
+GRAMMAR_ENGINES = ("auto", "llguidance", "llama_cpp")
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: past it llama.cpp aborts, or fails to allocate its threads
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 _SEED_MAX = 2**32 - 1
@@ -97,6 +98,13 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "grammar": Field((str,), None, nullable=True),
     "json_schema": Field((str, dict, bool), None, nullable=True),  # ignored when 'grammar' is set, as in llama.rn
     "response_format": Field((dict,), None, nullable=True),
+    # Lazy grammars (llama.cpp's): free text until a trigger, then the grammar (llamacompat.grammars.triggers).
+    "grammar_lazy": _bool(False),
+    "grammar_triggers": Field((list, tuple), (), None),  # entries checked by grammars.triggers.parse_triggers
+    "preserved_tokens": Field((list, tuple), (), _is_str_list, "a list of strings"),
+    # Which engine runs a grammar where there is a choice: llguidance (llama_cpp's default, mlx's only one),
+    # or llama.cpp's own, which alone takes negated token references (!<[id]>).
+    "grammar_engine": Field((str,), "auto", lambda v: v in GRAMMAR_ENGINES, "'auto', 'llguidance' or 'llama_cpp'"),
     # Chat: tools, reasoning and template inputs (llamacompat.chat).
     "tools": Field((list,), None, nullable=True),
     "tool_choice": Field((str,), "auto", lambda v: v in TOOL_CHOICES, "'auto', 'none' or 'required'"),
@@ -121,6 +129,7 @@ CHAT_FIELDS = ("chat_template", "add_generation_prompt", "tools", "tool_choice",
 # output) and ignores a sampling setting with a LlamaCompatWarning (an error with strict).
 FEATURE_PARAMS: dict[str, tuple[str, ...]] = {
     "grammar": ("grammar", "json_schema", "response_format"),
+    "lazy_grammar": ("grammar_lazy",),
     "temperature": ("temperature",),
     "top_k": ("top_k",),
     "top_p": ("top_p",),
@@ -136,7 +145,7 @@ FEATURE_PARAMS: dict[str, tuple[str, ...]] = {
     "ignore_eos": ("ignore_eos",),
     "n_probs": ("n_probs",),
 }
-REFUSED_WHEN_MISSING = frozenset({"grammar"})
+REFUSED_WHEN_MISSING = frozenset({"grammar", "lazy_grammar"})
 
 
 def response_format_schema(value: Mapping[str, Any] | None) -> Any:
@@ -176,9 +185,6 @@ def features_used(params: Mapping[str, Any]) -> list[tuple[str, str]]:
 # llama.rn completion keys that change what is generated and that llamacompat
 # does not implement yet: refusing them beats silently unconstrained output.
 COMPLETION_NOT_YET = {
-    "grammar_lazy": "lazy grammars",
-    "grammar_triggers": "lazy grammars",
-    "preserved_tokens": "lazy grammars",
     "media_paths": "multimodal input",
     "prefill_text": "assistant prefill",
     "thinking_budget_tokens": "thinking budgets",

@@ -111,7 +111,10 @@ def test_formats_are_picked_from_the_template():
     assert _format("chatml", tools=[WEATHER], tool_choice="none").tool_format.name == "content"
     required = _format("hermes", tools=[WEATHER], tool_choice="required")
     assert required.grammar.startswith('root ::= "<tool_call>\\n" tool-call')
-    assert _format("hermes", tools=[WEATHER]).grammar == ""  # auto: a lazy grammar is not applied (see README)
+    auto = _format("hermes", tools=[WEATHER])  # auto: the same grammar, lazily, from the call marker on
+    assert auto.grammar == required.grammar and auto.grammar_lazy
+    assert [t.as_dict() for t in auto.grammar_triggers] == [{"type": 1, "value": "<tool_call>", "token": -1}]
+    assert not required.grammar_lazy and not required.grammar_triggers
 
 
 def test_generic_format_tells_the_model_about_tools_and_keeps_earlier_calls():

@@ -196,8 +196,6 @@ def test_bad_params_raise_invalid_params_and_context_survives(ctx, params, messa
 def test_unimplemented_llama_rn_features_are_refused_not_ignored(ctx):
     from llamacompat import UnsupportedFeatureError
 
-    with pytest.raises(UnsupportedFeatureError, match="lazy grammars"):
-        ctx.completion({"prompt": "x", "grammar_lazy": True})
     with pytest.raises(UnsupportedFeatureError, match="media"):
         ctx.completion({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}]})
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal
 import numpy as np
 
 from ..errors import InvalidParamsError, UnsupportedFeatureError
+from ..grammars.triggers import Trigger
 from ..params import Field
 
 __all__ = ["Adapter", "Capabilities", "Interrupted", "NoTokenAllowed", "SamplingParams", "Support", "reusable_prefix",
@@ -106,8 +107,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # token ids, already resolved
     grammar: str | None = None
+    grammar_lazy: bool = False
+    grammar_triggers: tuple[Trigger, ...] = ()  # already parsed (grammars.triggers)
+    preserved_tokens: tuple[str, ...] = ()
+    grammar_engine: str = "auto"
     # The loop enforces n_predict on every backend; a runtime that takes a per-run limit (RKLLM 1.3) gets it too.
     n_predict: int = -1
+    # The loop asks top_probs at every token when set: an adapter keeps each position's logits (no skipping ahead).
+    n_probs: int = 0
 
     def banned(self, eog: Iterable[int]) -> set[int]:
         """Tokens sampling never draws: a bias of -inf (``false``), and the end-of-generation tokens with ``ignore_eos``."""
@@ -118,10 +125,11 @@ class SamplingParams:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], logit_bias: tuple[tuple[int, float], ...]) -> "SamplingParams":
-        names = cls.__dataclass_fields__.keys() - {"logit_bias", "dry_sequence_breakers"}
+        tuples = ("dry_sequence_breakers", "grammar_triggers", "preserved_tokens")
+        names = cls.__dataclass_fields__.keys() - {"logit_bias", *tuples}
         values = {name: params[name] for name in names if name in params}
-        return cls(**values, logit_bias=logit_bias,
-                   dry_sequence_breakers=tuple(params.get("dry_sequence_breakers", cls.dry_sequence_breakers)))
+        values.update({name: tuple(params[name]) for name in tuples if name in params})
+        return cls(**values, logit_bias=logit_bias)
 
 
 @dataclass

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
 import threading
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -25,10 +28,14 @@ from ..errors import (
     GenerationError,
     GrammarError,
     InvalidParamsError,
+    LlamaError,
     ModelLoadError,
     OutOfMemoryError,
     SessionError,
+    UnsupportedFeatureError,
 )
+from ..grammars.guidance import Guide
+from ..grammars.lark import NoLarkEquivalent
 from ..sessions import check_header, read_header
 from .base import Adapter, Capabilities, Interrupted, NoTokenAllowed, SamplingParams, reusable_prefix
 
@@ -258,7 +265,13 @@ class LlamaCppAdapter(Adapter):
         self.chat_template = self._metadata.get("tokenizer.chat_template")
         self._eog_ids: list[int] | None = None
         self._tokens: list[int] = []  # what the KV cache holds, in order
-        self._pending: int | None = None  # sampled but not yet evaluated
+        self._pending: list[int] = []  # sampled (or forced) but not yet evaluated
+        self._forced: list[int] = []  # what the grammar forces next, handed out before any more sampling
+        self._guide: Guide | None = None
+        self.last_guide: Guide | None = None  # the last completion's, for bench/bench_grammar.py's figures
+        self._table: Any = None  # llguidance's tokenizer (grammar_table)
+        self._usable: np.ndarray | None = None  # tokens sampling may draw (None: all)
+        self._raw: np.ndarray | None = None  # the unmasked logits, kept when n_probs asks for them
         self._sampler = None
         self._post = None  # with a grammar, the chain after it (see _sample_checked)
         self._grammar = None
@@ -268,7 +281,7 @@ class LlamaCppAdapter(Adapter):
         self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
         ranking = self._ctx is not None and self.embedding_enabled and self.pooling == _POOLING["rank"]
         self.capabilities = Capabilities(self.name, {
-            "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "native",
+            "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "native", "lazy_grammar": "emulated",
             "temperature": "native", "top_k": "native", "top_p": "native", "min_p": "native",
             "typical_p": "native", "xtc": "native", "top_n_sigma": "native", "penalties": "native",
             "mirostat": "native", "dry": "native", "seed": "native", "logit_bias": "native",
@@ -393,11 +406,20 @@ class LlamaCppAdapter(Adapter):
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         # (a vocab_only context lists completion, embedding, bench and session as "missing":
         # LlamaContext refuses those calls before they reach the adapter)
-        self._sampler, self._grammar, self._post = self._build_sampler(sampling, prompt)  # grammar errors before any work
+        self._guide = self._guide_for(sampling)  # grammar errors before any work
+        native = sampling if self._guide is None else dataclasses.replace(sampling, grammar=None)
+        self._sampler, self._grammar, self._post = self._build_sampler(native, prompt)
+        self._usable = None
+        if self._guide is not None:
+            banned = sampling.banned(self._eog_tokens())
+            if banned:
+                self._usable = np.ones(self.n_vocab, dtype=np.bool_)
+                self._usable[list(banned)] = False
+            self._raw = np.empty(self.n_vocab, dtype=np.float32) if sampling.n_probs else None
         reuse = reusable_prefix(self._tokens, prompt)
         self._rewind(reuse)
         cached = len(self._tokens)
-        self._pending = None
+        self._pending, self._forced = [], []
         # The abort callback runs per graph node with the GIL: install it only for prompt evaluation.
         self._abort_cb = lc.ggml_abort_callback(lambda _data: stop.is_set())
         lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
@@ -411,17 +433,84 @@ class LlamaCppAdapter(Adapter):
         return cached
 
     def next_token(self) -> int:
+        if self._guide is not None:
+            return self._next_guided()
         pending = self._pending
-        if pending is not None:
+        if pending:
             one = self._one
-            one[0] = pending
+            one[0] = pending[0]
             self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(one, 1)))
-            self._tokens.append(pending)
+            self._tokens.append(pending[0])
         if self._post is None:
             token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
         else:
             token = self._sample_checked()
-        self._pending = token
+        self._pending = [token]
+        return token
+
+    # -- llguidance: the grammar as a mask on the logits, llama.cpp's chain for the rest ---------------------
+    def grammar_table(self) -> Any:
+        """llguidance's view of this vocabulary (about a second to build: once per context)."""
+        if self._table is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            with warnings.catch_warnings():  # it reads token attributes through a name llama-cpp-python deprecates
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._table = lltokenizer_from_vocab(self._vocab, eos_token=self._eog_tokens())
+        return self._table
+
+    def _guide_for(self, s: SamplingParams) -> Guide | None:
+        """The llguidance guide of the request's grammar; None for no grammar, or for llama.cpp's own engine
+        (asked for, or the only one that takes the grammar: negated token references)."""
+        if s.grammar is None or s.grammar_engine == "llama_cpp":
+            if s.grammar_lazy:
+                raise UnsupportedFeatureError("completion: lazy grammars run on grammar_engine 'llguidance' (or 'auto')")
+            return None
+        try:
+            return Guide(self.grammar_table(), s.grammar, self.n_vocab, lazy=s.grammar_lazy, triggers=s.grammar_triggers,
+                         piece=self.token_to_piece, tokenize=self._tokenize_plain)
+        except NoLarkEquivalent:
+            if s.grammar_engine == "auto" and not s.grammar_lazy:
+                return None
+            raise
+
+    def _tokenize_plain(self, text: str) -> list[int]:
+        """Tokens of ``text`` with special-token look-alikes as plain text (what a grammar literal matches)."""
+        data = text.encode("utf-8")
+        buf = (lc.llama_token * (len(data) + 8))()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, False)
+        return buf[:n]
+
+    def _next_guided(self) -> int:
+        """One token under the guide: a forced one as it is (evaluated later, in one batch with the others),
+        else evaluate what is pending, mask the logits in place and let llama.cpp's chain draw."""
+        guide = self._guide
+        if self._forced:
+            token = self._forced.pop(0)
+            lc.llama_sampler_accept(self._sampler, token)  # penalties and DRY see it as generated
+            guide.accept(token)
+            guide.forced_tokens += 1
+            self._pending.append(token)
+            return token
+        if self._pending:
+            self._decode(self._pending)
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        if self._raw is not None:
+            self._raw[:] = logits  # n_probs reports the model's own distribution
+        allowed = guide.apply(logits)
+        usable = allowed if self._usable is None else allowed & self._usable
+        if not usable.any():
+            eog = np.zeros(self.n_vocab, dtype=np.bool_)
+            eog[self._eog_tokens()] = True
+            raise NoTokenAllowed.judge(allowed, eog)
+        token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
+        guide.accept(token)
+        self._pending = [token]
+        if self._raw is None and not guide.stopped:
+            forced = guide.forced()
+            if self._usable is not None:  # a banned token is never forced: the next draw finds the dead end
+                forced = list(itertools.takewhile(lambda t: self._usable[t], forced))
+            self._forced = forced
         return token
 
     def _sample_checked(self) -> int:
@@ -469,7 +558,8 @@ class LlamaCppAdapter(Adapter):
         return NoTokenAllowed.judge(view["logit"] != -math.inf, eog)
 
     def top_probs(self, n: int) -> list[tuple[int, float]]:
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        logits = (self._raw if self._guide is not None and self._raw is not None
+                  else np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,)))
         n = min(n, self.n_vocab)
         top = np.argpartition(logits, -n)[-n:]
         top = top[np.argsort(logits[top])[::-1]]
@@ -478,10 +568,18 @@ class LlamaCppAdapter(Adapter):
         return [(int(t), float(p)) for t, p in zip(top, probs)]
 
     def end(self) -> None:
+        if len(self._pending) > 1:  # forced tokens the completion ended among: all but the last are in the cache
+            try:
+                self._decode(self._pending[:-1])
+            except (Interrupted, LlamaError):
+                pass  # the cache keeps what it holds; the next prompt re-evaluates the rest
+        self._pending, self._forced = [], []
         for chain in (self._sampler, self._post):  # the grammar belongs to the first chain
             if chain is not None:
                 lc.llama_sampler_free(chain)
         self._sampler = self._grammar = self._post = None
+        if self._guide is not None:
+            self.last_guide, self._guide = self._guide, None
 
     @property
     def n_past(self) -> int:
@@ -616,7 +714,7 @@ class LlamaCppAdapter(Adapter):
         self.clear_cache(False)
 
     def clear_cache(self, clear_data: bool) -> None:
-        self._pending = None
+        self._pending = []
         self._tokens.clear()
         if self._ctx is not None:
             lc.llama_memory_clear(self._mem, clear_data)
@@ -676,7 +774,7 @@ class LlamaCppAdapter(Adapter):
         if cached > len(tokens):  # saved with token_size: keep only the listed tokens
             lc.llama_memory_seq_rm(self._mem, -1, len(tokens), -1)
         self._tokens = list(tokens)
-        self._pending = None
+        self._pending = []
         return list(tokens)
 
     def _snapshot(self) -> tuple[Any, list[int]] | None:
@@ -690,7 +788,7 @@ class LlamaCppAdapter(Adapter):
 
     def _restore(self, snapshot: tuple[Any, list[int]] | None) -> None:
         lc.llama_memory_clear(self._mem, True)
-        self._tokens, self._pending = [], None
+        self._tokens, self._pending = [], []
         if snapshot is not None:
             data, tokens = snapshot
             if lc.llama_state_set_data(self._ctx, data, len(data)) == len(data):

@@ -24,6 +24,7 @@ from typing import Any
 from ..engine import find_stop
 from ..errors import UnsupportedFeatureError
 from ..grammars.schema import convert_json_schema_to_grammar
+from ..grammars.triggers import Trigger
 from .messages import joined_text
 from .partial_json import MISSING, parse_partial
 from .template import Caps
@@ -98,6 +99,8 @@ class ToolFormat:
     chat_format = 0
     trigger = ""  # the text that starts a call, for lazy grammars and streaming hold-back
     stops: tuple[str, ...] = ()
+    #: where a call starts, for tool_choice "auto": the lazy grammar constrains from there (llama.cpp's triggers)
+    triggers: tuple[Trigger, ...] = ()
 
     def detect(self, source: str, caps: Caps) -> bool:
         return False
@@ -109,6 +112,10 @@ class ToolFormat:
     def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
         return ""
 
+    def lazy_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
+        """The grammar of a call from its trigger on (tool_choice "auto")."""
+        return self.grammar(tools, "required", parallel)
+
     def parse(self, text: str, partial: bool) -> tuple[str, list[dict[str, Any]]]:
         return text, []
 
@@ -119,6 +126,7 @@ class ToolFormat:
 
 class Hermes(ToolFormat):
     name, chat_format, trigger = "hermes", 2, "<tool_call>"
+    triggers = (Trigger("word", "<tool_call>"),)
 
     def detect(self, source: str, caps: Caps) -> bool:
         return "<tool_call>" in source and "<function=" not in source
@@ -148,6 +156,11 @@ class Hermes(ToolFormat):
 class Llama3(ToolFormat):
     name, chat_format, trigger = "llama3", 3, "<|python_tag|>"
     stops = ("<|eom_id|>",)
+    # A reply that opens with {"name" is a call (llama.cpp's pattern); so is the built-in tools' python tag.
+    triggers = (Trigger("word", "<|python_tag|>"), Trigger("pattern_full", r'\s*(\{\s*"name")[\s\S]*'))
+
+    def lazy_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
+        return self._embed(_call_schema(tools, "parameters"), 'root ::= ("<|python_tag|>" [ \\n]*)? tool-call')
 
     def detect(self, source: str, caps: Caps) -> bool:
         return "<|start_header_id|>" in source and ("<|python_tag|>" in source or "ipython" in source)
@@ -170,6 +183,7 @@ class Llama3(ToolFormat):
 
 class Mistral(ToolFormat):
     name, chat_format, trigger = "mistral", 4, "[TOOL_CALLS]"
+    triggers = (Trigger("word", "[TOOL_CALLS]"),)
 
     def detect(self, source: str, caps: Caps) -> bool:
         return "[TOOL_CALLS]" in source

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidParamsError, UnsupportedFeatureError
+from ..grammars.triggers import Trigger
 from ..params import REASONING_FORMATS, TOOL_CHOICES
 from .builtin import BUILTIN_TEMPLATES, legacy_name, template_source
 from .formats import CONTENT, Generic, ToolFormat, pick_format
@@ -90,6 +91,8 @@ class FormattedChat:
     prompt: str
     tool_format: ToolFormat = CONTENT
     grammar: str = ""
+    grammar_lazy: bool = False
+    grammar_triggers: tuple[Trigger, ...] = ()
     preserved_tokens: list[str] = field(default_factory=list)
     additional_stops: list[str] = field(default_factory=list)
     generation_prompt: str = ""
@@ -109,7 +112,8 @@ class FormattedChat:
             return {"type": "llama-chat", "prompt": self.prompt, "has_media": False, "media_paths": []}
         result: dict[str, Any] = {
             "type": "jinja", "prompt": self.prompt, "chat_format": self.tool_format.chat_format,
-            "grammar": self.grammar, "grammar_lazy": False, "grammar_triggers": [],
+            "grammar": self.grammar, "grammar_lazy": self.grammar_lazy,
+            "grammar_triggers": [trigger.as_dict() for trigger in self.grammar_triggers],
             "preserved_tokens": self.preserved_tokens, "additional_stops": self.additional_stops,
             "generation_prompt": self.generation_prompt, "thinking_forced_open": self.thinking_forced_open,
             "has_media": False, "media_paths": [],
@@ -178,11 +182,13 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
     if options.add_generation_prompt:
         without = _render(source, shaped, variables, False, tokens, options.now)
         generation = prompt[len(os.path.commonprefix([prompt, without])):]
-    grammar = ""
+    grammar, lazy = "", False
     if calling and (options.tool_choice == "required" or isinstance(tool_format, Generic)):
         grammar = tool_format.grammar(tools, options.tool_choice, options.parallel_tool_calls)
+    elif calling and tool_format.triggers:  # auto: the model writes freely until a call starts (llama.cpp's lazy grammar)
+        grammar, lazy = tool_format.lazy_grammar(tools, options.parallel_tool_calls), True
     return FormattedChat(
-        prompt, tool_format, grammar,
+        prompt, tool_format, grammar, lazy, tool_format.triggers if lazy else (),
         preserved_tokens=[tool_format.trigger] if calling and tool_format.trigger else [],
         additional_stops=list(tool_format.stops) if calling else [],
         generation_prompt=generation,

@@ -20,7 +20,11 @@ import re
 
 from .gbnf import AnyChar, CharClass, GbnfError, Group, Literal, Node, Repeat, RuleRef, Token, parse_gbnf
 
-__all__ = ["gbnf_to_lark"]
+__all__ = ["gbnf_to_lark", "NoLarkEquivalent"]
+
+
+class NoLarkEquivalent(GbnfError):
+    """Valid GBNF that Lark (so llguidance) cannot express; llama.cpp's own engine can still run it."""
 
 _PLAIN = re.compile(r"[A-Za-z0-9 ]")
 _MAX_NESTING = 8  # parentheses written inside one Lark rule
@@ -76,7 +80,7 @@ class _Writer:
             return self.names[node.name]
         if isinstance(node, Token):
             if node.negated:
-                raise GbnfError("negated token references (<!...>) have no Lark equivalent", 0, 0, None)
+                raise NoLarkEquivalent("negated token references (!<[...]>) have no Lark equivalent", 0, 0, None)
             return f"<{node.text}>"
         if isinstance(node, Group):
             return self.group(node.alternatives)

@@ -18,6 +18,7 @@ MAX_INT_DIGITS = 16
 MAX_FRACTION_DIGITS = 20
 _TAIL = f"[0-9]{{0,{MAX_FRACTION_DIGITS - 1}}}"  # the free digits after a decided one
 _ANY_FRACTION = (f"[0-9]{{1,{MAX_FRACTION_DIGITS}}}", True)
+_ZEROS = f'"0"{{1,{MAX_FRACTION_DIGITS}}}'  # a zero fraction, bounded like every other (no run of zeros)
 
 # A fraction language: (GBNF for its non-empty digit strings or None, whether "no fraction" (= 0) belongs).
 Fraction = tuple["str | None", bool]
@@ -103,7 +104,7 @@ def _fraction(alternatives: list[str | None], empty_ok: bool) -> Fraction:
 def _at_least(g: str, strict: bool) -> Fraction:
     """f >= g (f > g when strict); g has no trailing zeros."""
     if not g:
-        return ('"0"* [1-9] ' + _TAIL, False) if strict else _ANY_FRACTION
+        return (f'"0"{{0,{MAX_FRACTION_DIGITS - 1}}} [1-9] ' + _TAIL, False) if strict else _ANY_FRACTION
     digit = int(g[0])
     higher = f"{_digit_class(digit + 1, 9)} {_TAIL}" if digit < 9 else None
     return _fraction([higher, _then(g[0], _at_least(g[1:], strict))], False)
@@ -112,7 +113,7 @@ def _at_least(g: str, strict: bool) -> Fraction:
 def _at_most(h: str, strict: bool) -> Fraction:
     """f <= h (f < h when strict); h has no trailing zeros."""
     if not h:
-        return (None, False) if strict else ('"0"+', True)
+        return (None, False) if strict else (_ZEROS, True)
     digit = int(h[0])
     lower = f"{_digit_class(0, digit - 1)} {_TAIL}" if digit > 0 else None
     return _fraction([lower, _then(h[0], _at_most(h[1:], strict))], True)
@@ -121,7 +122,7 @@ def _at_most(h: str, strict: bool) -> Fraction:
 def _between(g: str, h: str, g_strict: bool, h_strict: bool) -> Fraction:
     """g <= f <= h (each bound strict or not), for g <= h."""
     if not h:  # h is 0: only f == 0, if both bounds allow it
-        return ('"0"+', True) if not (g or g_strict or h_strict) else (None, False)
+        return (_ZEROS, True) if not (g or g_strict or h_strict) else (None, False)
     if not g and not g_strict:
         return _at_most(h, h_strict)
     g_digit, h_digit = (g or "0")[0], h[0]

@@ -256,9 +256,11 @@ class _Converter:
             return value is False
         if key == "minProperties":
             return isinstance(value, int) and value <= len(set(schema.get("required", [])))
-        if key == "maxProperties":
-            return (isinstance(value, int) and schema.get("additionalProperties") is False
-                    and len(schema.get("properties", {})) <= value)
+        if key == "maxProperties":  # exact when nothing optional is declared: the extras are then counted
+            declared = set(schema.get("properties", {})) | set(schema.get("required", []))
+            return isinstance(value, int) and value >= 0 and (
+                (schema.get("additionalProperties") is False and len(declared) <= value)
+                or declared <= set(schema.get("required", [])))
         if key == "multipleOf":
             return value == 1 and schema.get("type") == "integer"
         return False
@@ -567,29 +569,38 @@ class _Converter:
             ws = self.primitive("ws")
             members.append((f'{literal(_compact(name))} {ws} ":" {ws} {value} {ws}', name in required))
         extra_member = None
-        if extra is not False:
+        # maxProperties bounds the additional properties (past the required ones), so none can run on forever.
+        most = schema.get("maxProperties")
+        room = max(0, most - len(set(required))) if isinstance(most, int) and not isinstance(most, bool) else None
+        if extra is not False and room != 0:
             value = self.visit(extra, _pointer(ptr, "additionalProperties"), f"{hint}-additional")
             key = self.add(f"{hint}-additional-key", self.key_except(set(declared)))
             extra_member = self.add(f"{hint}-additional-kv", f'{key} ws ":" ws {value} ws')
-        body = self.members(members, extra_member, 0, first=True)
+        body = self.members(members, extra_member, 0, first=True, room=room)
         return self.add(hint, _sequence('"{"', self.primitive("ws"), body, '"}"'))
 
-    def members(self, members: list[tuple[str, bool]], extra: str | None, index: int, first: bool) -> str:
-        """Members from ``index`` on: each ends with ws, and all but the first of the object start with a comma."""
+    def members(self, members: list[tuple[str, bool]], extra: str | None, index: int, first: bool,
+                room: int | None = None) -> str:
+        """Members from ``index`` on: each ends with ws, and all but the first of the object start with a comma.
+        ``room``: at most that many additional properties (None: any number)."""
         if index == len(members):
             if extra is None:
                 return ""
-            more = f"({_COMMA} {extra})*"
-            return f"({extra} {more})?" if first else more
+            if room is None:
+                more = f"({_COMMA} {extra})*"
+                return f"({extra} {more})?" if first else more
+            if not first:
+                return f"({_COMMA} {extra}){{0,{room}}}"
+            return f"({extra} ({_COMMA} {extra}){{0,{room - 1}}})?" if room > 1 else f"({extra})?"
         member, is_required = members[index]
         if not first:
             head = f"{_COMMA} {member}"
-            rest = self.members(members, extra, index + 1, first=False)
+            rest = self.members(members, extra, index + 1, first=False, room=room)
             return f"{head} {rest}".strip() if is_required else f"({head})? {rest}".strip()
-        taken = f"{member} {self.members(members, extra, index + 1, first=False)}".strip()
+        taken = f"{member} {self.members(members, extra, index + 1, first=False, room=room)}".strip()
         if is_required:
             return taken
-        skipped = self.members(members, extra, index + 1, first=True)
+        skipped = self.members(members, extra, index + 1, first=True, room=room)
         return f"({taken} | {skipped or _EMPTY})"
 
     def key_except(self, names: set[str]) -> str:

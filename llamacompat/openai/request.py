@@ -102,6 +102,9 @@ def _sampling(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict:
     for feature, name in P.features_used(p):  # per param: "penalties" may be half there (frequency, not repeat)
         if feature in ("grammar", "logit_bias", "n_probs") or dialect.field_for(name) is not None:
             continue
+        if feature in P.REFUSED_WHEN_MISSING:  # a lazy grammar sent eagerly would constrain from the first token
+            raise UnsupportedFeatureError(f"completion: '{name}' needs '{feature}', which the openai backend does not "
+                                          "send yet (refused rather than constraining the whole reply)")
         unsupported(strict, f"completion: '{name}' needs '{feature}', which this {dialect.name} server does not "
                             "take (ignored)")
 

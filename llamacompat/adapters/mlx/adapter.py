@@ -29,6 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise BackendUnavailableError("the mlx backend needs mlx and mlx-lm: pip install 'llamacompat[mlx]'") from err
 
 from .gguf import load_gguf, meta_value, model_from_gguf
+from ...grammars.guidance import Guide
 from .grammar import GrammarMask, token_table
 from .lora import apply_lora, read_lora
 from .sampling import Sampling
@@ -115,7 +116,7 @@ class MlxAdapter(Adapter):
         self._steps: Iterator[tuple[int, mx.array]] | None = None
         self._last_logits: mx.array | None = None
         self.capabilities = Capabilities(self.name, {
-            "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "emulated",
+            "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "emulated", "lazy_grammar": "emulated",
             "temperature": "native", "top_k": "native", "top_p": "native", "min_p": "native", "xtc": "native",
             "top_n_sigma": "emulated", "penalties": "emulated", "logit_bias": "emulated", "ignore_eos": "emulated",
             "typical_p": "missing", "mirostat": "missing", "dry": "missing",
@@ -158,7 +159,11 @@ class MlxAdapter(Adapter):
         if sampling.grammar is not None:  # grammar errors before any work
             if self._table is None:
                 self._table = token_table(self._vocab, self._eog)
-            grammar = GrammarMask(self._table, sampling.grammar, self._n_logits, sampling.banned(self._eog), self._eog)
+            guide = Guide(self._table, sampling.grammar, self._n_logits, lazy=sampling.grammar_lazy,
+                          triggers=sampling.grammar_triggers, piece=self.token_to_piece,
+                          tokenize=lambda text: self._vocab.encode(text, False))
+            grammar = GrammarMask(guide, self._n_logits, sampling.banned(self._eog), self._eog)
+            self.last_guide = guide  # for bench/bench_grammar.py's figures
         if sampling.seed >= 0:
             mx.random.seed(sampling.seed)
         chain = Sampling(sampling, self._n_logits, self.n_ctx, self._eog, prompt, grammar)

@@ -1,11 +1,9 @@
-"""GBNF grammars on MLX: llguidance computes the allowed-token mask, ``mx.where`` applies it.
+"""GBNF grammars on MLX: a ``Guide`` (llguidance) computes the allowed-token mask, ``mx.where`` applies it.
 
-llguidance's MLX kernel is Metal-only, so the mask is filled with its numpy API
-on the CPU. The mask for a step depends only on the tokens before it, so it is
-computed while MLX evaluates that step's forward pass (``mx.async_eval`` first).
-GBNF reaches llguidance as Lark written by our grammar package
-(``grammars.lark``); a grammar that llguidance still refuses is a ``GrammarError``
-that says so.
+llguidance's MLX kernel is Metal-only, so the mask is filled on the CPU. The mask for a step depends only on
+the tokens before it, so it is computed while MLX evaluates that step's forward pass (``mx.async_eval``
+first). Forced tokens are not skipped ahead here: the decode loop keeps one step queued, which already hides
+the mask's cost.
 """
 
 from __future__ import annotations
@@ -15,14 +13,13 @@ from typing import Iterable
 import mlx.core as mx
 import numpy as np
 
-from ...errors import BackendUnavailableError, GrammarError
-from ...grammars.lark import gbnf_to_lark
+from ...errors import BackendUnavailableError
+from ...grammars.guidance import Guide
 from ...vocab import Vocab
 from ..base import NoTokenAllowed
 
 try:
     import llguidance
-    import llguidance.numpy as llg_numpy
 except ImportError as err:  # pragma: no cover - the mlx extra installs it
     raise BackendUnavailableError("the mlx backend needs llguidance for grammars: pip install 'llamacompat[mlx]'") from err
 
@@ -35,25 +32,14 @@ def token_table(vocab: Vocab, eog: Iterable[int]) -> "llguidance.LLTokenizer":
 
 
 class GrammarMask:
-    """A logits processor that lets through only the tokens the grammar allows next.
+    """A logits processor that lets through only the tokens the grammar (a ``Guide``) allows next.
 
     When no allowed token is left once the ``banned`` ones (bias -inf, ignore_eos) are taken out, the mask
     cannot be applied: ``dead_end`` then says why, for the adapter to raise before that step's draw is used.
     """
 
-    def __init__(self, table: "llguidance.LLTokenizer", gbnf: str, n_logits: int, banned: Iterable[int] = (),
-                 eog: Iterable[int] = ()) -> None:
-        lark = gbnf_to_lark(gbnf)  # GbnfError (a GrammarError) for invalid GBNF
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-        except ValueError as err:
-            raise GrammarError(f"Failed to initialize sampling: the mlx backend's grammar engine (llguidance) "
-                               f"cannot use this grammar: {err}") from None
-        self._matcher = llguidance.LLMatcher(table, grammar)
-        if self._matcher.is_error():
-            raise GrammarError(f"Failed to initialize sampling: invalid grammar ({self._matcher.get_error()})")
-        self._bits = llg_numpy.allocate_token_bitmask(1, table.vocab_size)
-        self._n_logits = n_logits
+    def __init__(self, guide: Guide, n_logits: int, banned: Iterable[int] = (), eog: Iterable[int] = ()) -> None:
+        self.guide = guide
         self._usable: np.ndarray | None = None
         banned = list(banned)
         if banned:
@@ -65,11 +51,12 @@ class GrammarMask:
 
     def __call__(self, logits: mx.array, token: mx.array | None) -> mx.array:
         mx.async_eval(logits)  # the forward pass runs while the mask is computed
+        guide = self.guide
         if token is not None:
-            self._matcher.consume_token(int(token.item()))
-        llg_numpy.fill_next_token_bitmask(self._matcher, self._bits)
-        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-        allowed = np.pad(allowed, (0, max(0, self._n_logits - allowed.size)))[: self._n_logits].astype(np.bool_)
+            guide.accept(int(token.item()))
+        allowed = guide.allowed()
         if not (allowed if self._usable is None else allowed & self._usable).any():
             self.dead_end = NoTokenAllowed.judge(allowed, self._eog)
+        if not guide.active:  # a lazy grammar before its trigger
+            return logits
         return mx.where(mx.array(allowed), logits, -float("inf"))
