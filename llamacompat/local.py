@@ -38,7 +38,7 @@ from .models import local_path
 from .sessions import check_identity, read_sidecar, save_with_sidecar
 from .types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
 
-__all__ = ["LocalCore", "unsupported", "session_path"]
+__all__ = ["LocalCore", "unsupported", "session_path", "file_name"]
 
 
 def unsupported(strict: bool, message: str) -> None:
@@ -63,7 +63,19 @@ def session_path(path: Any, where: str) -> str:
     """A session path as apps pass it; llama.rn strips ``file://`` on load only, we accept it on both."""
     if not isinstance(path, str) or not path:
         raise InvalidParamsError(f"{where}: path must be a non-empty string, got {path!r}")
-    return local_path(path)
+    return local_path(file_name(path, where))
+
+
+def file_name(path: str, what: str) -> str:
+    """``path`` if the OS can take it as a file name: no NUL byte, nothing ``os.fsencode`` refuses (a lone surrogate)."""
+    if "\0" in path:
+        raise InvalidParamsError(f"{what}: the path {path!r} contains a NUL byte, which no file name can hold")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise InvalidParamsError(f"{what}: the path {path!r} holds a lone surrogate, which no file name can hold "
+                                 "(this file system takes UTF-8 names)") from None
+    return path
 
 
 class LocalCore:
@@ -127,9 +139,13 @@ class LocalCore:
             raise InvalidParamsError("completion: 'grammar_lazy' needs a 'grammar' (or 'json_schema') to apply lazily")
         if p["grammar_lazy"] and not p["grammar_triggers"]:
             raise InvalidParamsError("completion: 'grammar_lazy' needs 'grammar_triggers' (where the grammar starts)")
+        if p["grammar"] is not None:  # the engines take UTF-8, as they take the prompt
+            P.check_unicode(p["grammar"], "completion: the grammar")
+        for breaker in p["dry_sequence_breakers"]:
+            P.check_unicode(breaker, "completion: dry_sequence_breakers")
         logit_bias = self._resolve_logit_bias(p["logit_bias"])  # a bad token id is bad input on every backend
         self._check_features(p, strict)  # resets what the backend lacks (logit_bias included)
-        tokens = self.adapter.tokenize(text, True)
+        tokens = self.adapter.tokenize(P.check_unicode(text, "completion: the prompt"), True)
         sampling = SamplingParams.from_params(p, logit_bias if p["logit_bias"] else ())
         self._check_bans(sampling)
         return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
@@ -191,7 +207,8 @@ class LocalCore:
     def _resolve_logit_bias(self, value: Any) -> tuple[tuple[int, float], ...]:
         out: list[tuple[int, float]] = []
         for token, bias in P.normalize_logit_bias(value):
-            ids = self.adapter.tokenize(token, False) if isinstance(token, str) else [token]
+            ids = self.adapter.tokenize(P.check_unicode(token, "completion: a logit_bias token"), False) \
+                if isinstance(token, str) else [token]
             for tid in ids:
                 if not 0 <= tid < self.n_vocab:
                     raise InvalidParamsError(
@@ -205,7 +222,7 @@ class LocalCore:
         if not isinstance(text, str):
             raise InvalidParamsError(f"tokenize: text must be a string, got {type(text).__name__}")
         P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
-        tokens = self.adapter.tokenize(text, False)
+        tokens = self.adapter.tokenize(P.check_unicode(text, "tokenize: text"), False)
         return {"tokens": tokens, "has_media": False, "bitmap_hashes": [], "chunk_pos": [], "chunk_pos_media": []}
 
     def detokenize(self, tokens: list[int]) -> str:
@@ -220,7 +237,9 @@ class LocalCore:
         if not isinstance(text, str):
             raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
         self.require("embedding", "embedding")
-        tokens = self.adapter.tokenize(text, True)
+        tokens = self.adapter.tokenize(P.check_unicode(text, "embedding: text"), True)
+        if not tokens:  # the engines fail on an empty batch ("llama_decode failed ... n_tokens == 0")
+            raise InvalidParamsError("embedding: the text has no tokens (it is empty); pass some text to embed")
         return {"embedding": normalize_embedding(self.adapter.embedding(tokens), normalize)}
 
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
@@ -228,6 +247,8 @@ class LocalCore:
             raise InvalidParamsError(f"rerank: query must be a string, got {type(query).__name__}")
         if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
             raise InvalidParamsError("rerank: documents must be a list of strings")
+        for text in (query, *documents):
+            P.check_unicode(text, "rerank: the query or a document")
         P.validate(params, P.RERANK_FIELDS, "rerank")
         if not self.params["embedding"]:
             raise EmbeddingDisabledError("Embedding is not enabled: rerank needs a context created with "

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from .errors import InvalidParamsError, UnsupportedFeatureError, compat_warning
 from .models import local_path
 
-__all__ = ["Field", "validate", "validate_remote", "lora_entries", "init_lora", "COMPLETION_FIELDS", "CONTEXT_FIELDS",
+__all__ = ["Field", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora", "COMPLETION_FIELDS", "CONTEXT_FIELDS",
            "EMBEDDING_FIELDS", "RERANK_FIELDS"]
 
 _MISSING = object()
@@ -348,6 +348,19 @@ def validate(
             default = field.default
             out[name] = list(default) if isinstance(default, tuple) else default
     return out
+
+
+def check_unicode(text: str, what: str) -> str:
+    """``text``, if UTF-8 can encode it: a lone surrogate (a JSON ``"\\ud800"`` escape, a template's ``'\\ud800'``)
+    is InvalidParamsError before it reaches a tokenizer or grammar engine, which take UTF-8 bytes."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidParamsError(
+                f"{what} holds a lone surrogate {text[err.start]!r} at index {err.start}: it is not Unicode text and "
+                "UTF-8 cannot encode it; remove it, or write the whole surrogate pair (one character)") from None
+    return text
 
 
 def normalize_logit_bias(value: Any) -> list[tuple[int | str, float]]:

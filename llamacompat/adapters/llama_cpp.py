@@ -605,16 +605,19 @@ class LlamaCppAdapter(Adapter):
                 for i, (token, value) in enumerate(bias):
                     arr[i].token, arr[i].bias = token, value
                 add(lc.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
+            # Windows past n_ctx see no more tokens (no context shift), and llama.cpp allocates the whole window
+            # up front: 2**31 - 1 took 16 GB and a minute per request.
+            window = lambda n: self.n_ctx if n == -1 else min(n, self.n_ctx)  # noqa: E731
             history = prompt[-max(s.penalty_last_n, s.dry_penalty_last_n, 0):] if prompt else []
             if s.penalty_repeat != 1.0 or s.penalty_freq != 0.0 or s.penalty_present != 0.0:
-                last_n = self.n_ctx if s.penalty_last_n == -1 else s.penalty_last_n
+                last_n = window(s.penalty_last_n)
                 pen = lc.llama_sampler_init_penalties(self.n_vocab, last_n, s.penalty_repeat, s.penalty_freq, s.penalty_present)
                 for token in history[-last_n:] if last_n else ():
                     lc.llama_sampler_accept(pen, token)  # the prompt counts as history, as in llama.cpp's server
                 add(pen)
             if s.dry_multiplier > 0:
                 breakers = (ctypes.c_char_p * len(s.dry_sequence_breakers))(*(b.encode() for b in s.dry_sequence_breakers))
-                last_n = self.n_ctx if s.dry_penalty_last_n == -1 else s.dry_penalty_last_n
+                last_n = window(s.dry_penalty_last_n)
                 dry = lc.llama_sampler_init_dry(self._vocab, s.dry_multiplier, s.dry_base, s.dry_allowed_length,
                                                 last_n, breakers, len(s.dry_sequence_breakers))
                 add(dry)

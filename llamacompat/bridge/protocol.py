@@ -70,7 +70,10 @@ def private_folder(folder: str, create: bool) -> str:
 
 def encode(message: dict[str, Any]) -> bytes:
     """One protocol line. Non-ASCII text stays UTF-8 (half the bytes of \\u escapes for CJK)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    try:
+        return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate (a request's "\\ud800" escape): escaped, it comes back as it was sent
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def decode(line: bytes) -> Any:

@@ -46,7 +46,7 @@ from ..errors import (
     UnsupportedFeatureError,
     warnings_to,
 )
-from ..local import LocalCore, session_path
+from ..local import LocalCore, file_name, session_path
 from .protocol import MAX_CLIENTS, MAX_LINE, METHODS, TEXT_COMMANDS, decode, default_socket, encode, error_body
 
 __all__ = ["BridgeServer", "bind_unix_socket", "run_server", "MAX_UNAUTHENTICATED", "AUTH_TIMEOUT_S", "SHUTDOWN_GRACE_S"]
@@ -707,9 +707,7 @@ class BridgeServer:
 
 def _inside(root: str, path: str, what: str) -> str | None:
     """The real path of ``path`` (relative to ``root`` unless absolute) if it is inside ``root``, symlinks followed."""
-    if "\0" in path:
-        raise InvalidParamsError(f"{what}: the path {path!r} contains a NUL byte, which no file name can hold")
-    real = os.path.realpath(os.path.join(root, path))
+    real = os.path.realpath(os.path.join(root, file_name(path, what)))
     return real if os.path.commonpath([root, real]) == root else None
 
 
