@@ -9,6 +9,7 @@ per-token work beyond decode + sample.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import dataclasses
 import functools
@@ -270,6 +271,7 @@ class LlamaCppAdapter(Adapter):
         self._guide: Guide | None = None
         self.last_guide: Guide | None = None  # the last completion's, for bench/bench_grammar.py's figures
         self._table: Any = None  # llguidance's tokenizer (grammar_table)
+        self._masker: concurrent.futures.ThreadPoolExecutor | None = None  # computes masks beside llama_decode
         self._usable: np.ndarray | None = None  # tokens sampling may draw (None: all)
         self._raw: np.ndarray | None = None  # the unmasked logits, kept when n_probs asks for them
         self._sampler = None
@@ -474,6 +476,11 @@ class LlamaCppAdapter(Adapter):
                 return None
             raise
 
+    def _mask_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._masker is None:
+            self._masker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llamacompat-grammar")
+        return self._masker
+
     def _tokenize_plain(self, text: str) -> list[int]:
         """Tokens of ``text`` with special-token look-alikes as plain text (what a grammar literal matches)."""
         data = text.encode("utf-8")
@@ -493,7 +500,13 @@ class LlamaCppAdapter(Adapter):
             self._pending.append(token)
             return token
         if self._pending:
-            self._decode(self._pending)
+            # The mask depends only on the tokens accepted so far: llguidance computes it on the helper thread
+            # while llama_decode runs (both without the GIL).
+            masked = self._mask_thread().submit(guide.compute)
+            try:
+                self._decode(self._pending)
+            finally:
+                masked.result()
         logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
         if self._raw is not None:
             self._raw[:] = logits  # n_probs reports the model's own distribution
@@ -799,6 +812,9 @@ class LlamaCppAdapter(Adapter):
 
     def close(self) -> None:
         self.end()
+        if self._masker is not None:
+            self._masker.shutdown(wait=True)
+            self._masker = None
         if self._ctx is not None:
             lc.llama_free(self._ctx)
             self._ctx = None

@@ -61,6 +61,7 @@ class Guide:
         #: figures for bench/bench_grammar.py: compile time, each mask's time, tokens evaluated as forced
         self.compile_ms = (time.perf_counter() - started) * 1000.0
         self.mask_times: list[float] = []
+        self._ready = False  # the bit buffer holds the mask of the current position
         self.forced_tokens = 0
         self._bits = np.full((table.vocab_size + 31) // 32, -1, dtype=np.int32)
         self._allowed = np.zeros(n_logits, dtype=np.bool_)
@@ -75,17 +76,24 @@ class Guide:
         self._keep = None if patterns else max((len(t.value) - 1 for t in triggers if t.kind == "word"), default=0)
 
     # -- the mask ---------------------------------------------------------------------------------------------
+    def compute(self) -> None:
+        """Compute the next mask into the bit buffer. llguidance drops the GIL here, so an adapter may run this
+        on another thread while the forward pass runs: it depends only on the tokens accepted so far."""
+        if self.active and not self._ready:
+            started, bits = time.perf_counter(), self._bits
+            self._matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+            self.mask_times.append(time.perf_counter() - started)
+            self._ready = True
+
     def allowed(self) -> np.ndarray:
         """A boolean mask over the logits of the tokens the grammar allows next (all, while a lazy grammar waits)."""
         if not self.active:
             self._allowed[:] = True
             return self._allowed
-        started, bits = time.perf_counter(), self._bits
-        self._matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
-        unpacked = np.unpackbits(bits.view(np.uint8), bitorder="little", count=min(self.n_vocab, self.n_logits))
+        self.compute()
+        unpacked = np.unpackbits(self._bits.view(np.uint8), bitorder="little", count=min(self.n_vocab, self.n_logits))
         self._allowed[: unpacked.size] = unpacked
         self._allowed[unpacked.size:] = False  # logits past the tokenizer's vocabulary (padding) are never drawn
-        self.mask_times.append(time.perf_counter() - started)
         return self._allowed
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
@@ -107,6 +115,7 @@ class Guide:
     # -- moving on ----------------------------------------------------------------------------------------------
     def accept(self, token: int) -> None:
         """Move past ``token``; a lazy grammar looks for its triggers in the text so far."""
+        self._ready = False
         if self.active:
             if not self._matcher.consume_token(token):
                 raise GrammarError(f"the grammar refused token {token} ({self._matcher.get_error()})")
