@@ -119,6 +119,7 @@ def check_bad_input(kit: Kit) -> None:
 # One small request per capability: what a completion that relies on the feature sends.
 PROBES: dict[str, dict[str, Any]] = {
     "grammar": {"grammar": 'root ::= "a" | "b"'},
+    "lazy_grammar": {"grammar": 'root ::= "a" | "b"', "grammar_lazy": True, "grammar_triggers": [{"type": 1, "value": "a"}]},
     "temperature": {"temperature": 0.5},
     "top_k": {"temperature": 0.8, "top_k": 5},
     "top_p": {"temperature": 0.8, "top_p": 0.5},
