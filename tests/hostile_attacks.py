@@ -32,6 +32,8 @@ ATTACKS: dict[str, dict[str, Any]] = {
     # at the limits, the engines still run them
     "nested_100": {"prompt": "A:", "n_predict": 8, "grammar": "root ::= " + "(" * 100 + '"a"' + ")" * 100},
     "chain_1000_rules": {"prompt": "A:", "n_predict": 8, "grammar": CHAIN},
+    "schema_300_optional_properties": {"prompt": "JSON:", "n_predict": 8, "temperature": 0, "json_schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}, "additionalProperties": False}},
 }
 
 

@@ -104,6 +104,19 @@ def test_a_schema_nested_too_deep_names_the_limit():
         convert_json_schema_to_grammar('{"items":' * 100_000 + "{}" + "}" * 100_000)
 
 
+def test_an_object_with_many_optional_properties_gives_a_shallow_linear_grammar():
+    from llamacompat.grammars import accepts, convert_json_schema_to_grammar
+
+    def wide(n: int) -> str:  # parentheses were nested once per optional property, and the text grew as n squared
+        return convert_json_schema_to_grammar({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)},
+                                               "additionalProperties": False})
+
+    assert len(wide(2000)) < 2.2 * len(wide(1000)) and len(parse_gbnf(wide(2000)).rules) < 600
+    grammar = wide(60)  # (the recogniser recurses once per nested group or rule: keep it within Python's limit)
+    assert accepts(grammar, '{"p3": 1, "p30": 2, "p59": 3}') and accepts(grammar, "{}")
+    assert not accepts(grammar, '{"p30": 2, "p3": 1}')  # properties in schema order
+
+
 def test_a_grammar_that_crashes_llama_cpp_never_reaches_it(ctx, capfd):
     # llama.cpp aborts the process on {5,2}; we refuse it first, and print nothing.
     with pytest.raises(GbnfError, match=r"maximum below its minimum"):

@@ -78,6 +78,8 @@ def test_grammars_at_the_nesting_and_rule_limits_run(attacks):
     for name in ("nested_100", "chain_1000_rules"):
         outcome = attacks[1][name]
         assert outcome.get("text") == "a" and outcome["stopped_eos"], outcome
+    wide = attacks[1]["schema_300_optional_properties"]  # once parentheses nested 300 deep
+    assert "error" not in wide and wide["text"].startswith("{"), wide
 
 
 def test_a_grammar_dead_end_on_the_bridge_leaves_the_server_and_a_queued_client_working(tmp_path):

@@ -14,6 +14,7 @@ engine's recursion, and ours, bounded.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -122,12 +123,13 @@ class _Parser:
         self.rule: str | None = None
         self.rules: dict[str, Rule] = {}
         self.depth = 0  # open parentheses
+        self.newlines = [at for at, char in enumerate(source) if char == "\n"]  # where() in O(log n)
 
     # -- positions and errors ---------------------------------------------------
     def where(self, pos: int | None = None) -> tuple[int, int]:
         pos = self.pos if pos is None else pos
-        line = self.src.count("\n", 0, pos) + 1
-        return line, pos - (self.src.rfind("\n", 0, pos) + 1) + 1
+        before = bisect.bisect_left(self.newlines, pos)  # newlines before pos
+        return before + 1, pos - (self.newlines[before - 1] + 1 if before else 0) + 1
 
     def fail(self, problem: str, pos: int | None = None) -> GbnfError:
         return GbnfError(problem, *self.where(pos), self.rule)

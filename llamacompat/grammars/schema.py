@@ -42,6 +42,7 @@ from .pattern import JSON_STRING_CHAR, PatternError, pattern_to_gbnf
 __all__ = ["convert_json_schema_to_grammar", "SchemaError", "FORMATS", "MAX_SCHEMA_DEPTH"]
 
 MAX_SCHEMA_DEPTH = 64  # nested subschemas (properties, items, anyOf, allOf, $ref chains)
+_MEMBERS_PER_RULE = 8  # object members written inline before the rest moves into a rule
 
 ANNOTATIONS = frozenset({
     "$schema", "$id", "$anchor", "$comment", "$vocabulary", "$dynamicAnchor", "title", "description", "default",
@@ -576,32 +577,35 @@ class _Converter:
             value = self.visit(extra, _pointer(ptr, "additionalProperties"), f"{hint}-additional")
             key = self.add(f"{hint}-additional-key", self.key_except(set(declared)))
             extra_member = self.add(f"{hint}-additional-kv", f'{key} ws ":" ws {value} ws')
-        body = self.members(members, extra_member, 0, first=True, room=room)
+        body = self.members(members, extra_member, hint, room)
         return self.add(hint, _sequence('"{"', self.primitive("ws"), body, '"}"'))
 
-    def members(self, members: list[tuple[str, bool]], extra: str | None, index: int, first: bool,
-                room: int | None = None) -> str:
-        """Members from ``index`` on: each ends with ws, and all but the first of the object start with a comma.
-        ``room``: at most that many additional properties (None: any number)."""
-        if index == len(members):
-            if extra is None:
-                return ""
+    def members(self, members: list[tuple[str, bool]], extra: str | None, hint: str, room: int | None = None) -> str:
+        """The members: each ends with ws, all but the first of the object start with a comma; at most ``room``
+        additional properties (None: any number).
+
+        Built from the last one back: ``following`` is what may come after a member (every part starts with
+        a comma), ``from_here`` the members from this one on when none came before. Every
+        ``_MEMBERS_PER_RULE`` members both become rules, so that a long object gives neither parentheses
+        nested once per optional member nor a grammar quadratic in their number.
+        """
+        following = from_here = ""
+        if extra is not None:
             if room is None:
-                more = f"({_COMMA} {extra})*"
-                return f"({extra} {more})?" if first else more
-            if not first:
-                return f"({_COMMA} {extra}){{0,{room}}}"
-            return f"({extra} ({_COMMA} {extra}){{0,{room - 1}}})?" if room > 1 else f"({extra})?"
-        member, is_required = members[index]
-        if not first:
-            head = f"{_COMMA} {member}"
-            rest = self.members(members, extra, index + 1, first=False, room=room)
-            return f"{head} {rest}".strip() if is_required else f"({head})? {rest}".strip()
-        taken = f"{member} {self.members(members, extra, index + 1, first=False, room=room)}".strip()
-        if is_required:
-            return taken
-        skipped = self.members(members, extra, index + 1, first=True, room=room)
-        return f"({taken} | {skipped or _EMPTY})"
+                following = f"({_COMMA} {extra})*"
+                from_here = f"({extra} {following})?"
+            else:
+                following = f"({_COMMA} {extra}){{0,{room}}}"
+                from_here = f"({extra} ({_COMMA} {extra}){{0,{room - 1}}})?" if room > 1 else f"({extra})?"
+        for index in range(len(members) - 1, -1, -1):
+            member, is_required = members[index]
+            taken = f"{member} {following}".strip()
+            from_here = taken if is_required else f"({taken} | {from_here or _EMPTY})"
+            following = f"{_COMMA} {member} {following}" if is_required else f"({_COMMA} {member})? {following}"
+            following = following.strip()
+            if index and index % _MEMBERS_PER_RULE == 0:
+                following, from_here = self.add(f"{hint}-rest", following), self.add(f"{hint}-from", from_here)
+        return from_here
 
     def key_except(self, names: set[str]) -> str:
         """A key with no escapes that is none of ``names`` (those are declared properties)."""
