@@ -11,6 +11,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 
 class Served:
     """A ``llamacompat serve`` process; ``address`` is what it printed it listens on."""
@@ -97,3 +99,11 @@ class Raw:
     def close(self) -> None:
         self.lines.close()
         self.sock.close()
+
+
+@pytest.fixture
+def raw(served):
+    """One raw protocol connection to the module's ``served`` server (each test module defines its own)."""
+    conn = Raw(served.socket)
+    yield conn
+    conn.close()

@@ -33,7 +33,7 @@ from llamacompat.errors import (
     UnsupportedFeatureError,
 )
 
-from .bridge_helpers import Raw, Served
+from .bridge_helpers import Raw, Served, raw  # noqa: F401  (a fixture)
 
 GREEDY = {"temperature": 0}
 LONG = {"prompt": "Write a long story about a dragon.", "n_predict": -1, "ignore_eos": True}
@@ -47,13 +47,6 @@ def served(tmp_path_factory):
     assert server.started, server.log()
     yield server
     assert server.stop() == 0, server.log()
-
-
-@pytest.fixture
-def raw(served):
-    conn = Raw(served.socket)
-    yield conn
-    conn.close()
 
 
 def _status(socket_path: str) -> dict:
