@@ -216,8 +216,9 @@ def test_bad_grammar_is_refused_and_the_context_kept(mctx):
 
 
 def test_every_corpus_schema_compiles_for_llguidance(mctx):
-    from llamacompat.adapters.mlx.grammar import GrammarMask, token_table
+    from llamacompat.adapters.mlx.grammar import token_table
     from llamacompat.grammars import convert_json_schema_to_grammar
+    from llamacompat.grammars.guidance import Guide
 
     from .schema_corpus import CORPUS as SCHEMAS
 
@@ -230,7 +231,7 @@ def test_every_corpus_schema_compiles_for_llguidance(mctx):
             warnings.simplefilter("ignore", LlamaCompatWarning)  # the corpus's "warn" cases
             gbnf = convert_json_schema_to_grammar(case.schema, prop_order=list(case.prop_order) or None)
         try:
-            GrammarMask(table, gbnf, adapter.n_vocab)
+            Guide(table, gbnf, adapter.n_vocab)
         except GrammarError as err:
             failures.append((case.name, str(err)[:300]))
     assert len(cases) > 150 and not failures, failures
