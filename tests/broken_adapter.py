@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from llamacompat.adapters.base import SamplingParams
+from llamacompat.adapters.base import NoTokenAllowed, SamplingParams
 from llamacompat.adapters.llama_cpp import LlamaCppAdapter, lc
 from llamacompat.errors import GenerationError, GrammarError, SessionError, UnsupportedFeatureError
 from llamacompat.params import Field
@@ -30,7 +30,7 @@ FAULTS = {
     "seed_ignored": "the seed is replaced by a random one",
     "grammar_ignored": "the grammar is dropped",
     "long_grammar_ignored": "grammars over 400 characters (every JSON schema) are dropped, as by an engine's size limit",
-    "poisoned_after_error": "a failed sampler setup leaves the adapter unusable",
+    "poisoned_after_error": "a failed sampler setup (or a grammar dead end) leaves the adapter unusable",
     "dry_unimplemented": "capabilities list dry, but using it raises",
     "close_raises": "close() raises",
     "lossy_detokenize": "detokenize drops every non-ASCII character",
@@ -72,9 +72,26 @@ class BrokenAdapter(LlamaCppAdapter):
         try:
             return super()._build_sampler(s, prompt)
         except GrammarError:
-            if self.fault == "poisoned_after_error":
-                self._poisoned = True
+            self._poison()
             raise
+
+    def _guide_for(self, s: SamplingParams):  # the sampler setup's other half: the llguidance grammar
+        try:
+            return super()._guide_for(s)
+        except GrammarError:
+            self._poison()
+            raise
+
+    def _next_guided(self) -> int:
+        try:
+            return super()._next_guided()
+        except NoTokenAllowed:  # a dead end the engine turns into a GrammarError
+            self._poison()
+            raise
+
+    def _poison(self) -> None:
+        if self.fault == "poisoned_after_error":
+            self._poisoned = True
 
     def _rewind(self, keep: int) -> None:
         if self.fault == "stale_cache":

@@ -105,10 +105,16 @@ def check_bad_input(kit: Kit) -> None:
     if kit.supports("grammar"):
         cases += [
             ("invalid grammar", GrammarError, lambda: ctx.completion({**request, "grammar": 'root ::= "a'}), "line 1"),
-            # well-formed GBNF, but the token is not in the vocabulary: only the backend can tell
+            # well-formed GBNF, but the token is not in the vocabulary
             ("grammar with an unknown token", GrammarError,
              lambda: ctx.completion({**request, "grammar": "root ::= <|no-such-token-here|>"}), ""),
         ]
+        if kit.supports("logit_bias") and ctx.backend != "openai":
+            # A dead end mid-generation: the only token the grammar allows is banned. (Not sent to an
+            # OpenAI-compatible server: llama-cpp-python's aborts on one.)
+            cases.append(("a grammar whose every token is banned", GrammarError,
+                          lambda: ctx.completion({**request, "grammar": 'root ::= "a"', "logit_bias": [["a", False]]}),
+                          "bans every token"))
     for what, error, call, match in cases:
         _expect(error, call, what, match)
         after = ctx.completion({**request, "n_predict": 2})
@@ -119,7 +125,9 @@ def check_bad_input(kit: Kit) -> None:
 # One small request per capability: what a completion that relies on the feature sends.
 PROBES: dict[str, dict[str, Any]] = {
     "grammar": {"grammar": 'root ::= "a" | "b"'},
-    "lazy_grammar": {"grammar": 'root ::= "a" | "b"', "grammar_lazy": True, "grammar_triggers": [{"type": 1, "value": "a"}]},
+    # a trigger the model does not write: the text stays free (tests/test_lazy_grammars.py covers the switch)
+    "lazy_grammar": {"grammar": 'root ::= "a" | "b"', "grammar_lazy": True,
+                     "grammar_triggers": [{"type": 1, "value": "<no trigger here>"}]},
     "temperature": {"temperature": 0.5},
     "top_k": {"temperature": 0.8, "top_k": 5},
     "top_p": {"temperature": 0.8, "top_p": 0.5},
