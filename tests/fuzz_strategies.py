@@ -174,6 +174,14 @@ _SPECIAL = {
     "stop": st.lists(TEXT, max_size=3) | JSON,
     "tools": TOOLS | st.none(),
     "n_predict": st.integers(0, MAX_PREDICT) | INTS.map(_bounded_predict) | JSON.map(_bounded_predict),
+    # lazy grammars: mostly off (on, they need a grammar and triggers), triggers of every type and shape
+    "grammar_lazy": st.sampled_from([False, False, False, True]) | JSON,
+    "grammar_triggers": st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from([0, 1, 2, 3, "word", "pattern_full"]) | INTS | TEXT,
+         "value": st.sampled_from(["a", " the", "{", "<tool_call>", r"(\{)", ".*", "("]) | TEXT},
+        optional={"token": INTS | JSON}), max_size=2) | JSON,
+    "grammar_engine": st.sampled_from(["auto", "llguidance", "llama_cpp"]) | TEXT | JSON,
+    "preserved_tokens": st.lists(TEXT, max_size=2) | JSON,
 }
 
 
@@ -185,13 +193,13 @@ def field_strategy(name: str) -> st.SearchStrategy[Any]:
 def completion_params(draw: Any) -> dict[str, Any]:
     """A params dict for ``completion``: a few fields of COMPLETION_FIELDS (any of them), rarely an unknown one; always
     a bounded n_predict, and mostly a prompt or messages so that a good part of the requests gets to generate."""
-    names = draw(st.lists(st.sampled_from(sorted(COMPLETION_FIELDS)), max_size=6, unique=True))
+    names = draw(st.lists(st.sampled_from(sorted(COMPLETION_FIELDS)), max_size=5, unique=True))
     params = {name: draw(field_strategy(name)) for name in names}
     if "prompt" not in params and "messages" not in params and draw(st.integers(0, 4)):
         params["prompt"] = draw(st.sampled_from(["Hi", "Once upon a time"]) | TEXT)
     params["n_predict"] = _bounded_predict(params.get("n_predict", draw(st.integers(0, MAX_PREDICT))))
     if not draw(st.integers(0, 15)):
-        params[draw(st.sampled_from(["n_predicts", "temprature", "grammar_lazy", "media_paths", "n_threads"]) | TEXT)] = \
+        params[draw(st.sampled_from(["n_predicts", "temprature", "grammar_lazyy", "media_paths", "n_threads"]) | TEXT)] = \
             draw(JSON)
     return params
 
