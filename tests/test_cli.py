@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -73,11 +74,18 @@ def test_session_inspect(capsys, ctx, tmp_path):
     assert "not a llama.cpp session file" in capsys.readouterr().err
 
 
+def _as_from_a_shell() -> None:
+    """The chat starts with SIGINT delivered, as a shell starts it: a disposition or mask left by whatever ran
+    before in this test process would pass through exec (seen only in whole-suite runs: Ctrl-C went unheard)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _spawn_chat(*args: str):
     import pexpect
 
     return pexpect.spawn(sys.executable, ["-m", "llamacompat.cli", "chat", "--n-ctx", "2048", *args],
-                         encoding="utf-8", timeout=120, dimensions=(40, 200))
+                         encoding="utf-8", timeout=120, dimensions=(40, 200), preexec_fn=_as_from_a_shell)
 
 
 def test_interactive_chat_in_a_terminal(tmp_path):
