@@ -368,6 +368,12 @@ class LlamaCppAdapter(Adapter):
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self._vocab, token))
 
+    def _eog_mask(self) -> np.ndarray:
+        """The end-of-generation tokens as a boolean mask over the vocabulary (for NoTokenAllowed.judge)."""
+        mask = np.zeros(self.n_vocab, dtype=np.bool_)
+        mask[self._eog_tokens()] = True
+        return mask
+
     def _eog_tokens(self) -> list[int]:
         if self._eog_ids is None:
             self._eog_ids = [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
@@ -513,9 +519,7 @@ class LlamaCppAdapter(Adapter):
         allowed = guide.apply(logits)
         usable = allowed if self._usable is None else allowed & self._usable
         if not usable.any():
-            eog = np.zeros(self.n_vocab, dtype=np.bool_)
-            eog[self._eog_tokens()] = True
-            raise NoTokenAllowed.judge(allowed, eog)
+            raise NoTokenAllowed.judge(allowed, self._eog_mask())
         token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
         guide.accept(token)
         self._pending = [token]
@@ -566,9 +570,7 @@ class LlamaCppAdapter(Adapter):
         """Why no candidate survived: what the grammar alone allows (the bans took the rest)."""
         view, cur_p = self._fill_candidates()
         lc.llama_sampler_apply(self._grammar, ctypes.byref(cur_p))
-        eog = np.zeros(self.n_vocab, dtype=bool)
-        eog[self._eog_tokens()] = True
-        return NoTokenAllowed.judge(view["logit"] != -math.inf, eog)
+        return NoTokenAllowed.judge(view["logit"] != -math.inf, self._eog_mask())
 
     def top_probs(self, n: int) -> list[tuple[int, float]]:
         logits = (self._raw if self._guide is not None and self._raw is not None
