@@ -21,7 +21,8 @@ from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, forma
 from .chat.formats import CONTENT
 from .chat.template import RenderStopped, render_stop, template_caps
 from .embeddings import normalize_embedding
-from .engine import CompletionRequest, generate, stopped_before_prompt
+from .engine import CompletionRequest, generate
+from .text_stream import stopped_before_prompt
 from .errors import (
     EmbeddingDisabledError,
     InvalidParamsError,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from llamacompat.engine import find_stop
+from llamacompat.text_stream import find_stop
 
 from .conftest import GREEDY, run_in_background
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..engine import find_stop
+from ..text_stream import find_stop
 from ..errors import UnsupportedFeatureError
 from ..grammars.schema import convert_json_schema_to_grammar
 from ..grammars.triggers import Trigger

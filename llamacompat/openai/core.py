@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import params as P
 from ..embeddings import normalize_embedding
-from ..engine import StopScanner, completion_result
+from ..text_stream import TextStream
 from ..errors import (
     GenerationError,
     InvalidParamsError,
@@ -214,28 +214,27 @@ class OpenAICore:
 
 
 class _Run:
-    """One streamed completion: SSE chunks in, TokenData out, llama.rn's result at the end."""
+    """One streamed completion: SSE chunks in, TokenData out (through the sequence's ``TextStream``), llama.rn's
+    result at the end."""
 
     def __init__(self, core: OpenAICore, plan: CompletionPlan, stop: threading.Event) -> None:
         self.core, self.plan, self.stop = core, plan, stop
-        self.content = self.reasoning = ""
+        self.reasoning = ""
         self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.probs: list[CompletionProbability] = []
-        self.pending: list[CompletionProbability] = []  # probabilities not yet handed out with a TokenData
-        self.n_chunks = 0
+        self.n_chunks = self.n_probs_seen = 0
         self.finish: str | None = None
         self.usage: dict[str, Any] = {}
         self.timings: dict[str, Any] = {}
+        # A chat's parsed fields are the server's (content, reasoning and tool-call deltas), not parsed here.
+        self.text = TextStream(plan.stop, plan.n_probs, self._parsed if plan.chat else None)
 
     def events(self) -> Generator[TokenData, None, CompletionResult]:
-        plan = self.plan
-        scanner = StopScanner(plan.stop) if plan.stop else None
-        keep = plan.n_predict != 0
+        text = self.text
+        keep = self.plan.n_predict != 0
         started = time.perf_counter()
         first: float | None = None
         interrupted = done = False
-        word = ""
-        chunks = _stream(self.core._session, plan, self.stop)
+        chunks = _stream(self.core._session, self.plan, self.stop)
         try:
             for chunk in chunks:
                 if chunk is None:  # stopped
@@ -243,62 +242,57 @@ class _Run:
                     break
                 if first is None:
                     first = time.perf_counter()
-                piece, event = self._read(chunk)
-                if not keep or not (piece or event):
+                piece, probs, note = self._read(chunk)
+                if not keep:
                     continue
-                if scanner is not None and piece:
-                    piece = scanner.feed(piece)
-                    if scanner.word is not None:
-                        word = scanner.word
-                if piece or event:
-                    yield self._token_data(piece, event)
-                if word:
+                event = text.push(piece, probs, note)
+                if event is not None:
+                    yield event
+                if text.stopping_word:
                     break
             else:
                 done = True
-            if scanner is not None and not word:
-                held = scanner.flush()
-                if held:
-                    yield self._token_data(held, {})
+            last = text.flush()
+            if last is not None:
+                yield last
         finally:
             chunks.close()
         if done and self.finish is None and self.n_chunks == 0:
             self._diagnose_empty_stream()
-        return self._result(started, first, interrupted, word)
+        return self._result(started, first, interrupted)
 
     # -- chunks --------------------------------------------------------------
-    def _read(self, chunk: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The text of one chunk, plus chat deltas that carry no text (tool calls, reasoning)."""
+    def _read(self, chunk: dict[str, Any]) -> tuple[str, list[CompletionProbability], str | None]:
+        """One chunk's text of the reply, its probabilities, and a note (the reasoning delta, or "") when it
+        carries a chat delta without reply text (reasoning, tool calls); None when it carries none."""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
             self.timings = chunk["timings"]
         choices = chunk.get("choices") or []
         if not choices:
-            return "", {}
+            return "", [], None
         choice = choices[0]
         self.finish = choice.get("finish_reason") or self.finish
         logprobs = choice.get("logprobs")
-        if self.plan.n_probs and logprobs:
-            entries = _probabilities(logprobs, self.plan.n_probs)
-            self.probs.extend(entries)
-            self.pending.extend(entries)
+        probs = _probabilities(logprobs, self.plan.n_probs) if self.plan.n_probs and logprobs else []
+        self.n_probs_seen += len(probs)
         if not self.plan.chat:
             text = choice.get("text") or ""
             self.n_chunks += bool(text)
-            return text, {}
+            return text, probs, None
         delta = choice.get("delta") or {}
-        extra: dict[str, Any] = {}
+        note: str | None = None
         reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
         if reasoning:
             self.reasoning += reasoning
-            extra["reasoning"] = reasoning
+            note = reasoning
         for call in delta.get("tool_calls") or []:
             self._add_tool_call(call)
-            extra["tool_call"] = True
+            note = note or ""
         text = delta.get("content") or ""
-        self.n_chunks += bool(text or extra)
-        return text, extra
+        self.n_chunks += bool(text or note is not None)
+        return text, probs, note
 
     def _add_tool_call(self, call: dict[str, Any]) -> None:
         slot = self.tool_calls.setdefault(call.get("index", len(self.tool_calls)),
@@ -309,20 +303,11 @@ class _Run:
         slot["function"]["name"] += function.get("name") or ""
         slot["function"]["arguments"] += function.get("arguments") or ""
 
-    def _token_data(self, piece: str, extra: dict[str, Any]) -> TokenData:
-        event: TokenData = {"token": piece or extra.get("reasoning", "")}
-        if self.plan.n_probs:
-            event["completion_probabilities"], self.pending = self.pending, []
-        self.content += piece
-        if self.plan.chat:
-            event.update(self._parsed())  # type: ignore[typeddict-item]
-        return event
-
-    def _parsed(self) -> dict[str, Any]:
+    def _parsed(self, content: str, _partial: bool) -> dict[str, Any]:
         """llama.rn's parsed fields, cumulative: content, reasoning_content, tool_calls (each when non-empty)."""
         out: dict[str, Any] = {}
-        if self.content:
-            out["content"] = self.content
+        if content:
+            out["content"] = content
         if self.reasoning:
             out["reasoning_content"] = self.reasoning
         if self.tool_calls:
@@ -338,8 +323,8 @@ class _Run:
                               "and the same request unstreamed succeeded; see the server's log")
 
     # -- the result ----------------------------------------------------------
-    def _result(self, started: float, first: float | None, interrupted: bool, word: str) -> CompletionResult:
-        plan, usage, timings = self.plan, self.usage, self.timings
+    def _result(self, started: float, first: float | None, interrupted: bool) -> CompletionResult:
+        plan, usage, timings, word = self.plan, self.usage, self.timings, self.text.stopping_word
         finished = time.perf_counter()
         first = first if first is not None else finished
         limit_hit = self.finish == "length"
@@ -350,7 +335,7 @@ class _Run:
         elif limit_hit and plan.n_predict > 0:
             n_predicted = plan.n_predict
         else:  # one token per chunk (or probability entry), plus the end-of-generation token, as llama.rn counts
-            n_predicted = max(self.n_chunks, len(self.probs)) + (self.finish == "stop" and not word and not interrupted)
+            n_predicted = max(self.n_chunks, self.n_probs_seen) + (self.finish == "stop" and not word and not interrupted)
         n_evaluated = usage.get("prompt_tokens")
         if not isinstance(n_evaluated, int):
             n_evaluated = self._count_prompt()
@@ -358,17 +343,16 @@ class _Run:
         if not isinstance(cache_n, int):
             details = usage.get("prompt_tokens_details") or {}
             cache_n = details.get("cached_tokens") if isinstance(details.get("cached_tokens"), int) else 0
-        parse = (lambda _text, _partial: self._parsed()) if plan.chat else None
-        return completion_result(
-            self.content, parse, chat_format=0, probabilities=self.probs if plan.n_predict else [],
-            n_predicted=n_predicted, n_evaluated=n_evaluated, n_cached=n_evaluated + n_predicted, cache_n=cache_n,
-            prompt_n=max(n_evaluated - cache_n, 0),
+        ended = not interrupted and not word
+        return self.text.result(
+            # the server's cache, as llama.rn counts it: the last sampled token is never evaluated
+            n_predicted=n_predicted, n_evaluated=n_evaluated, n_cached=n_evaluated + max(n_predicted - 1, 0),
+            cache_n=cache_n, prompt_n=max(n_evaluated - cache_n, 0),
             prompt_ms=float(timings.get("prompt_ms", (first - started) * 1000.0)),
             predicted_ms=float(timings.get("predicted_ms", (finished - first) * 1000.0)),
-            interrupted=interrupted, stopped_eos=not (interrupted or word or limit_hit) and self.finish is not None,
-            stopped_word=bool(word), stopping_word=word,
-            stopped_limit=limit_hit and not interrupted and not word and plan.n_predict >= 0,
-            context_full=limit_hit and not interrupted and not word and plan.n_predict < 0,
+            interrupted=interrupted, stopped_eos=ended and not limit_hit and self.finish is not None,
+            stopped_limit=ended and limit_hit and plan.n_predict >= 0,
+            context_full=ended and limit_hit and plan.n_predict < 0,
         )
 
     def _count_prompt(self) -> int:
