@@ -35,6 +35,7 @@ __all__ = [
     "ChecksumError",
     "LlamaCompatWarning",
     "map_exceptions",
+    "unsupported",
     "error_from_code",
     "compat_warning",
     "warnings_to",
@@ -233,6 +234,13 @@ def compat_warning(message: str, stacklevel: int = 2) -> None:
         sink(message)
     else:
         warnings.warn(message, LlamaCompatWarning, stacklevel=stacklevel + 1)
+
+
+def unsupported(strict: bool, message: str) -> None:
+    """A feature the backend lacks: an ``UnsupportedFeatureError`` when strict, else a LlamaCompatWarning."""
+    if strict:
+        raise UnsupportedFeatureError(message)
+    compat_warning(message, stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -1,10 +1,10 @@
 """``LocalCore``: a model loaded in this process, behind the context's state machine.
 
 A context (``LlamaContext``) owns what every backend shares: the busy/released
-state, streams, the async twin. Its *core* does the work. This one turns
-llama.rn requests into engine requests (validation, chat templates, grammars,
-logit bias) and runs them on one adapter. The bridge server drives a
-``LocalCore`` directly, with its own queue; the bridge client is the other core.
+state, streams, the async twin. Its *core* does the work (``context.core.CALLS``
+lists the calls). This one validates each call, turns llama.rn requests into
+engine requests (chat templates, grammars, logit bias) and runs them on one
+adapter. The bridge server drives a ``LocalCore`` directly, with its own queue.
 """
 
 from __future__ import annotations
@@ -23,30 +23,24 @@ from .chat.template import RenderStopped, render_stop, template_caps
 from .embeddings import normalize_embedding
 from .engine import CompletionRequest, generate
 from .text_stream import stopped_before_prompt
-from .errors import (
-    EmbeddingDisabledError,
-    InvalidParamsError,
-    SessionError,
-    TemplateError,
-    UnsupportedFeatureError,
-    compat_warning,
-)
+from .errors import InvalidParamsError, SessionError, TemplateError, UnsupportedFeatureError, unsupported
 from .grammars.builtin import checked_grammar
 from .grammars.gbnf import check_tokens, parse_gbnf
 from .grammars.schema import convert_json_schema_to_grammar
 from .grammars.triggers import parse_triggers
 from .models import local_path
 from .sessions import check_identity, read_sidecar, save_with_sidecar
-from .types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
+from .types import (
+    CompletionResult,
+    EmbeddingResult,
+    LoraAdapter,
+    RerankResult,
+    SessionLoadResult,
+    TokenData,
+    TokenizeResult,
+)
 
-__all__ = ["LocalCore", "unsupported", "session_path", "file_name"]
-
-
-def unsupported(strict: bool, message: str) -> None:
-    """A feature the backend lacks: an error when strict, else a LlamaCompatWarning."""
-    if strict:
-        raise UnsupportedFeatureError(message)
-    compat_warning(message, stacklevel=3)
+__all__ = ["LocalCore", "session_path", "file_name"]
 
 
 def _caps(adapter: Adapter) -> dict[str, bool] | None:
@@ -109,7 +103,7 @@ class LocalCore:
             raise UnsupportedFeatureError(f"{what} is not available on this {self.backend} context{hint}")
 
     # -- completion ----------------------------------------------------------
-    def generation(self, params: dict[str, Any] | None, stop: threading.Event,
+    def completion(self, params: dict[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         """Validate ``params`` (at the first ``next``), then yield TokenData and return the result."""
         self.require("completion", "completion")
@@ -159,15 +153,9 @@ class LocalCore:
 
     def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, ReplyParser | None]:
         """Prompt text, stop strings, chat format and reply parser; a chat's tool grammar goes into ``p``."""
-        if p["messages"] is None:
-            if not p["prompt"]:
-                raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
-            if p["tools"]:
-                raise InvalidParamsError("completion: 'tools' need 'messages' (the chat template describes them)")
+        if not P.check_prompt(p):
             parse = ReplyParser(CONTENT, p["reasoning_format"]) if p["reasoning_format"] != "none" else None
             return p["prompt"], p["stop"], 0, parse
-        if p["prompt"] is not None:
-            raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
         chat = self._chat(p["messages"], p["chat_template"], p, has_grammar=p["grammar"] is not None)
         if chat.grammar:
             p["grammar"] = chat.grammar
@@ -220,55 +208,48 @@ class LocalCore:
 
     # -- tokens, embedding, chat, bench --------------------------------------
     def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
-        if not isinstance(text, str):
-            raise InvalidParamsError(f"tokenize: text must be a string, got {type(text).__name__}")
+        text = P.text_argument(text, "tokenize")
         P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
-        tokens = self.adapter.tokenize(P.check_unicode(text, "tokenize: text"), False)
+        tokens = self.adapter.tokenize(text, False)
         return {"tokens": tokens, "has_media": False, "bitmap_hashes": [], "chunk_pos": [], "chunk_pos_media": []}
 
     def detokenize(self, tokens: list[int]) -> str:
-        if not isinstance(tokens, (list, tuple)):
-            raise InvalidParamsError(f"detokenize: tokens must be a list of ints, got {type(tokens).__name__}")
-        for i, token in enumerate(tokens):
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.n_vocab:
-                raise InvalidParamsError(f"detokenize: tokens[{i}] = {token!r} is not a token id (0..{self.n_vocab - 1})")
-        return self.adapter.detokenize(list(tokens))
+        return self.adapter.detokenize(P.token_ids(tokens, self.n_vocab, "detokenize"))
 
-    def embedding(self, text: str, normalize: int) -> EmbeddingResult:
-        if not isinstance(text, str):
-            raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
+    def embedding(self, text: str, params: dict[str, Any] | None) -> EmbeddingResult:
+        text = P.text_argument(text, "embedding")
+        normalize = P.embedding_normalize(params, self.params)
         self.require("embedding", "embedding")
-        tokens = self.adapter.tokenize(P.check_unicode(text, "embedding: text"), True)
+        return self._embed(text, normalize)
+
+    def _embed(self, text: str, normalize: int) -> EmbeddingResult:
+        tokens = self.adapter.tokenize(text, True)
         if not tokens:  # the engines fail on an empty batch ("llama_decode failed ... n_tokens == 0")
             raise InvalidParamsError("embedding: the text has no tokens (it is empty); pass some text to embed")
         return {"embedding": normalize_embedding(self.adapter.embedding(tokens), normalize)}
 
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
-        if not isinstance(query, str):
-            raise InvalidParamsError(f"rerank: query must be a string, got {type(query).__name__}")
-        if not isinstance(documents, (list, tuple)) or not all(isinstance(d, str) for d in documents):
+        query = P.text_argument(query, "rerank", "query")
+        if not isinstance(documents, (list, tuple)):
             raise InvalidParamsError("rerank: documents must be a list of strings")
-        for text in (query, *documents):
-            P.check_unicode(text, "rerank: the query or a document")
+        documents = [P.text_argument(doc, "rerank", f"documents[{i}]") for i, doc in enumerate(documents)]
         P.validate(params, P.RERANK_FIELDS, "rerank")
-        if not self.params["embedding"]:
-            raise EmbeddingDisabledError("Embedding is not enabled: rerank needs a context created with "
-                                         "'embedding': True (and 'pooling_type': 'rank' for a reranker model)")
+        P.require_embedding(self.params, "rerank")
         self.require("rerank", "rerank")
         adapter = self.adapter
         if adapter.capabilities.features.get("rerank") == "native":
             query_tokens = adapter.tokenize(query, False)
             scores = [adapter.rank(query_tokens, adapter.tokenize(doc, False)) for doc in documents]
         else:  # an embedding model ranks by cosine similarity (dot products of L2-normalised embeddings)
-            target = np.asarray(self.embedding(query, 2)["embedding"])
-            scores = [float(target @ np.asarray(self.embedding(doc, 2)["embedding"])) for doc in documents]
+            target = np.asarray(self._embed(query, 2)["embedding"])
+            scores = [float(target @ np.asarray(self._embed(doc, 2)["embedding"])) for doc in documents]
         ranked = [{"score": float(score), "index": i, "document": doc}
                   for i, (score, doc) in enumerate(zip(scores, documents))]
         return sorted(ranked, key=lambda r: -r["score"])  # type: ignore[return-value]
 
     # -- LoRA adapters and the cache ---------------------------------------------
-    def apply_lora(self, adapters: Any, where: str = "apply_lora_adapters") -> None:
-        entries = P.lora_entries(adapters, where)
+    def apply_lora_adapters(self, lora_list: Any, where: str = "apply_lora_adapters") -> None:
+        entries = P.lora_entries(lora_list, where)
         self.require("lora", "LoRA adapters")
         for entry in entries:
             if not os.path.isfile(entry["path"]):
@@ -276,21 +257,21 @@ class LocalCore:
         self.adapter.set_lora([(entry["path"], entry["scaled"]) for entry in entries])
         self._lora = entries
 
-    def remove_lora(self) -> None:
+    def remove_lora_adapters(self) -> None:
         if self._lora:
             self.adapter.set_lora([])
             self._lora = []
 
-    def loaded_lora(self) -> list[dict[str, Any]]:
-        return [dict(entry) for entry in self._lora]
+    def get_loaded_lora_adapters(self) -> list[LoraAdapter]:
+        return [{"path": entry["path"], "scaled": entry["scaled"]} for entry in self._lora]
 
     def clear_cache(self, clear_data: bool) -> None:
         if not isinstance(clear_data, bool):
             raise InvalidParamsError(f"clear_cache: clear_data must be a bool, got {clear_data!r}")
         self.adapter.clear_cache(clear_data)
 
-    def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
-                       strict: bool) -> dict[str, Any]:
+    def get_formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+                           strict: bool) -> dict[str, Any]:
         if template is not None and not isinstance(template, str):
             raise InvalidParamsError(f"get_formatted_chat: template must be a string, got {type(template).__name__}")
         p = P.validate(params, {name: P.COMPLETION_FIELDS[name] for name in P.CHAT_FIELDS}, "get_formatted_chat")
@@ -300,13 +281,13 @@ class LocalCore:
             chat.grammar = convert_json_schema_to_grammar(schema, strict=strict)
         return chat.as_result()
 
-    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event | None = None) -> dict[str, Any]:
+    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
         """llama.rn's bench; ``stop`` (the context's stop_completion flag) ends it early with ``interrupted``."""
         for name, value in (("pp", pp), ("tg", tg), ("pl", pl), ("nr", nr)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParamsError(f"bench: '{name}' must be an int >= 1, got {value!r}")
         self.require("bench", "bench")
-        return self.adapter.bench(pp, tg, pl, nr, stop or threading.Event())
+        return self.adapter.bench(pp, tg, pl, nr, stop)
 
     # -- sessions ------------------------------------------------------------
     def load_session(self, path: str) -> SessionLoadResult:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .errors import InvalidParamsError, UnsupportedFeatureError, compat_warning
+from .errors import EmbeddingDisabledError, InvalidParamsError, UnsupportedFeatureError, compat_warning
 from .models import local_path
 
 __all__ = ["Field", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora", "COMPLETION_FIELDS", "CONTEXT_FIELDS",
@@ -384,3 +384,50 @@ def normalize_logit_bias(value: Any) -> list[tuple[int | str, float]]:
             raise InvalidParamsError(f"completion: logit_bias[{i}] bias must be a number below +inf or false, got {bias!r}")
         out.append((token, float(bias)))
     return out
+
+
+# -- the arguments of the calls, checked the same way by every core ------------------------------------------
+def text_argument(text: Any, where: str, what: str = "text") -> str:
+    """A call's text: a string the engines can take (UTF-8: no lone surrogate)."""
+    if not isinstance(text, str):
+        raise InvalidParamsError(f"{where}: {what} must be a string, got {type(text).__name__}")
+    return check_unicode(text, f"{where}: {what}")
+
+
+def token_ids(tokens: Any, n_vocab: int | None, where: str, label: str = "tokens") -> list[int]:
+    """Token ids as a list, each inside the vocabulary (``n_vocab`` None: unknown, only >= 0 is checked)."""
+    if not isinstance(tokens, (list, tuple)):
+        raise InvalidParamsError(f"{where}: {label} must be a list of ints, got {type(tokens).__name__}")
+    top = f"0..{n_vocab - 1}" if n_vocab else ">= 0"
+    for i, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (n_vocab and token >= n_vocab):
+            raise InvalidParamsError(f"{where}: {label}[{i}] = {token!r} is not a token id ({top})")
+    return list(tokens)
+
+
+def check_prompt(p: Mapping[str, Any]) -> bool:
+    """Whether validated completion params ``p`` are a chat (``messages``) rather than a raw ``prompt``."""
+    if p["messages"] is not None:
+        if p["prompt"] is not None:
+            raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
+        return True
+    if not p["prompt"]:
+        raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
+    if p["tools"]:
+        raise InvalidParamsError("completion: 'tools' need 'messages' (the chat template describes them)")
+    return False
+
+
+def embedding_normalize(params: Mapping[str, Any] | None, init: Mapping[str, Any], what: str = "embedding") -> int:
+    """The ``embd_normalize`` of one embedding call (the context's own when the call names none); raises
+    ``EmbeddingDisabledError`` unless the context was created with ``embedding: True``."""
+    p = validate(params, EMBEDDING_FIELDS, what)
+    require_embedding(init, what)
+    return p["embd_normalize"] if params and "embd_normalize" in params else init["embd_normalize"]
+
+
+def require_embedding(init: Mapping[str, Any], what: str) -> None:
+    if not init["embedding"]:
+        hint = " (and 'pooling_type': 'rank' for a reranker model)" if what == "rerank" else ""
+        raise EmbeddingDisabledError(f"Embedding is not enabled: {what} needs a context created with "
+                                     f"'embedding': True{hint}")

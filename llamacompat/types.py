@@ -25,6 +25,9 @@ __all__ = [
     "BenchResult",
     "TokenCallback",
     "ProgressCallback",
+    "EmbeddingParams",
+    "RerankParams",
+    "TokenizeParams",
 ]
 
 
@@ -194,3 +197,15 @@ BenchResult = dict  # llama.rn's camelCase bench keys; see LlamaContext.bench
 
 TokenCallback = Callable[[TokenData], Any]
 ProgressCallback = Callable[[int], Any]
+
+
+class EmbeddingParams(TypedDict, total=False):
+    embd_normalize: int
+
+
+class RerankParams(TypedDict, total=False):
+    normalize: float
+
+
+class TokenizeParams(TypedDict, total=False):
+    media_paths: list[str]

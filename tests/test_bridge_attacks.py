@@ -89,7 +89,7 @@ def test_sigterm_during_a_huge_bench_exits_within_seconds(tmp_path):
 # Jobs that never look at a stop flag, stuck where no Python signal reaches them.
 STUCK = ("import time, llamacompat.local as L\n"
          "L.LocalCore.bench = lambda self, *a: time.sleep(3600)\n"
-         "L.LocalCore.formatted_chat = lambda self, *a: time.sleep(3600)")
+         "L.LocalCore.get_formatted_chat = lambda self, *a: time.sleep(3600)")
 
 
 @pytest.mark.parametrize("sig,method,params", [

@@ -156,7 +156,7 @@ def test_clear_cache_makes_the_next_prompt_evaluate_from_scratch(fresh_ctx):
 
 
 def test_context_limit_counts_live_contexts(ctx):
-    live = len(llamacompat.context._live)
+    live = len(llamacompat.context.live._live)
     set_context_limit(live)
     try:
         with pytest.raises(ContextLimitError, match="Context limit reached"):
@@ -271,7 +271,10 @@ def test_the_bridge_forwards_rerank_lora_and_clear_cache(tmp_path, lora_files):
     server = Served(str(tmp_path), "--embedding", "--models-dir", str(models))
     try:
         assert server.started, server.log()
-        with init_llama({"backend": "bridge", "socket": server.socket}) as remote:
+        with init_llama({"backend": "bridge", "socket": server.socket}) as plain:  # as a local context says it
+            with pytest.raises(EmbeddingDisabledError, match="rerank needs a context created with 'embedding': True"):
+                plain.rerank("capital of France", DOCS)
+        with init_llama({"backend": "bridge", "socket": server.socket, "embedding": True}) as remote:
             assert len(remote.rerank("capital of France", DOCS)) == 3
             base = remote.completion(QUESTION)["text"]
             remote.apply_lora_adapters([{"path": inside}])

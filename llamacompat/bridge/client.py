@@ -25,10 +25,10 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Generator
+from typing import Any, Callable, Generator
 
 from .. import params as P
-from ..context import drain
+from ..context.core import CALLS, Call
 from ..errors import (
     AuthenticationError,
     BackendUnavailableError,
@@ -41,7 +41,8 @@ from ..errors import (
     error_from_code,
 )
 from ..models import local_path, resolve_model
-from ..types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
+from ..types import EmbeddingResult, RerankResult, SessionLoadResult
+from ..text_stream import drain
 from .protocol import MAX_LINE, default_socket, encode
 
 __all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
@@ -305,48 +306,34 @@ class BridgeCore:
     def _call(self, method: str, params: dict[str, Any], strict: bool = False) -> Any:
         return drain(self._request(method, params, strict), None)
 
-    # -- the core ------------------------------------------------------------
-    def generation(self, params: dict[str, Any] | None, stop: threading.Event,
-                   strict: bool) -> Generator[TokenData, None, CompletionResult]:
-        return self._request("completion", {"params": params}, strict, stop)
+    # -- the core: each call of CALLS is forwarded (see _forwarder); these translate first ----------------
+    def _forward(self, call: Call, args: tuple[Any, ...]) -> Any:
+        """Send ``call`` with ``args`` as the context passes them (its arguments, then stop, then strict)."""
+        n = len(call.args)
+        stop = args[n] if call.stop else None
+        strict = args[-1] if call.strict else False
+        request = self._request(call.name, dict(zip(call.args, args[:n])), strict, stop)
+        return request if call.events else drain(request, None)
 
-    def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
-        return self._call("tokenize", {"text": text, "params": params})
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self._call("detokenize", {"tokens": tokens})
-
-    def embedding(self, text: str, normalize: int) -> EmbeddingResult:
-        return self._call("embedding", {"text": text, "params": {"embd_normalize": normalize}})
-
-    def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
-                       strict: bool) -> dict[str, Any]:
-        return self._call("get_formatted_chat", {"messages": messages, "template": template, "params": params}, strict)
-
-    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
-        return self._call("bench", {"pp": pp, "tg": tg, "pl": pl, "nr": nr})
+    def embedding(self, text: str, params: dict[str, Any] | None) -> EmbeddingResult:
+        P.require_embedding(self.params, "embedding")  # this context's own init params decide, as they would locally
+        if params is None or (isinstance(params, dict) and "embd_normalize" not in params):
+            params = {**(params or {}), "embd_normalize": self.params["embd_normalize"]}
+        return self._forward(CALLS["embedding"], (text, params))
 
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
-        return self._call("rerank", {"query": query, "documents": documents, "params": params})
+        P.require_embedding(self.params, "rerank")
+        return self._forward(CALLS["rerank"], (query, documents, params))
 
-    def apply_lora(self, adapters: Any) -> None:
-        entries = P.lora_entries(adapters, "apply_lora_adapters")
-        self._call("apply_lora_adapters", {"lora_list": [{**e, "path": os.path.abspath(e["path"])} for e in entries]})
-
-    def remove_lora(self) -> None:
-        self._call("remove_lora_adapters", {})
-
-    def loaded_lora(self) -> list[dict[str, Any]]:
-        return self._call("get_loaded_lora_adapters", {})
-
-    def clear_cache(self, clear_data: bool) -> None:
-        self._call("clear_cache", {"clear_data": clear_data})
+    def apply_lora_adapters(self, lora_list: Any) -> None:
+        entries = P.lora_entries(lora_list, "apply_lora_adapters")
+        self._forward(CALLS["apply_lora_adapters"], ([{**e, "path": os.path.abspath(e["path"])} for e in entries],))
 
     def load_session(self, path: str) -> SessionLoadResult:
-        return self._call("load_session", {"path": _server_path(path, "load")})
+        return self._forward(CALLS["load_session"], (_server_path(path, "load"),))
 
     def save_session(self, path: str, token_size: int) -> int:
-        return self._call("save_session", {"path": _server_path(path, "save"), "token_size": token_size})
+        return self._forward(CALLS["save_session"], (_server_path(path, "save"), token_size))
 
     def _shut(self) -> None:
         try:
@@ -373,3 +360,17 @@ def _server_path(path: Any, action: str) -> Any:
         raise SessionError(f"Failed to {action} session: {path!r} is not valid UTF-8, "
                            "which the bridge protocol cannot carry") from None
     return os.path.abspath(local_path(path))
+
+
+def _forwarder(call: Call) -> Callable[..., Any]:
+    def forward(self: BridgeCore, *args: Any) -> Any:
+        return self._forward(call, args)
+
+    forward.__name__ = forward.__qualname__ = call.name
+    forward.__doc__ = f"``{call.name}`` on the bridge server's model."
+    return forward
+
+
+for _call in CALLS.values():  # the calls without a translation of their own
+    if _call.name not in vars(BridgeCore):
+        setattr(BridgeCore, _call.name, _forwarder(_call))

@@ -13,6 +13,7 @@ import stat
 import tempfile
 from typing import Any
 
+from ..context.core import CALLS
 from ..errors import AuthenticationError, InvalidParamsError, LlamaError
 
 __all__ = ["MAX_LINE", "MAX_DEPTH", "MAX_CLIENTS", "METHODS", "TEXT_COMMANDS", "encode", "decode", "error_body",
@@ -24,12 +25,11 @@ MAX_CLIENTS = 256  # connections a server holds at once (fewer under a low open-
 
 # JSON methods -> where they run: "queue" (the model's FIFO worker, one at a time),
 # "side" (beside it, as tokenize runs beside a completion in a context) or "inline"
-# (answered by the event loop at once).
+# (answered by the event loop at once). The context's calls are those of context.core.CALLS,
+# with the arguments it names as their params.
 METHODS = {
-    "completion": "queue", "embedding": "queue", "bench": "queue", "load_session": "queue",
-    "save_session": "queue", "load": "queue", "free": "queue", "rerank": "queue", "clear_cache": "queue",
-    "apply_lora_adapters": "queue", "remove_lora_adapters": "queue",
-    "tokenize": "side", "detokenize": "side", "get_formatted_chat": "side", "get_loaded_lora_adapters": "side",
+    **{call.name: "queue" if call.runs == "model" else "side" for call in CALLS.values()},
+    "load": "queue", "free": "queue",
     "model_info": "inline", "stop": "inline", "ping": "inline", "status": "inline", "auth": "inline",
 }
 TEXT_COMMANDS = ("PING", "STATUS", "LOAD", "INFER", "INFER_STREAM", "FREE", "QUIT", "AUTH")

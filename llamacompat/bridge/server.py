@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import params as P
-from ..context import drain, load_local
+from ..context import CALLS, Call, load_local
 from ..errors import (
     AuthenticationError,
     ContextLimitError,
@@ -47,6 +47,7 @@ from ..errors import (
     warnings_to,
 )
 from ..local import LocalCore, file_name, session_path
+from ..text_stream import drain
 from .protocol import MAX_CLIENTS, MAX_LINE, METHODS, TEXT_COMMANDS, decode, default_socket, encode, error_body
 
 __all__ = ["BridgeServer", "bind_unix_socket", "run_server", "MAX_UNAUTHENTICATED", "AUTH_TIMEOUT_S", "SHUTDOWN_GRACE_S"]
@@ -397,7 +398,8 @@ class BridgeServer:
         job = _Job(client, rid)
         client.jobs[rid] = job
         # Queued jobs are submitted here, before any await, so the FIFO order is the arrival order.
-        run = getattr(self, "_m_" + method)
+        run = functools.partial(self._context_call, call=CALLS[method]) if method in CALLS \
+            else getattr(self, "_m_" + method)
         future = self._submit(job, run, params, strict) if METHODS[method] == "queue" else None
         self._track(client, self._answer(job, run, METHODS[method], params, strict, future))
 
@@ -444,7 +446,7 @@ class BridgeServer:
                 result = run(job, params, strict)
         except Exception as err:  # every failure is answered; the server keeps serving
             if not isinstance(err, LlamaError):
-                logger.exception("bridge: %s failed", run.__name__)
+                logger.exception("bridge: %s failed", getattr(run, "__name__", None) or run.keywords["call"].name)
             client.reply(job.rid, error=error_body(err))
         else:
             client.reply(job.rid, result=result)
@@ -487,47 +489,30 @@ class BridgeServer:
         return self.core
 
     # -- methods: where each runs is protocol.METHODS ---------------------------
-    def _m_completion(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        post = self._poster(job.client)
-        rid = job.rid
-        return self._generate(job, params.get("params"), strict, lambda event: post(encode({"id": rid, "event": event})))
+    def _context_call(self, job: _Job, params: dict[str, Any], strict: bool, *, call: Call) -> Any:
+        """One of the context's calls (``CALLS``), on the model's core: the core checks its arguments."""
+        args = [self._on_server(call.name, name, params.get(name, call.defaults.get(name))) for name in call.args]
+        if call.stop:
+            args.append(job.stop)
+        if call.strict:
+            args.append(strict)
+        result = getattr(self._model(), call.name)(*args)
+        if call.events:
+            post, rid = self._poster(job.client), job.rid
+            return drain(result, lambda event: post(encode({"id": rid, "event": event})))
+        return result
 
-    def _generate(self, job: _Job, params: Any, strict: bool, emit: Callable[[Any], None] | None) -> Any:
-        return drain(self._model().generation(params, job.stop, strict), emit)
+    def _on_server(self, method: str, name: str, value: Any) -> Any:
+        """A file named by a client, as the server may open it: under --sessions-dir or --models-dir only."""
+        if name == "path":
+            return self._session_file(value, method)
+        if name == "lora_list":
+            return [{**entry, "path": self._model_file(entry["path"], "LoRA adapters")}
+                    for entry in P.lora_entries(value, method)]
+        return value
 
-    def _m_embedding(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        normalize = P.validate(params.get("params"), P.EMBEDDING_FIELDS, "embedding")["embd_normalize"]
-        return self._model().embedding(params.get("text"), normalize)
-
-    def _m_bench(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().bench(params.get("pp"), params.get("tg"), params.get("pl", 1), params.get("nr", 1))
-
-    def _m_rerank(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().rerank(params.get("query"), params.get("documents"), params.get("params"))
-
-    def _m_clear_cache(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        self._model().clear_cache(params.get("clear_data", False))
-        return None
-
-    def _m_apply_lora_adapters(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        entries = P.lora_entries(params.get("lora_list"), "apply_lora_adapters")
-        self._model().apply_lora([{**entry, "path": self._model_file(entry["path"], "LoRA adapters")}
-                                  for entry in entries])
-        return None
-
-    def _m_remove_lora_adapters(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        self._model().remove_lora()
-        return None
-
-    def _m_get_loaded_lora_adapters(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().loaded_lora()
-
-    def _m_load_session(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().load_session(self._session_file(params.get("path"), "load_session"))
-
-    def _m_save_session(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        path = self._session_file(params.get("path"), "save_session")
-        return self._model().save_session(path, params.get("token_size", -1))
+    def _generate(self, job: _Job, params: Any, emit: Callable[[Any], None] | None) -> Any:
+        return drain(self._model().completion(params, job.stop, False), emit)
 
     def _m_load(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
         self._load_model(params.get("path"))
@@ -536,15 +521,6 @@ class BridgeServer:
     def _m_free(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
         self._free()
         return {"freed": True}
-
-    def _m_tokenize(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().tokenize(params.get("text"), params.get("params"))
-
-    def _m_detokenize(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().detokenize(params.get("tokens"))
-
-    def _m_get_formatted_chat(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
-        return self._model().formatted_chat(params.get("messages"), params.get("template"), params.get("params"), strict)
 
     def _m_model_info(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
         return self._model_info()
@@ -632,7 +608,7 @@ class BridgeServer:
                 post(encode({"status": "ok", "message": "Streaming started"}))
             post(encode({"type": "token", "token": event["token"], "final": False}))
 
-        result = self._generate(job, params, False, token if streaming else None)
+        result = self._generate(job, params, token if streaming else None)
         if streaming and not started:
             post(encode({"status": "ok", "message": "Streaming started"}))
         return result["text"]

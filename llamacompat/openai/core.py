@@ -36,6 +36,7 @@ from ..types import (
     CompletionProbability,
     CompletionResult,
     EmbeddingResult,
+    LoraAdapter,
     RerankResult,
     SessionLoadResult,
     TokenData,
@@ -43,7 +44,7 @@ from ..types import (
 )
 from .dialects import DIALECTS, ServerFacts, probe
 from .http import HttpSession, http_error
-from .request import CompletionPlan, check_token_ids, plan_completion
+from .request import CompletionPlan, plan_completion
 
 __all__ = ["OpenAICore", "connect", "OPENAI_FIELDS"]
 
@@ -125,7 +126,7 @@ class OpenAICore:
         self.model["n_embd"] = self.facts.n_embd
 
     # -- completion ----------------------------------------------------------
-    def generation(self, params: dict[str, Any] | None, stop: threading.Event,
+    def completion(self, params: dict[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         tokenize = self._tokenize if self.facts.dialect.tokenize else None
         plan = plan_completion(params, self.facts, strict, tokenize)
@@ -143,14 +144,13 @@ class OpenAICore:
         return tokens
 
     def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
-        if not isinstance(text, str):
-            raise InvalidParamsError(f"tokenize: text must be a string, got {type(text).__name__}")
+        text = P.text_argument(text, "tokenize")
         P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
         return {"tokens": self._tokenize(text) if text else [], "has_media": False, "bitmap_hashes": [],
                 "chunk_pos": [], "chunk_pos_media": []}
 
     def detokenize(self, tokens: list[int]) -> str:
-        tokens = check_token_ids(tokens, self.facts.n_vocab, "detokenize")
+        tokens = P.token_ids(tokens, self.facts.n_vocab, "detokenize")
         endpoint = self.facts.dialect.detokenize
         if endpoint is None:
             raise UnsupportedFeatureError(f"detokenize: this {self.facts.dialect.name} server has no detokenize endpoint")
@@ -172,32 +172,32 @@ class OpenAICore:
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise GenerationError(f"embedding: unexpected reply from /v1/embeddings: {str(reply)[:200]}") from err
 
-    def embedding(self, text: str, normalize: int) -> EmbeddingResult:
-        if not isinstance(text, str):
-            raise InvalidParamsError(f"embedding: text must be a string, got {type(text).__name__}")
+    def embedding(self, text: str, params: dict[str, Any] | None) -> EmbeddingResult:
+        text = P.text_argument(text, "embedding")
+        normalize = P.embedding_normalize(params, self.params)
         if self._features["embedding"] == "missing":
             raise UnsupportedFeatureError(f"embedding is not available from this server: {self._embedding_error}")
         return {"embedding": normalize_embedding(self._embed(text), normalize)}
 
     # -- what an OpenAI server does not offer --------------------------------
-    def formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
-                       strict: bool) -> dict[str, Any]:
+    def get_formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+                           strict: bool) -> dict[str, Any]:
         raise UnsupportedFeatureError("get_formatted_chat: an OpenAI-compatible server applies its chat template "
                                       "itself and does not expose the rendered prompt")
 
-    def bench(self, pp: int, tg: int, pl: int, nr: int) -> dict[str, Any]:
+    def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
         raise UnsupportedFeatureError("bench: not available over the OpenAI API; time completions instead")
 
     def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
         raise UnsupportedFeatureError("rerank: not available over the OpenAI API")
 
-    def apply_lora(self, adapters: Any) -> None:
+    def apply_lora_adapters(self, lora_list: Any) -> None:
         raise UnsupportedFeatureError("apply_lora_adapters: an OpenAI-compatible server loads its adapters itself")
 
-    def remove_lora(self) -> None:
+    def remove_lora_adapters(self) -> None:
         raise UnsupportedFeatureError("remove_lora_adapters: an OpenAI-compatible server loads its adapters itself")
 
-    def loaded_lora(self) -> list[dict[str, Any]]:
+    def get_loaded_lora_adapters(self) -> list[LoraAdapter]:
         return []  # none that this client applied
 
     def clear_cache(self, clear_data: bool) -> None:

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from .. import params as P
-from ..errors import GrammarError, InvalidParamsError, UnsupportedFeatureError
+from ..errors import GrammarError, InvalidParamsError, UnsupportedFeatureError, unsupported
 from ..grammars.builtin import checked_grammar
 from ..grammars.gbnf import Group, Repeat, Token, parse_gbnf
 from ..grammars.schema import convert_json_schema_to_grammar
-from ..local import unsupported
 from .dialects import Dialect, ServerFacts
 
-__all__ = ["CompletionPlan", "plan_completion", "check_token_ids"]
+__all__ = ["CompletionPlan", "plan_completion"]
 
 # OpenAI's logit_bias range; -100 bans a token on every server.
 _BIAS_LIMIT = 100.0
@@ -39,35 +38,18 @@ class CompletionPlan:
     n_probs: int
 
 
-def check_token_ids(tokens: Any, n_vocab: int | None, where: str, label: str = "tokens") -> list[int]:
-    """Token ids as a list, refused before sending when outside the vocabulary (llama-cpp-python aborts on them)."""
-    if not isinstance(tokens, (list, tuple)):
-        raise InvalidParamsError(f"{where}: {label} must be a list of ints, got {type(tokens).__name__}")
-    top = f"0..{n_vocab - 1}" if n_vocab else ">= 0"
-    for i, token in enumerate(tokens):
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (n_vocab and token >= n_vocab):
-            raise InvalidParamsError(f"{where}: {label}[{i}] = {token!r} is not a token id ({top})")
-    return list(tokens)
-
-
 def plan_completion(params: dict[str, Any] | None, facts: ServerFacts, strict: bool,
                     tokenize: Callable[[str], list[int]] | None) -> CompletionPlan:
     ignored = None if strict else P.COMPLETION_IGNORED
     p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET, ignored=ignored)
     dialect = facts.dialect
-    chat = p["messages"] is not None
+    chat = P.check_prompt(p)
     body: dict[str, Any] = {"model": facts.model, "stream": True, "stream_options": {"include_usage": True},
                             **dialect.always}
     if chat:
-        if p["prompt"] is not None:
-            raise InvalidParamsError("completion: pass either 'prompt' or 'messages', not both")
         body["messages"] = p["messages"]
         _chat_fields(p, body, dialect, strict)
     else:
-        if not p["prompt"]:
-            raise InvalidParamsError("Prompt is required: pass a non-empty 'prompt' or 'messages'")
-        if p["tools"]:
-            raise InvalidParamsError("completion: 'tools' need 'messages' (the chat template describes them)")
         body["prompt"] = p["prompt"]
     if p["chat_template"] is not None:
         raise UnsupportedFeatureError("completion: 'chat_template' cannot be honoured: an OpenAI-compatible server "
@@ -201,7 +183,7 @@ def _logit_bias(value: Any, n_vocab: int | None, tokenize: Callable[[str], list[
             ids = tokenize(token)
         else:
             ids = [token]
-        check_token_ids(ids, n_vocab, "completion", f"logit_bias[{i}] token")
+        P.token_ids(ids, n_vocab, "completion", f"logit_bias[{i}] token")
         clamped = -_BIAS_LIMIT if math.isinf(bias) and bias < 0 else max(-_BIAS_LIMIT, min(_BIAS_LIMIT, bias))
         out.update({str(tid): clamped for tid in ids})
     return out
