@@ -19,6 +19,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable
 
 import numpy as np
@@ -33,6 +34,7 @@ BOS, EOS = 0, 1  # token ids; then the 256 bytes (2..257), then the corpus's wor
 SPECIAL = {"<s>": BOS, "</s>": EOS}
 N_CTX_TRAIN = 4096  # what n_ctx=0 means: "the model's training context"
 N_EMBD = 32
+MAX_WORDS = 2000  # the table is n_vocab x n_vocab floats: 2258 tokens at most, 41 MB
 STEP_S = 0.001  # a forward pass costs time on a real runtime; this lets stop_completion land mid-run here too
 SESSION_VERSION = 1
 
@@ -59,8 +61,8 @@ class ToyAdapter(Adapter):
     def __init__(self, path: str, corpus: str, params: dict[str, Any]) -> None:
         # -- the vocabulary: special tokens, every byte, then each word of the corpus (with its leading space)
         self._pieces = [b"<s>", b"</s>", *(bytes([b]) for b in range(256))]
-        words = sorted(set(re.findall(r" ?[A-Za-z]+", corpus)))
-        self._pieces += [w.encode() for w in words if len(w) > 1]
+        words = Counter(w for w in re.findall(r" ?[A-Za-z]+", corpus) if len(w) > 1).most_common(MAX_WORDS)
+        self._pieces += sorted(w.encode() for w, _ in words)
         self._ids = {piece: i for i, piece in enumerate(self._pieces) if i > EOS}  # specials are parsed apart
         self._longest = max(map(len, self._pieces))
         self.n_vocab, self.n_embd = len(self._pieces), N_EMBD
