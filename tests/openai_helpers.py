@@ -85,10 +85,11 @@ class LlamaCppPythonServer:
 
 
 class FaultProxy:
-    """TCP proxy: the first ``busy`` connections get ``503`` (Retry-After: 0); later ones pass through."""
+    """TCP proxy: the first ``busy`` connections get ``503`` (Retry-After: 0); later ones pass through, each
+    piece of the server's replies ``delay`` seconds late (a slow server)."""
 
-    def __init__(self, target_port: int, busy: int) -> None:
-        self.target_port, self.busy = target_port, busy
+    def __init__(self, target_port: int, busy: int, delay: float = 0.0) -> None:
+        self.target_port, self.busy, self.delay = target_port, busy, delay
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -106,8 +107,8 @@ class FaultProxy:
                 threading.Thread(target=self._refuse, args=(client,), daemon=True).start()
             else:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port))
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                for a, b, slow in ((client, upstream, False), (upstream, client, True)):
+                    threading.Thread(target=self._pipe, args=(a, b, slow), daemon=True).start()
 
     @staticmethod
     def _refuse(client: socket.socket) -> None:
@@ -122,10 +123,11 @@ class FaultProxy:
                        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
         client.close()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
         try:
             while chunk := source.recv(65536):
+                if slow and self.delay:
+                    time.sleep(self.delay)
                 sink.sendall(chunk)
         except OSError:
             pass

@@ -8,6 +8,7 @@ of chat deltas (tool calls, reasoning) are checked on httpx2's MockTransport.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
@@ -28,6 +29,7 @@ from llamacompat import (
     RequestTimeoutError,
     UnsupportedFeatureError,
     init_llama,
+    init_llama_async,
 )
 from llamacompat import params as P
 from llamacompat.conformance import CHECKS, Kit, NotApplicable
@@ -281,6 +283,39 @@ def test_503_is_retried_then_succeeds(server):
         assert proxy.connections == 2
     finally:
         proxy.close()
+
+
+def test_the_async_context_keeps_the_event_loop_running_during_a_slow_reply(server):
+    """tokenize, detokenize and get_formatted_chat are network round trips here: they must not block the loop."""
+    proxy = FaultProxy(server.port, busy=0)
+
+    async def main() -> tuple[int, str]:
+        actx = await init_llama_async({**server.params(), "base_url": proxy.base_url})
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        proxy.delay = 0.5  # each reply half a second late: about a second for the two calls
+        try:
+            tokens = (await actx.tokenize("Hello there"))["tokens"]
+            text = await actx.detokenize(tokens)
+        finally:
+            proxy.delay = 0.0
+            ticker.cancel()
+            await actx.release()
+        return ticks, text
+
+    try:
+        ticks, text = asyncio.run(main())
+    finally:
+        proxy.close()
+    assert text == "Hello there"
+    assert ticks >= 10, f"the event loop ran {ticks} times in about a second of waiting for the server"
 
 
 # -- retry policy and error mapping (MockTransport) ---------------------------
