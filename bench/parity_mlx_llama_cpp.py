@@ -49,7 +49,7 @@ def top5(step: dict[str, Any]) -> list[tuple[str, float]]:
 def compare(ours: dict[str, Any], theirs: dict[str, Any], tie: float) -> dict[str, Any]:
     """Where two greedy runs part, and whether it was a near tie."""
     a, b = ours["completion_probabilities"], theirs["completion_probabilities"]
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x["content"] != y["content"]:
             probs_a, probs_b = dict(top5(x)), dict(top5(y))
             gap_a = probs_a.get(x["content"], 0) - probs_a.get(y["content"], 0)
@@ -62,7 +62,7 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], tie: float) -> dict[st
 def parity(tokens: int = 32, tie: float = 0.25) -> dict[str, Any]:
     llama_cpp, mlx = run("llama_cpp", tokens), run("mlx", tokens)
     rows = []
-    for prompt, x, y in zip(PROMPTS, llama_cpp, mlx):
+    for prompt, x, y in zip(PROMPTS, llama_cpp, mlx, strict=True):
         row = {"prompt": prompt, "identical": x["text"] == y["text"], "llama_cpp": x["text"], "mlx": y["text"]}
         if not row["identical"]:
             row["divergence"] = compare(x, y, tie)

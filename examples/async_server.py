@@ -23,7 +23,7 @@ async def main() -> None:
 
         questions = ["Name the capital of France.", "Name the capital of Italy.", "What is 2 + 2?"]
         answers = await asyncio.gather(*(handle(q) for q in questions))
-        for question, answer in zip(questions, answers):
+        for question, answer in zip(questions, answers, strict=True):
             print(f"{question} -> {answer.strip()}")
 
 

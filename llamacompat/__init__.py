@@ -14,8 +14,8 @@ from .context import (
     AsyncLlamaContext,
     CompletionStream,
     LlamaContext,
-    init_llama,
     get_backend_devices_info,
+    init_llama,
     init_llama_async,
     load_llama_model_info,
     release_all_llama,
@@ -23,7 +23,6 @@ from .context import (
 )
 from .errors import (
     AuthenticationError,
-    RequestTimeoutError,
     BackendUnavailableError,
     ChecksumError,
     ContextBusyError,
@@ -39,6 +38,7 @@ from .errors import (
     LlamaError,
     ModelLoadError,
     OutOfMemoryError,
+    RequestTimeoutError,
     SessionError,
     TemplateError,
     UnsupportedFeatureError,

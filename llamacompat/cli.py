@@ -18,6 +18,7 @@ from .cli_models import add_models_parser, run_models
 from .errors import LlamaCompatWarning, LlamaError
 from .models import DEFAULT_MODEL, local_path, resolve_model
 from .sessions import read_header, read_sidecar
+from .types import TokenData
 
 __all__ = ["main"]
 
@@ -138,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _grammar(args: argparse.Namespace) -> int:
-    from .grammars import BUILTIN_GRAMMARS, builtin_grammar, parse_gbnf
+    from .grammars import BUILTIN_GRAMMARS, GbnfError, builtin_grammar, parse_gbnf
 
     if args.action == "list":
         for name in BUILTIN_GRAMMARS:
@@ -163,9 +164,11 @@ def _grammar(args: argparse.Namespace) -> int:
         try:
             grammar = parse_gbnf(source)
         except LlamaError as err:
-            line, column = getattr(err, "line", 0), getattr(err, "column", 0)
-            print(f"{path}:{line}:{column}: {getattr(err, 'problem', str(err))}"
-                  + (f" (rule '{err.rule}')" if getattr(err, "rule", None) else ""), file=sys.stderr)
+            if isinstance(err, GbnfError):
+                where = f"{err.line}:{err.column}: {err.problem}" + (f" (rule '{err.rule}')" if err.rule else "")
+            else:  # not a grammar source at all
+                where = f"0:0: {err}"
+            print(f"{path}:{where}", file=sys.stderr)
             failed += 1
             continue
         print(f"{path}: ok ({len(grammar.rules)} rules)")
@@ -303,7 +306,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 def _run_completion(args: argparse.Namespace, request: dict[str, Any]) -> int:
     request.update(_sampling(args))
 
-    def show(event: dict[str, Any]) -> None:
+    def show(event: TokenData) -> None:
         sys.stdout.write(event["token"])
         sys.stdout.flush()
 

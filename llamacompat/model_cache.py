@@ -25,7 +25,7 @@ import re
 import secrets
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, overload
 
 from .errors import InvalidParamsError, ModelLoadError
 from .model_facts import model_facts
@@ -70,6 +70,14 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
                if not os.path.islink(os.path.join(d, f)))
+
+
+@overload
+def _lock(path: str, wait: Literal[True] = True) -> int: ...
+
+
+@overload
+def _lock(path: str, wait: bool) -> int | None: ...
 
 
 def _lock(path: str, wait: bool = True) -> int | None:

@@ -16,7 +16,7 @@ from .errors import EmbeddingDisabledError, InvalidParamsError, UnsupportedFeatu
 from .models import local_path
 
 __all__ = ["Field", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora", "COMPLETION_FIELDS", "CONTEXT_FIELDS",
-           "EMBEDDING_FIELDS", "RERANK_FIELDS"]
+           "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET"]
 
 _MISSING = object()
 logger = logging.getLogger(__name__)
@@ -283,6 +283,10 @@ def validate_remote(raw: Mapping[str, Any], fields: Mapping[str, Field], backend
 EMBEDDING_FIELDS: dict[str, Field] = {
     "embd_normalize": _int(2, lambda v: v >= -1, ">= -1 (-1 none, 0 max-abs, 1 taxicab, 2 L2, >2 p-norm)"),
 }
+
+# llama.rn's tokenize params: none has an effect yet, and media_paths is refused rather than ignored.
+TOKENIZE_FIELDS: dict[str, Field] = {}
+TOKENIZE_NOT_YET = {"media_paths": "multimodal input"}
 
 # llama.rn's rerank params: its native side ignores ``normalize``, and so do we (accepted for ported code).
 RERANK_FIELDS: dict[str, Field] = {

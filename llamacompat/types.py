@@ -6,12 +6,24 @@ TypeScript (``result.text`` becomes ``result["text"]``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Literal, TypedDict, Union
+from typing import Any, Callable, Dict, List, Literal, Tuple, TypedDict, Union
 
 __all__ = [
     "ContextParams",
+    "BridgeContextParams",
+    "OpenAIContextParams",
+    "RkllmContextParams",
+    "RkllmSampling",
+    "InitParams",
     "CompletionParams",
+    "FormattedChatParams",
+    "TokenizeParams",
+    "EmbeddingParams",
+    "RerankParams",
     "ChatMessage",
+    "GrammarTrigger",
+    "ResponseFormat",
+    "LogitBiasPair",
     "TokenProb",
     "CompletionProbability",
     "TokenData",
@@ -30,12 +42,27 @@ __all__ = [
     "TokenizeParams",
 ]
 
+# Each params TypedDict lists exactly the keys its table in llamacompat.params accepts, with the same value types
+# (tests/test_types.py holds them equal). A list param that also takes a tuple says so; None is Optional. Keys that
+# validation only refuses (COMPLETION_NOT_YET) or warns about (COMPLETION_IGNORED) are left out: a type checker
+# flags them before the call does.
+
+
+class _LoraAdapterRequired(TypedDict):
+    path: str
+
+
+class LoraAdapter(_LoraAdapterRequired, total=False):
+    scaled: Union[float, None]  # None: 1.0
+
 
 class ContextParams(TypedDict, total=False):
+    """``init_llama``'s params on every backend (``params.CONTEXT_FIELDS``)."""
+
     model: str
     backend: str
     strict: bool
-    chat_template: str
+    chat_template: Union[str, None]
     n_ctx: int
     n_batch: int
     n_ubatch: int
@@ -45,15 +72,75 @@ class ContextParams(TypedDict, total=False):
     use_mmap: bool
     vocab_only: bool
     embedding: bool
-    pooling_type: Literal["none", "mean", "cls", "last", "rank"]
+    pooling_type: Union[Literal["none", "mean", "cls", "last", "rank"], None]
     embd_normalize: int
     ctx_shift: bool
     cache_type_k: str
     cache_type_v: str
     flash_attn_type: Literal["auto", "on", "off"]
+    flash_attn: bool  # llama.rn's deprecated bool, read when flash_attn_type is not given
     rope_freq_base: float
     rope_freq_scale: float
-    seed: int
+    kv_unified: bool
+    swa_full: bool
+    no_extra_bufts: bool
+    is_model_asset: bool
+    n_parallel: int
+    lora: Union[str, None]
+    lora_scaled: float
+    lora_list: Union[List[LoraAdapter], Tuple[LoraAdapter, ...], None]
+
+
+# The backends with init params of their own: separate TypedDicts, because init_llama refuses those keys on every
+# other backend, so one ContextParams holding them all would let a checker pass what the call rejects.
+class BridgeContextParams(ContextParams, total=False):
+    """``backend: "bridge"`` (``bridge.client.BRIDGE_FIELDS``)."""
+
+    socket: Union[str, None]
+    host: Union[str, None]
+    port: Union[int, None]
+    token: Union[str, None]
+    timeout: float
+
+
+class OpenAIContextParams(ContextParams, total=False):
+    """``backend: "openai"`` (``openai.core.OPENAI_FIELDS``)."""
+
+    base_url: Union[str, None]
+    api_key: Union[str, None]
+    server: str  # "auto" or a dialect name (openai.dialects.DIALECTS)
+    timeout: float
+    connect_timeout: float
+    max_retries: int
+    max_connections: int
+
+
+class RkllmSampling(TypedDict, total=False):
+    """The sampling settings an RKLLM model loads with (``rkllm_sampling``; the completion params' types)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    penalty_repeat: float
+    penalty_freq: float
+    penalty_present: float
+    mirostat: Literal[0, 1, 2]
+    mirostat_tau: float
+    mirostat_eta: float
+
+
+class RkllmContextParams(ContextParams, total=False):
+    """``backend: "rkllm"`` (``RkllmAdapter.context_fields``)."""
+
+    rkllm_lib: Union[str, None]
+    rkllm_version: Union[str, None]
+    rkllm_platform: Union[str, None]
+    rkllm_base_domain_id: int
+    rkllm_sampling: Union[RkllmSampling, None]
+    rkllm_tokenizer: Union[str, None]
+
+
+InitParams = Union[ContextParams, BridgeContextParams, OpenAIContextParams, RkllmContextParams]
 
 
 class ChatMessage(TypedDict, total=False):
@@ -65,12 +152,50 @@ class ChatMessage(TypedDict, total=False):
     name: str
 
 
-class CompletionParams(TypedDict, total=False):
-    prompt: str
-    messages: List[ChatMessage]
-    chat_template: str
+class GrammarTrigger(TypedDict, total=False):
+    """A lazy grammar's trigger (llamacompat.grammars.triggers): ``type`` a llama.cpp number or its name."""
+
+    type: Union[Literal[0, 1, 2, 3], Literal["token", "word", "pattern", "pattern_full"]]
+    value: str
+    token: int  # the token id of a "token" trigger
+
+
+class ResponseFormat(TypedDict, total=False):
+    """OpenAI's ``response_format``: ``{"type": "json_schema", "json_schema": {"schema": {...}}}`` and the rest."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    schema: Dict[str, Any]
+    json_schema: Dict[str, Any]
+
+
+# [token, bias]: a token id or a string (each of its tokens), the bias a number or False (never this token)
+LogitBiasPair = Union[Tuple[Union[int, str], Union[float, bool]], List[Union[int, str, float]]]
+
+
+class FormattedChatParams(TypedDict, total=False):
+    """``get_formatted_chat``'s params: the completion params that shape the chat (``params.CHAT_FIELDS``)."""
+
+    chat_template: Union[str, None]
+    add_generation_prompt: bool
+    tools: Union[List[Dict[str, Any]], None]
+    tool_choice: Literal["auto", "none", "required"]
+    parallel_tool_calls: bool
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"]
+    enable_thinking: bool
+    chat_template_kwargs: Union[Dict[str, Any], None]
+    now: Union[float, None]  # milliseconds since the epoch
+    jinja: bool
+    json_schema: Union[str, Dict[str, Any], bool, None]
+    response_format: Union[ResponseFormat, None]
+
+
+class CompletionParams(FormattedChatParams, total=False):
+    """``completion``'s params (``params.COMPLETION_FIELDS``)."""
+
+    prompt: Union[str, None]
+    messages: Union[List[ChatMessage], None]
     n_predict: int
-    stop: List[str]
+    stop: Union[List[str], Tuple[str, ...]]
     temperature: float
     top_k: int
     top_p: float
@@ -83,30 +208,40 @@ class CompletionParams(TypedDict, total=False):
     penalty_repeat: float
     penalty_freq: float
     penalty_present: float
-    mirostat: int
+    mirostat: Literal[0, 1, 2]
     mirostat_tau: float
     mirostat_eta: float
     dry_multiplier: float
     dry_base: float
     dry_allowed_length: int
     dry_penalty_last_n: int
-    dry_sequence_breakers: List[str]
+    dry_sequence_breakers: Union[List[str], Tuple[str, ...]]
     seed: int
     ignore_eos: bool
-    logit_bias: List[list]
+    logit_bias: Union[List[LogitBiasPair], Tuple[LogitBiasPair, ...], Dict[Union[int, str], Union[float, bool]]]
     n_probs: int
-    grammar: str
-    json_schema: Union[str, dict, bool]
-    response_format: dict
-    add_generation_prompt: bool
-    tools: List[dict]
-    tool_choice: Literal["auto", "none", "required"]
-    parallel_tool_calls: bool
-    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"]
-    enable_thinking: bool
-    chat_template_kwargs: dict
-    now: float
-    jinja: bool
+    grammar: Union[str, None]
+    grammar_lazy: bool
+    grammar_triggers: Union[List[GrammarTrigger], Tuple[GrammarTrigger, ...]]
+    preserved_tokens: Union[List[str], Tuple[str, ...]]
+    grammar_engine: Literal["auto", "llguidance", "llama_cpp"]
+    emit_partial_completion: bool
+
+
+class TokenizeParams(TypedDict, total=False):
+    """``tokenize``'s params: none yet (``media_paths``, multimodal input, is refused: ``params.TOKENIZE_NOT_YET``)."""
+
+
+class EmbeddingParams(TypedDict, total=False):
+    """``embedding``'s params (``params.EMBEDDING_FIELDS``)."""
+
+    embd_normalize: int  # -1 none, 0 max-abs, 1 taxicab, 2 L2, >2 p-norm
+
+
+class RerankParams(TypedDict, total=False):
+    """``rerank``'s params (``params.RERANK_FIELDS``): ``normalize`` is accepted and ignored, as llama.rn's native side does."""
+
+    normalize: Union[float, None]
 
 
 class TokenProb(TypedDict):
@@ -160,6 +295,7 @@ class _CompletionResultRequired(TypedDict):
 
 
 class CompletionResult(_CompletionResultRequired, total=False):
+    context_released: bool  # True: release_context ran while this completion was generating
     content: str
     reasoning_content: str
     tool_calls: List[dict]
@@ -181,11 +317,6 @@ class RerankResult(TypedDict):
     score: float
     index: int
     document: str
-
-
-class LoraAdapter(TypedDict, total=False):
-    path: str
-    scaled: float
 
 
 class SessionLoadResult(TypedDict):

@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-
 from .errors import BackendUnavailableError, ModelLoadError
 
 try:
@@ -68,7 +67,7 @@ def _byte_decoder() -> dict[str, int]:
             visible.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return {chr(code): byte for byte, code in zip(visible, codes)}
+    return {chr(code): byte for byte, code in zip(visible, codes, strict=True)}
 
 
 _BYTE_OF = _byte_decoder()
@@ -133,6 +132,9 @@ def vocab_from_gguf(meta: dict[str, Any], path: str) -> Vocab:
     texts: list[str] = list(meta["tokenizer.ggml.tokens"])
     types = meta.get("tokenizer.ggml.token_type")
     types = types.tolist() if types is not None else [_NORMAL] * len(texts)  # (iterating an mx.array is slow)
+    if len(types) != len(texts):
+        raise ModelLoadError(f"Failed to load model: {path}: the GGUF tokenizer has {len(texts)} tokens but "
+                             f"{len(types)} token types (tokenizer.ggml.token_type); the file is damaged")
     merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
     tokenizer = Tokenizer(models.BPE(vocab={text: i for i, text in enumerate(texts)}, merges=merges,
                                      ignore_merges=ignore_merges))
@@ -144,10 +146,10 @@ def vocab_from_gguf(meta: dict[str, Any], path: str) -> Vocab:
     # llama.cpp parses control and user-defined tokens in the text (parse_special=True).
     tokenizer.add_special_tokens([
         AddedToken(text, special=kind_ == _CONTROL, normalized=False)
-        for text, kind_ in zip(texts, types) if kind_ in (_CONTROL, _USER_DEFINED)
+        for text, kind_ in zip(texts, types, strict=True) if kind_ in (_CONTROL, _USER_DEFINED)
     ])
     pieces = [text.encode("utf-8") if kind_ in (_CONTROL, _USER_DEFINED) else _piece(text, True)
-              for text, kind_ in zip(texts, types)]
+              for text, kind_ in zip(texts, types, strict=True)]
 
     bos, eos, eot, eom = (meta_value(meta, f"tokenizer.ggml.{kind}_token_id") for kind in ("bos", "eos", "eot", "eom"))
     add_bos = bool(meta_value(meta, "tokenizer.ggml.add_bos_token", False))

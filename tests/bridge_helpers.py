@@ -11,8 +11,6 @@ import subprocess
 import sys
 from typing import Any
 
-import pytest
-
 
 class Served:
     """A ``llamacompat serve`` process; ``address`` is what it printed it listens on."""
@@ -100,10 +98,3 @@ class Raw:
         self.lines.close()
         self.sock.close()
 
-
-@pytest.fixture
-def raw(served):
-    """One raw protocol connection to the module's ``served`` server (each test module defines its own)."""
-    conn = Raw(served.socket)
-    yield conn
-    conn.close()

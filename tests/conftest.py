@@ -8,6 +8,8 @@ from llamacompat import init_llama, release_all_llama
 from llamacompat.conformance.kit import GREEDY, run_in_background  # noqa: F401  (shared with the suite)
 from llamacompat.models import default_model_path
 
+from .bridge_helpers import Raw
+
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
@@ -39,3 +41,10 @@ def fresh_ctx():
     yield context
     context.release()
 
+
+@pytest.fixture
+def raw(served):
+    """One raw protocol connection to the test module's ``served`` bridge server (each bridge test module defines its own)."""
+    conn = Raw(served.socket)
+    yield conn
+    conn.close()

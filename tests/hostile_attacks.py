@@ -43,7 +43,7 @@ def main(backend: str) -> int:
     for name, params in ATTACKS.items():
         streamed: list[str] = []
         try:
-            result = ctx.completion(params, lambda event: streamed.append(event["token"]))
+            result = ctx.completion(params, lambda event, out=streamed: out.append(event["token"]))
             outcome = {"text": result["text"], "stopped_eos": result["stopped_eos"],
                        "stopped_limit": result["stopped_limit"], "tokens_predicted": result["tokens_predicted"]}
         except Exception as err:  # the outcome under test: its type and message

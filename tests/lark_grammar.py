@@ -8,9 +8,9 @@ import llguidance
 import mlx.core as mx
 
 from llamacompat.adapters.mlx.grammar import token_table
-from llamacompat.vocab import Vocab, vocab_from_gguf
 from llamacompat.grammars.lark import gbnf_to_lark
 from llamacompat.models import default_model_path
+from llamacompat.vocab import Vocab, vocab_from_gguf
 
 
 @functools.lru_cache(maxsize=1)

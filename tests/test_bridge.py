@@ -33,7 +33,7 @@ from llamacompat.errors import (
     UnsupportedFeatureError,
 )
 
-from .bridge_helpers import Raw, Served, raw  # noqa: F401  (a fixture)
+from .bridge_helpers import Raw, Served
 
 GREEDY = {"temperature": 0}
 LONG = {"prompt": "Write a long story about a dragon.", "n_predict": -1, "ignore_eos": True}
@@ -222,7 +222,7 @@ def test_bridge_gives_the_in_process_answer(served, ctx):
     assert over_bridge["text"] == here["text"]
     ours, theirs = over_bridge["completion_probabilities"], here["completion_probabilities"]
     assert [step["content"] for step in ours] == [step["content"] for step in theirs]
-    for step, expected in zip(ours, theirs):
+    for step, expected in zip(ours, theirs, strict=True):
         assert [p["prob"] for p in step["probs"]] == pytest.approx([p["prob"] for p in expected["probs"]], abs=1e-3)
 
 

@@ -28,7 +28,7 @@ from llamacompat.bridge.protocol import MAX_DEPTH
 from llamacompat.bridge.server import AUTH_TIMEOUT_S, MAX_UNAUTHENTICATED
 from llamacompat.errors import AuthenticationError, ContextLimitError, InvalidParamsError, RequestTimeoutError
 
-from .bridge_helpers import Raw, Served, raw  # noqa: F401  (a fixture)
+from .bridge_helpers import Raw, Served
 
 LONG = {"prompt": "Write a long story about a dragon.", "n_predict": -1, "ignore_eos": True}
 NOBODY = 65534

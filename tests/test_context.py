@@ -122,7 +122,7 @@ def test_embedding_vectors_and_normalisation():
         assert vec == pytest.approx([v / norm for v in raw], abs=1e-6)
 
         def cos(a, b):
-            return sum(x * y for x, y in zip(a, b))
+            return sum(x * y for x, y in zip(a, b, strict=True))
 
         cat = ctx.embedding("A cat is sleeping on the sofa.")["embedding"]
         kitten = ctx.embedding("A kitten naps on the couch.")["embedding"]

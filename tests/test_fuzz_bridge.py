@@ -61,7 +61,7 @@ def served(tmp_path_factory):
         # A known bug, not this fuzzing's subject (liveness while serving): about one run in four of the model
         # swapping requests (load, free) with completions or embeddings ends in std::terminate in a native
         # destructor that Python's final garbage collection runs, after a clean shutdown. Seen, not yet fixed.
-        warnings.warn("llamacompat serve aborted in its final garbage collection (std::terminate): " + server.log()[-300:])
+        warnings.warn("llamacompat serve aborted in its final garbage collection (std::terminate): " + server.log()[-300:], stacklevel=1)
     else:
         assert code == 0, server.log()
 

@@ -35,7 +35,7 @@ def _tables() -> dict[str, list[dict[str, str]]]:
             if header is None:
                 header = cells
             else:
-                tables.setdefault(section, []).append(dict(zip(header, cells)))
+                tables.setdefault(section, []).append(dict(zip(header, cells, strict=True)))
     return tables
 
 

@@ -93,6 +93,16 @@ def test_unsupported_architecture_and_tokenizer_name_what_they_are(model_path, t
         init_llama({"backend": "mlx", "model": tok})
 
 
+def test_a_token_type_array_shorter_than_the_vocabulary_is_a_model_load_error(model_path):
+    from llamacompat.adapters.mlx.gguf import load_gguf
+    from llamacompat.vocab import vocab_from_gguf
+
+    _tensors, meta = load_gguf(model_path)
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"][:-1]
+    with pytest.raises(ModelLoadError, match="has 49152 tokens but 49151 token types"):
+        vocab_from_gguf(meta, model_path)
+
+
 def test_bad_files_and_cancelled_loads(tmp_path, model_path):
     fake = tmp_path / "fake.gguf"
     fake.write_text("not a model")
@@ -324,7 +334,7 @@ def test_embeddings_match_llama_cpp_mean_pooling(model_path):
         for text in texts:
             a, b = m.embedding(text)["embedding"], lc.embedding(text)["embedding"]
             assert len(a) == len(b) == 576
-            cosine = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+            cosine = sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
             assert cosine > 0.99, cosine
     with init_llama({"backend": "mlx", "model": model_path, "embedding": True, "pooling_type": "last"}) as last:
         assert last.embedding(texts[0])["embedding"] != a

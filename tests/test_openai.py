@@ -111,7 +111,7 @@ def test_probabilities_match_in_process_llama_cpp(ctx, local):
         (a,), (b,) = remote["completion_probabilities"], here["completion_probabilities"]
         assert a["content"] == b["content"] == remote["text"]
         assert [p["tok_str"] for p in a["probs"]] == [p["tok_str"] for p in b["probs"]]
-        assert all(math.isclose(p["prob"], q["prob"], abs_tol=0.01) for p, q in zip(a["probs"], b["probs"]))
+        assert all(math.isclose(p["prob"], q["prob"], abs_tol=0.01) for p, q in zip(a["probs"], b["probs"], strict=True))
 
 
 def test_tokens_and_embeddings_match_in_process(ctx, local, server):
@@ -120,7 +120,7 @@ def test_tokens_and_embeddings_match_in_process(ctx, local, server):
     with init_llama(server.params(embedding=True)) as ectx:
         remote = ectx.embedding("The cat sat on the mat.")["embedding"]
     here = local.embedding("The cat sat on the mat.")["embedding"]
-    cosine = sum(a * b for a, b in zip(remote, here))
+    cosine = sum(a * b for a, b in zip(remote, here, strict=True))
     assert len(remote) == len(here) == 576 and cosine > 0.999
 
 

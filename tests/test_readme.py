@@ -23,3 +23,10 @@ def test_readme_opens_with_exactly_two_commands():
 def test_ci_runs_the_readme_test_command_unchanged():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci
+
+
+def test_ci_lints_after_the_install():
+    """ruff and mypy come from the dev extra, so they run once the README's command has installed it."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    install = ci.index(_readme_commands()[1])
+    assert "ruff check ." in ci[install + 1:] and "mypy" in ci[install + 1:]

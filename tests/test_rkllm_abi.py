@@ -12,8 +12,7 @@ import subprocess
 
 import pytest
 
-from llamacompat.adapters.rkllm.abi import ABIS, abi_for
-from llamacompat.adapters.rkllm.abi import common
+from llamacompat.adapters.rkllm.abi import ABIS, abi_for, common
 
 from .rkllm_helpers import ABI_BUILDS, SIM_DIR, compiler
 

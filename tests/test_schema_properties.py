@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from llamacompat.grammars import accepts, convert_json_schema_to_grammar, parse_gbnf
+
 from .lark_grammar import lark_accepts
 from .llama_grammar import native_accepts, tokenizable
 from .schema_corpus import CORPUS

@@ -72,7 +72,7 @@ class NoTokenAllowed(Exception):
 def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
     """How many leading prompt tokens the cache already holds; the last one is always evaluated, for its logits."""
     reuse = 0
-    for a, b in zip(cached, prompt):
+    for a, b in zip(cached, prompt, strict=False):  # the shorter one bounds the prefix
         if a != b:
             break
         reuse += 1

@@ -580,7 +580,7 @@ class LlamaCppAdapter(Adapter):
         top = top[np.argsort(logits[top])[::-1]]
         shifted = np.exp(logits - logits.max(), dtype=np.float64)
         probs = shifted[top] / shifted.sum()
-        return [(int(t), float(p)) for t, p in zip(top, probs)]
+        return [(int(t), float(p)) for t, p in zip(top, probs, strict=True)]
 
     def end(self) -> None:
         if len(self._pending) > 1:  # forced tokens the completion ended among: all but the last are in the cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -136,7 +137,7 @@ def _boundary_stop(pieces: list[str]) -> tuple[str, int] | None:
     """A stop string that spans two streamed tokens in the second half of the text (so a sampler that is not
     greedy cannot reach it again by chance), with where it first occurs in the joined text."""
     text, offset = "".join(pieces), 0
-    for i, (left, right) in enumerate(zip(pieces, pieces[1:])):
+    for i, (left, right) in enumerate(itertools.pairwise(pieces)):
         offset += len(left)
         if i >= len(pieces) // 2 and len(left.strip()) >= 2 and len(right.strip()) >= 2:
             stop = left[-2:] + right[:2]

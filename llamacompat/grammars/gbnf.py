@@ -448,18 +448,18 @@ def _check(grammar: Grammar) -> None:
         state[start] = 1
         path, pending = [start], [iter(edges[start])]
         while pending:
-            ref = next(pending[-1], None)
-            if ref is None:
+            edge = next(pending[-1], None)
+            if edge is None:
                 state[path.pop()] = 2
                 pending.pop()
-            elif state.get(ref.name) == 1:
-                cycle = path[path.index(ref.name):] + [ref.name]
+            elif state.get(edge.name) == 1:
+                cycle = path[path.index(edge.name):] + [edge.name]
                 raise GbnfError("left recursion (" + " -> ".join(cycle) + "): llama.cpp cannot run it; "
-                                "rewrite it with repetition, e.g. a ::= b (\"+\" b)*", ref.line, ref.column, path[-1])
-            elif ref.name not in state:
-                state[ref.name] = 1
-                path.append(ref.name)
-                pending.append(iter(edges[ref.name]))
+                                "rewrite it with repetition, e.g. a ::= b (\"+\" b)*", edge.line, edge.column, path[-1])
+            elif edge.name not in state:
+                state[edge.name] = 1
+                path.append(edge.name)
+                pending.append(iter(edges[edge.name]))
 
 
 def _tokens(nodes: tuple[Node, ...]) -> list[Token]:

@@ -11,6 +11,7 @@ small model cannot run away with digits (llama.cpp's converter caps them too).
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import overload
 
 __all__ = ["integer_range", "number_range", "MAX_INT_DIGITS", "MAX_FRACTION_DIGITS", "NUMBER", "INTEGER"]
 
@@ -71,6 +72,14 @@ def _natural_range(lo: int, hi: int | None) -> str | None:
     return _group(alternatives)
 
 
+@overload
+def integer_range(lo: None = None, hi: None = None) -> str: ...  # an unbounded range is never empty
+
+
+@overload
+def integer_range(lo: int | None = None, hi: int | None = None) -> str | None: ...
+
+
 def integer_range(lo: int | None = None, hi: int | None = None) -> str | None:
     """GBNF for the JSON integers in [lo, hi] (None: unbounded); None when the range is empty."""
     if lo is not None and hi is not None and hi < lo:
@@ -97,8 +106,8 @@ def _then(digit: str, rest: Fraction) -> str | None:
 
 
 def _fraction(alternatives: list[str | None], empty_ok: bool) -> Fraction:
-    alternatives = [a for a in alternatives if a]
-    return (_group(alternatives) if alternatives else None), empty_ok
+    present = [a for a in alternatives if a]
+    return (_group(present) if present else None), empty_ok
 
 
 def _at_least(g: str, strict: bool) -> Fraction:

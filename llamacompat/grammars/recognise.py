@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from .gbnf import AnyChar, CharClass, Grammar, Group, Literal, Node, Repeat, RuleRef, Token, parse_gbnf
 from ..errors import GrammarError
+from .gbnf import AnyChar, CharClass, Grammar, Group, Literal, Node, Repeat, RuleRef, Token, parse_gbnf
 
 __all__ = ["accepts"]
 

@@ -28,12 +28,12 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise BackendUnavailableError("the mlx backend needs mlx and mlx-lm: pip install 'llamacompat[mlx]'") from err
 
-from .gguf import load_gguf, meta_value, model_from_gguf
 from ...grammars.guidance import Guide
+from ...vocab import Vocab, read_tokenizer_files, vocab_from_gguf
+from .gguf import load_gguf, meta_value, model_from_gguf
 from .grammar import GrammarMask, token_table
 from .lora import apply_lora, read_lora
 from .sampling import Sampling
-from ...vocab import Vocab, read_tokenizer_files, vocab_from_gguf
 
 __all__ = ["MlxAdapter"]
 
@@ -226,7 +226,7 @@ class MlxAdapter(Adapter):
         top = mx.argpartition(-logits, kth=n - 1)[:n]
         probs = mx.softmax(logits)[top]
         order = mx.argsort(-probs)
-        return [(int(t), float(p)) for t, p in zip(top[order].tolist(), probs[order].tolist())]
+        return [(int(t), float(p)) for t, p in zip(top[order].tolist(), probs[order].tolist(), strict=True)]
 
     def end(self) -> None:
         if self._steps is not None:
@@ -271,7 +271,7 @@ class MlxAdapter(Adapter):
     def save_session(self, path: str, n_tokens: int) -> int:
         tokens = self._tokens[:n_tokens] if n_tokens > 0 else list(self._tokens)
         cache = make_prompt_cache(self._model)
-        for mine, copy in zip(self._cache, cache):
+        for mine, copy in zip(self._cache, cache, strict=True):
             keys, values, _offset = mine.state
             if keys is not None:
                 copy.state = (keys[..., : len(tokens), :], values[..., : len(tokens), :], len(tokens))

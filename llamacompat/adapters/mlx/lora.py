@@ -79,7 +79,7 @@ def apply_lora(model: nn.Module, bases: dict[str, nn.Module], adapters: list[tup
     # a wrapped layer's leaf is "<path>.base": its original is in ``bases`` under "<path>"
     original = {**dict(tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))), **bases}
     updates: dict[str, list[tuple[mx.array, mx.array, float]]] = {}
-    for (pairs, alpha, scale), file in zip(adapters, path_of):
+    for (pairs, alpha, scale), file in zip(adapters, path_of, strict=True):
         for module, (a, b) in pairs.items():
             layer = original.get(module)
             if layer is None or not hasattr(layer, "weight"):
