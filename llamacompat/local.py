@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Generator
+from typing import Any, Generator, Mapping
 
 import numpy as np
 
@@ -22,7 +22,6 @@ from .chat.formats import CONTENT
 from .chat.template import RenderStopped, render_stop, template_caps
 from .embeddings import normalize_embedding
 from .engine import CompletionRequest, generate
-from .text_stream import stopped_before_prompt
 from .errors import InvalidParamsError, SessionError, TemplateError, UnsupportedFeatureError, unsupported
 from .grammars.builtin import checked_grammar
 from .grammars.gbnf import check_tokens, parse_gbnf
@@ -30,6 +29,7 @@ from .grammars.schema import convert_json_schema_to_grammar
 from .grammars.triggers import parse_triggers
 from .models import local_path
 from .sessions import check_identity, read_sidecar, save_with_sidecar
+from .text_stream import stopped_before_prompt
 from .types import (
     CompletionResult,
     EmbeddingResult,
@@ -103,7 +103,7 @@ class LocalCore:
             raise UnsupportedFeatureError(f"{what} is not available on this {self.backend} context{hint}")
 
     # -- completion ----------------------------------------------------------
-    def completion(self, params: dict[str, Any] | None, stop: threading.Event,
+    def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         """Validate ``params`` (at the first ``next``), then yield TokenData and return the result."""
         self.require("completion", "completion")
@@ -114,7 +114,7 @@ class LocalCore:
             return stopped_before_prompt(self.adapter.n_past)
         return (yield from generate(self.adapter, request, stop))
 
-    def _request(self, params: dict[str, Any] | None, strict: bool) -> CompletionRequest:
+    def _request(self, params: Mapping[str, Any] | None, strict: bool) -> CompletionRequest:
         ignored = None if strict else P.COMPLETION_IGNORED
         p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET, ignored=ignored)
         format_schema = P.response_format_schema(p["response_format"])
@@ -207,16 +207,16 @@ class LocalCore:
         return tuple(out)
 
     # -- tokens, embedding, chat, bench --------------------------------------
-    def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
+    def tokenize(self, text: str, params: Mapping[str, Any] | None) -> TokenizeResult:
         text = P.text_argument(text, "tokenize")
-        P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
+        P.validate(params, P.TOKENIZE_FIELDS, "tokenize", not_yet=P.TOKENIZE_NOT_YET)
         tokens = self.adapter.tokenize(text, False)
         return {"tokens": tokens, "has_media": False, "bitmap_hashes": [], "chunk_pos": [], "chunk_pos_media": []}
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.adapter.detokenize(P.token_ids(tokens, self.n_vocab, "detokenize"))
 
-    def embedding(self, text: str, params: dict[str, Any] | None) -> EmbeddingResult:
+    def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
         text = P.text_argument(text, "embedding")
         normalize = P.embedding_normalize(params, self.params)
         self.require("embedding", "embedding")
@@ -228,7 +228,7 @@ class LocalCore:
             raise InvalidParamsError("embedding: the text has no tokens (it is empty); pass some text to embed")
         return {"embedding": normalize_embedding(self.adapter.embedding(tokens), normalize)}
 
-    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
+    def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None) -> list[RerankResult]:
         query = P.text_argument(query, "rerank", "query")
         if not isinstance(documents, (list, tuple)):
             raise InvalidParamsError("rerank: documents must be a list of strings")
@@ -243,9 +243,9 @@ class LocalCore:
         else:  # an embedding model ranks by cosine similarity (dot products of L2-normalised embeddings)
             target = np.asarray(self._embed(query, 2)["embedding"])
             scores = [float(target @ np.asarray(self._embed(doc, 2)["embedding"])) for doc in documents]
-        ranked = [{"score": float(score), "index": i, "document": doc}
-                  for i, (score, doc) in enumerate(zip(scores, documents))]
-        return sorted(ranked, key=lambda r: -r["score"])  # type: ignore[return-value]
+        ranked = [RerankResult(score=float(score), index=i, document=doc)
+                  for i, (score, doc) in enumerate(zip(scores, documents, strict=True))]
+        return sorted(ranked, key=lambda r: -r["score"])
 
     # -- LoRA adapters and the cache ---------------------------------------------
     def apply_lora_adapters(self, lora_list: Any, where: str = "apply_lora_adapters") -> None:
@@ -270,7 +270,7 @@ class LocalCore:
             raise InvalidParamsError(f"clear_cache: clear_data must be a bool, got {clear_data!r}")
         self.adapter.clear_cache(clear_data)
 
-    def get_formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+    def get_formatted_chat(self, messages: Any, template: str | None, params: Mapping[str, Any] | None,
                            strict: bool) -> dict[str, Any]:
         if template is not None and not isinstance(template, str):
             raise InvalidParamsError(f"get_formatted_chat: template must be a string, got {type(template).__name__}")

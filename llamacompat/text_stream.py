@@ -57,7 +57,8 @@ class StopScanner:
     __slots__ = ("stops", "held", "word")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops, self.held, self.word = stops, "", None
+        self.stops, self.held = stops, ""
+        self.word: str | None = None
 
     def feed(self, piece: str) -> str:
         text = self.held + piece

@@ -37,9 +37,6 @@ __all__ = [
     "BenchResult",
     "TokenCallback",
     "ProgressCallback",
-    "EmbeddingParams",
-    "RerankParams",
-    "TokenizeParams",
 ]
 
 # Each params TypedDict lists exactly the keys its table in llamacompat.params accepts, with the same value types
@@ -328,15 +325,3 @@ BenchResult = dict  # llama.rn's camelCase bench keys; see LlamaContext.bench
 
 TokenCallback = Callable[[TokenData], Any]
 ProgressCallback = Callable[[int], Any]
-
-
-class EmbeddingParams(TypedDict, total=False):
-    embd_normalize: int
-
-
-class RerankParams(TypedDict, total=False):
-    normalize: float
-
-
-class TokenizeParams(TypedDict, total=False):
-    media_paths: list[str]

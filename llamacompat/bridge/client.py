@@ -25,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Generator, Mapping
 
 from .. import params as P
 from ..context.core import CALLS, Call
@@ -41,8 +41,8 @@ from ..errors import (
     error_from_code,
 )
 from ..models import local_path, resolve_model
-from ..types import EmbeddingResult, RerankResult, SessionLoadResult
 from ..text_stream import drain
+from ..types import EmbeddingResult, RerankResult, SessionLoadResult
 from .protocol import MAX_LINE, default_socket, encode
 
 __all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
@@ -148,7 +148,8 @@ class BridgeCore:
         self._heard = self._pinged = time.monotonic()
         self._ping_lock = threading.Lock()
         self.model: dict[str, Any] = {}
-        self.gpu, self.reason_no_gpu, self.devices = False, "", []  # the server's, from the handshake
+        self.gpu, self.reason_no_gpu = False, ""  # the server's, from the handshake
+        self.devices: list[str] = []
         self._capabilities: dict[str, Any] = {"backend": self.backend, "features": {}}
         self._reader = threading.Thread(target=self._read_replies, name="llamacompat-bridge-client", daemon=True)
         self._reader.start()
@@ -312,16 +313,16 @@ class BridgeCore:
         n = len(call.args)
         stop = args[n] if call.stop else None
         strict = args[-1] if call.strict else False
-        request = self._request(call.name, dict(zip(call.args, args[:n])), strict, stop)
+        request = self._request(call.name, dict(zip(call.args, args[:n], strict=True)), strict, stop)
         return request if call.events else drain(request, None)
 
-    def embedding(self, text: str, params: dict[str, Any] | None) -> EmbeddingResult:
+    def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
         P.require_embedding(self.params, "embedding")  # this context's own init params decide, as they would locally
         if params is None or (isinstance(params, dict) and "embd_normalize" not in params):
             params = {**(params or {}), "embd_normalize": self.params["embd_normalize"]}
         return self._forward(CALLS["embedding"], (text, params))
 
-    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
+    def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None) -> list[RerankResult]:
         P.require_embedding(self.params, "rerank")
         return self._forward(CALLS["rerank"], (query, documents, params))
 

@@ -120,6 +120,7 @@ class _LineReader:
 class _Job:
     client: "_Client"
     rid: Any
+    method: str = ""
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -395,7 +396,7 @@ class BridgeServer:
         if self._closing and METHODS[method] != "inline":  # the shutdown waits only for what it found running
             client.reply(rid, error=error_body(ContextReleasedError("Context not found: the bridge server is shutting down")))
             return
-        job = _Job(client, rid)
+        job = _Job(client, rid, method)
         client.jobs[rid] = job
         # Queued jobs are submitted here, before any await, so the FIFO order is the arrival order.
         run = functools.partial(self._context_call, call=CALLS[method]) if method in CALLS \
@@ -446,7 +447,7 @@ class BridgeServer:
                 result = run(job, params, strict)
         except Exception as err:  # every failure is answered; the server keeps serving
             if not isinstance(err, LlamaError):
-                logger.exception("bridge: %s failed", getattr(run, "__name__", None) or run.keywords["call"].name)
+                logger.exception("bridge: %s failed", job.method)
             client.reply(job.rid, error=error_body(err))
         else:
             client.reply(job.rid, result=result)
@@ -477,7 +478,13 @@ class BridgeServer:
 
     def _poster(self, client: _Client) -> Callable[[bytes], None]:
         """Send a reply line to ``client`` from a worker thread (the event loop writes it)."""
-        return functools.partial(self._loop.call_soon_threadsafe, client.send)
+        loop = self._loop
+        assert loop is not None, "requests are answered only while the server runs"
+
+        def post(line: bytes) -> None:
+            loop.call_soon_threadsafe(client.send, line)
+
+        return post
 
     def _warning_sink(self, job: _Job) -> Callable[[str], None]:
         post = self._poster(job.client)
@@ -578,6 +585,8 @@ class BridgeServer:
         client.jobs[job.rid] = job
         params = {"prompt": arg, "n_predict": self._n_predict}
         streaming = command == "INFER_STREAM"
+        run: Callable[..., Any]
+        args: tuple[Any, ...]
         if command in ("INFER", "INFER_STREAM"):
             run, args, done = self._text_generate, (params, streaming), "Inference completed"
         elif command == "LOAD":

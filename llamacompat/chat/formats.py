@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..text_stream import find_stop
 from ..errors import UnsupportedFeatureError
 from ..grammars.schema import convert_json_schema_to_grammar
 from ..grammars.triggers import Trigger
+from ..text_stream import find_stop
 from .messages import joined_text
 from .partial_json import MISSING, parse_partial
 from .template import Caps

@@ -18,20 +18,20 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Generator
+from typing import Any, Generator, Mapping
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from .. import params as P
 from ..embeddings import normalize_embedding
-from ..text_stream import TextStream
 from ..errors import (
     GenerationError,
     InvalidParamsError,
     LlamaError,
     UnsupportedFeatureError,
 )
+from ..text_stream import TextStream
 from ..types import (
     CompletionProbability,
     CompletionResult,
@@ -107,7 +107,8 @@ class OpenAICore:
             "interrupt_prompt": "emulated", "chat_template": "native", "formatted_chat": "missing",
             "rerank": "missing", "lora": "missing",
         }
-        self.gpu, self.reason_no_gpu, self.devices = False, "the model runs in a server that does not say", []
+        self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
+        self.devices: list[str] = []
 
     @property
     def capabilities(self) -> dict[str, Any]:
@@ -126,7 +127,7 @@ class OpenAICore:
         self.model["n_embd"] = self.facts.n_embd
 
     # -- completion ----------------------------------------------------------
-    def completion(self, params: dict[str, Any] | None, stop: threading.Event,
+    def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         tokenize = self._tokenize if self.facts.dialect.tokenize else None
         plan = plan_completion(params, self.facts, strict, tokenize)
@@ -143,9 +144,9 @@ class OpenAICore:
             raise GenerationError(f"tokenize: unexpected reply from {endpoint.path}: {reply!r}")
         return tokens
 
-    def tokenize(self, text: str, params: dict[str, Any] | None) -> TokenizeResult:
+    def tokenize(self, text: str, params: Mapping[str, Any] | None) -> TokenizeResult:
         text = P.text_argument(text, "tokenize")
-        P.validate(params, {}, "tokenize", not_yet={"media_paths": "multimodal input"})
+        P.validate(params, P.TOKENIZE_FIELDS, "tokenize", not_yet=P.TOKENIZE_NOT_YET)
         return {"tokens": self._tokenize(text) if text else [], "has_media": False, "bitmap_hashes": [],
                 "chunk_pos": [], "chunk_pos_media": []}
 
@@ -172,7 +173,7 @@ class OpenAICore:
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise GenerationError(f"embedding: unexpected reply from /v1/embeddings: {str(reply)[:200]}") from err
 
-    def embedding(self, text: str, params: dict[str, Any] | None) -> EmbeddingResult:
+    def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
         text = P.text_argument(text, "embedding")
         normalize = P.embedding_normalize(params, self.params)
         if self._features["embedding"] == "missing":
@@ -180,7 +181,7 @@ class OpenAICore:
         return {"embedding": normalize_embedding(self._embed(text), normalize)}
 
     # -- what an OpenAI server does not offer --------------------------------
-    def get_formatted_chat(self, messages: Any, template: str | None, params: dict[str, Any] | None,
+    def get_formatted_chat(self, messages: Any, template: str | None, params: Mapping[str, Any] | None,
                            strict: bool) -> dict[str, Any]:
         raise UnsupportedFeatureError("get_formatted_chat: an OpenAI-compatible server applies its chat template "
                                       "itself and does not expose the rendered prompt")
@@ -188,7 +189,7 @@ class OpenAICore:
     def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
         raise UnsupportedFeatureError("bench: not available over the OpenAI API; time completions instead")
 
-    def rerank(self, query: str, documents: list[str], params: dict[str, Any] | None) -> list[RerankResult]:
+    def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None) -> list[RerankResult]:
         raise UnsupportedFeatureError("rerank: not available over the OpenAI API")
 
     def apply_lora_adapters(self, lora_list: Any) -> None:
@@ -341,8 +342,8 @@ class _Run:
             n_evaluated = self._count_prompt()
         cache_n = timings.get("cache_n")
         if not isinstance(cache_n, int):
-            details = usage.get("prompt_tokens_details") or {}
-            cache_n = details.get("cached_tokens") if isinstance(details.get("cached_tokens"), int) else 0
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            cache_n = cached if isinstance(cached, int) else 0
         ended = not interrupted and not word
         return self.text.result(
             # the server's cache, as llama.rn counts it: the last sampled token is never evaluated
@@ -376,7 +377,7 @@ def _probabilities(logprobs: dict[str, Any], n_probs: int) -> list[CompletionPro
                        n_probs) for item in logprobs["content"]]
     tokens = logprobs.get("tokens") or []  # completions: tokens + top_logprobs [{token: logprob}]
     return [_entry(token, list((tops or {}).items()), n_probs)
-            for token, tops in zip(tokens, logprobs.get("top_logprobs") or [])]
+            for token, tops in zip(tokens, logprobs.get("top_logprobs") or [], strict=False)]
 
 
 def _entry(content: str, tops: list[tuple[str, float]], n_probs: int) -> CompletionProbability:
@@ -437,6 +438,7 @@ def _decode(data: str, path: str) -> dict[str, Any]:
         raise GenerationError(f"POST {path}: the server streamed {data[:200]!r}")
     error = chunk.get("error")
     if error is not None:  # llama-server and vLLM report failures inside the stream
-        status = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), int) else 500
+        code = error.get("code") if isinstance(error, dict) else None
+        status = code if isinstance(code, int) else 500
         raise http_error(status, data, f"POST {path} (mid-stream)")
     return chunk

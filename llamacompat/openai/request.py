@@ -13,7 +13,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from .. import params as P
 from ..errors import GrammarError, InvalidParamsError, UnsupportedFeatureError, unsupported
@@ -38,7 +38,7 @@ class CompletionPlan:
     n_probs: int
 
 
-def plan_completion(params: dict[str, Any] | None, facts: ServerFacts, strict: bool,
+def plan_completion(params: Mapping[str, Any] | None, facts: ServerFacts, strict: bool,
                     tokenize: Callable[[str], list[int]] | None) -> CompletionPlan:
     ignored = None if strict else P.COMPLETION_IGNORED
     p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET, ignored=ignored)
