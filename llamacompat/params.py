@@ -7,6 +7,7 @@ call to the next; llamacompat does not, see MIGRATION.md).
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from typing import Any, Callable, Mapping
 from .errors import EmbeddingDisabledError, InvalidParamsError, UnsupportedFeatureError, compat_warning
 from .models import local_path
 
-__all__ = ["Field", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora", "COMPLETION_FIELDS", "CONTEXT_FIELDS",
-           "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET"]
+__all__ = ["Field", "parse_params", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora",
+           "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET",
+           "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
 
 _MISSING = object()
 logger = logging.getLogger(__name__)
@@ -435,3 +437,18 @@ def require_embedding(init: Mapping[str, Any], what: str) -> None:
         hint = " (and 'pooling_type': 'rank' for a reranker model)" if what == "rerank" else ""
         raise EmbeddingDisabledError(f"Embedding is not enabled: {what} needs a context created with "
                                      f"'embedding': True{hint}")
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["n_ctx=512", "model=/m.gguf"]`` (the ``--param`` of the CLI and of the conformance plugin) -> init params;
+    values are JSON where they parse, else strings."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    return params

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .errors import BackendUnavailableError, ModelLoadError
+from .models.gguf import meta_value
 
 try:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -50,12 +51,6 @@ _EOG_TEXTS = frozenset({
 })
 # GGUF token types (llama_token_type) that matter here
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
-
-
-def meta_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:
-    """A GGUF metadata scalar as a Python value (``mx.load`` gives numbers and booleans as 0-d arrays)."""
-    value = meta.get(key, default)
-    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -18,9 +18,9 @@ from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
 from llamacompat import ChecksumError, DownloadError, InvalidParamsError, ModelLoadError, init_llama
 from llamacompat.cli import main
-from llamacompat.model_cache import ModelCache
-from llamacompat.model_facts import model_facts
-from llamacompat.model_pull import pull
+from llamacompat.models.cache import ModelCache
+from llamacompat.models.facts import model_facts
+from llamacompat.models.pull import pull
 
 from .conftest import GREEDY
 from .hf_standin import HubStandIn
@@ -223,7 +223,7 @@ def test_the_partial_lock_is_race_free_when_its_holder_unlinks_it(cache):
     """A waits in the lock while the holder finishes (and unlinks the lock file); a third comer must then not
     get the lock while A holds it."""
     key = "hf:acme/race"
-    code = ("import sys\nfrom llamacompat.model_cache import ModelCache\n"
+    code = ("import sys\nfrom llamacompat.models.cache import ModelCache\n"
             f"with ModelCache({cache.root!r}).staging(resume_key={key!r}) as stage:\n"
             "    print(stage, flush=True)\n    sys.stdin.readline()\n")
     with cache.staging(resume_key=key) as stage:

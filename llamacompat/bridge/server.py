@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import params as P
-from ..context import CALLS, Call, load_local
+from ..context.core import CALLS, Call
+from ..context.loading import load_local
 from ..errors import (
     AuthenticationError,
     ContextLimitError,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 import warnings
@@ -14,7 +13,7 @@ from ..context import LlamaContext, init_llama
 from ..errors import LlamaCompatWarning, UnsupportedFeatureError
 
 __all__ = ["Kit", "Check", "CHECKS", "check", "NotApplicable", "GREEDY", "run_in_background", "refused",
-           "assert_refused", "no_warnings", "parse_params", "no_eos"]
+           "assert_refused", "no_warnings", "no_eos"]
 
 GREEDY = {"temperature": 0}
 
@@ -50,20 +49,6 @@ class Kit:
         if self._shared is not None:
             self._shared.release()
             self._shared = None
-
-
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """``["n_ctx=512", "model=/m.gguf"]`` -> init params; values are JSON where they parse, else strings."""
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        try:
-            params[key] = json.loads(raw)
-        except ValueError:
-            params[key] = raw
-    return params
 
 
 def no_eos(ctx: LlamaContext) -> dict[str, Any]:

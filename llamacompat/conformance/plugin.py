@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from ..params import parse_params
 from ..registry import installed_builtin_backends
-from .kit import Kit, parse_params
+from .kit import Kit
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

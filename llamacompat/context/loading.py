@@ -11,9 +11,9 @@ from typing import Any
 from .. import params as P
 from ..adapters.base import Adapter
 from ..errors import InvalidParamsError, ModelLoadError, unsupported
-from ..gguf_info import load_model_info
 from ..local import LocalCore
 from ..models import resolve_model
+from ..models.gguf import load_model_info
 from ..registry import REMOTE, get_adapter, installed_builtin_backends, select_backend
 from ..types import ContextParams, ProgressCallback
 from .asynchronous import AsyncLlamaContext

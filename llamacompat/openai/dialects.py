@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import InvalidParamsError, ModelLoadError
-from ..gguf_info import SKIPPED_KEYS, read_metadata
+from ..models.gguf import SKIPPED_KEYS, read_metadata
 from ..params import FEATURE_PARAMS
 from .http import HttpSession
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError
-from ...gguf_info import load_model_info
+from ...models.gguf import load_model_info
 from ..base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
 
 try:

@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx_lm.models import llama
 
 from ...errors import ModelLoadError
-from ...vocab import meta_value
+from ...models.gguf import meta_value
 
 __all__ = ["gguf_module_path", "load_gguf", "meta_value", "model_from_gguf"]
 

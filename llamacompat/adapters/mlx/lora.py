@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ...errors import ModelLoadError
-from ...vocab import meta_value
+from ...models.gguf import meta_value
 from .gguf import gguf_module_path
 
 __all__ = ["LoraStack", "read_lora", "apply_lora"]

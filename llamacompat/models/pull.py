@@ -23,9 +23,9 @@ import sys
 import urllib.parse
 from typing import Any, Iterator
 
-from .errors import AuthenticationError, ChecksumError, DownloadError, InvalidParamsError
-from .model_cache import ModelCache, file_sha256, folder_sha256
-from .model_facts import model_format
+from ..errors import AuthenticationError, ChecksumError, DownloadError, InvalidParamsError
+from .cache import ModelCache, file_sha256, folder_sha256
+from .facts import model_format
 
 __all__ = ["pull", "SOURCES"]
 

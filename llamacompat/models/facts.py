@@ -13,8 +13,8 @@ import os
 import struct
 from typing import Any
 
-from .errors import ModelLoadError
-from .gguf_info import read_gguf
+from ..errors import ModelLoadError
+from .gguf import read_gguf
 
 __all__ = ["model_facts", "model_format", "FILE_TYPES"]
 

@@ -13,9 +13,9 @@ import os
 import struct
 from typing import Any
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
-__all__ = ["load_model_info", "read_metadata", "read_gguf", "SKIPPED_KEYS"]
+__all__ = ["load_model_info", "read_metadata", "read_gguf", "meta_value", "SKIPPED_KEYS"]
 
 _MAGIC = b"GGUF"
 # type id -> struct format for scalars
@@ -117,3 +117,9 @@ def read_gguf(path: str, *, skip: frozenset[str] = SKIPPED_KEYS) -> tuple[dict[s
 def load_model_info(path: str) -> dict[str, str]:
     """llama.rn's shape: every key/value as a string, tokenizer arrays left out."""
     return {key: _to_str(value) for key, value in read_metadata(path).items()}
+
+
+def meta_value(meta: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A GGUF metadata scalar as a Python value (``mx.load`` gives numbers and booleans as 0-d arrays)."""
+    value = meta.get(key, default)
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value

@@ -12,13 +12,13 @@ import sys
 import traceback
 from typing import Any, Sequence
 
-from . import LlamaContext, init_llama, load_llama_model_info
-from .bridge.protocol import MAX_CLIENTS, MAX_LINE
-from .cli_models import add_models_parser, run_models
-from .errors import LlamaCompatWarning, LlamaError
-from .models import DEFAULT_MODEL, local_path, resolve_model
-from .sessions import read_header, read_sidecar
-from .types import TokenData
+from .. import LlamaContext, init_llama, load_llama_model_info
+from ..bridge.protocol import MAX_CLIENTS, MAX_LINE
+from ..errors import LlamaCompatWarning, LlamaError
+from ..models import DEFAULT_MODEL, local_path, resolve_model
+from ..sessions import read_header, read_sidecar
+from ..types import TokenData
+from .models import add_models_parser, run_models
 
 __all__ = ["main"]
 
@@ -139,7 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _grammar(args: argparse.Namespace) -> int:
-    from .grammars import BUILTIN_GRAMMARS, GbnfError, builtin_grammar, parse_gbnf
+    from ..grammars import BUILTIN_GRAMMARS, GbnfError, builtin_grammar, parse_gbnf
 
     if args.action == "list":
         for name in BUILTIN_GRAMMARS:
@@ -182,7 +182,7 @@ def _read(path: str) -> str:
 def _from_schema(args: argparse.Namespace) -> int:
     import warnings
 
-    from .grammars import convert_json_schema_to_grammar
+    from ..grammars import convert_json_schema_to_grammar
 
     try:
         text = _read(args.file)
@@ -200,7 +200,7 @@ def _from_schema(args: argparse.Namespace) -> int:
 
 
 def _test_grammar(args: argparse.Namespace) -> int:
-    from .grammars import accepts, resolve_grammar
+    from ..grammars import accepts, resolve_grammar
 
     source = args.grammar if "::=" in args.grammar else None
     if source is None:
@@ -217,10 +217,10 @@ def _test_grammar(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> int:
-    from .conformance import CHECKS, run_checks
-    from .conformance.kit import parse_params
-    from .conformance.report import format_report
-    from .registry import installed_builtin_backends
+    from ..conformance import CHECKS, run_checks
+    from ..conformance.report import format_report
+    from ..params import parse_params
+    from ..registry import installed_builtin_backends
 
     unknown = [name for name in args.check if name not in CHECKS]
     if unknown:
@@ -236,8 +236,8 @@ def _conformance(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .bridge.server import run_server
-    from .conformance.kit import parse_params
+    from ..bridge.server import run_server
+    from ..params import parse_params
 
     extra = parse_params(args.param)
     params = {"model": args.model, "backend": args.backend, "n_ctx": args.n_ctx, "embedding": args.embedding, **extra}
@@ -339,8 +339,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from ..params import parse_params
     from .benchmark import backends_for, format_table, run_bench, summarize
-    from .conformance.kit import parse_params
 
     params = parse_params(args.param)
     backends = backends_for(args.model) if args.compare else args.backend or [_auto_backend(args.model)]
@@ -377,7 +377,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _auto_backend(model: str) -> str:
-    from .registry import select_backend
+    from ..registry import select_backend
 
     return select_backend("auto", resolve_model(model)).name
 
@@ -417,6 +417,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llamacompat: error [{code}]: {err}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

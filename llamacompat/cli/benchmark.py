@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .context import LlamaContext, init_llama
-from .models import resolve_model
-from .registry import get_adapter, installed_builtin_backends
+from ..context import LlamaContext, init_llama
+from ..models import resolve_model
+from ..registry import get_adapter, installed_builtin_backends
 
 __all__ = ["BenchRow", "backends_for", "run_bench", "summarize", "format_table"]
 

@@ -8,11 +8,11 @@ import json
 import sys
 from typing import Any, Callable
 
-from .model_cache import ModelCache
-from .model_facts import model_facts
-from .model_pull import SOURCES, pull
-from .models import resolve_model
-from .registry import installed_builtin_backends
+from ..models import resolve_model
+from ..models.cache import ModelCache
+from ..models.facts import model_facts
+from ..models.pull import SOURCES, pull
+from ..registry import installed_builtin_backends
 
 __all__ = ["add_models_parser", "run_models"]
 

@@ -27,9 +27,9 @@ import shutil
 import time
 from typing import Any, Iterator, Literal, overload
 
-from .errors import InvalidParamsError, ModelLoadError
-from .model_facts import model_facts
-from .sessions.atomic import atomic_write_bytes
+from ..errors import InvalidParamsError, ModelLoadError
+from ..sessions.atomic import atomic_write_bytes
+from .facts import model_facts
 
 __all__ = ["ModelCache", "cache_home", "HOME_ENV", "file_sha256", "folder_sha256"]
 

@@ -15,9 +15,9 @@ import sys
 import threading
 from typing import Any, Callable, TextIO
 
-from .context import LlamaContext
-from .errors import LlamaError
-from .sessions.atomic import atomic_write_bytes
+from ..context import LlamaContext
+from ..errors import LlamaError
+from ..sessions.atomic import atomic_write_bytes
 
 __all__ = ["Repl", "HELP"]
 
