@@ -115,12 +115,8 @@ class LocalCore:
         return (yield from generate(self.adapter, request, stop))
 
     def _request(self, params: Mapping[str, Any] | None, strict: bool) -> CompletionRequest:
-        ignored = None if strict else P.COMPLETION_IGNORED
-        p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET, ignored=ignored)
-        format_schema = P.response_format_schema(p["response_format"])
-        if format_schema is None:
-            p["response_format"] = None  # plain text: nothing to constrain
-        schema = p["json_schema"] if p["json_schema"] is not None else format_schema
+        p = P.completion_params(params, strict)
+        schema = p["json_schema"]
         # Checked here, so a bad grammar or schema fails the same way on every backend.
         if p["grammar"] is not None:
             p["grammar"] = checked_grammar(p["grammar"])
@@ -130,17 +126,9 @@ class LocalCore:
             p["grammar"] = convert_json_schema_to_grammar(schema, strict=strict)
         text, stops, chat_format, parse = self._prompt(p)
         p["grammar_triggers"] = parse_triggers(p["grammar_triggers"], self.n_vocab)
-        if p["grammar_lazy"] and p["grammar"] is None:
-            raise InvalidParamsError("completion: 'grammar_lazy' needs a 'grammar' (or 'json_schema') to apply lazily")
-        if p["grammar_lazy"] and not p["grammar_triggers"]:
-            raise InvalidParamsError("completion: 'grammar_lazy' needs 'grammar_triggers' (where the grammar starts)")
-        if p["grammar"] is not None:  # the engines take UTF-8, as they take the prompt
-            P.check_unicode(p["grammar"], "completion: the grammar")
-        for breaker in p["dry_sequence_breakers"]:
-            P.check_unicode(breaker, "completion: dry_sequence_breakers")
         logit_bias = self._resolve_logit_bias(p["logit_bias"])  # a bad token id is bad input on every backend
         self._check_features(p, strict)  # resets what the backend lacks (logit_bias included)
-        tokens = self.adapter.tokenize(P.check_unicode(text, "completion: the prompt"), True)
+        tokens = self.adapter.tokenize(P.check_unicode(text, "completion: the prompt") if p["messages"] else text, True)
         sampling = SamplingParams.from_params(p, logit_bias if p["logit_bias"] else ())
         self._check_bans(sampling)
         return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
@@ -153,7 +141,7 @@ class LocalCore:
 
     def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, ReplyParser | None]:
         """Prompt text, stop strings, chat format and reply parser; a chat's tool grammar goes into ``p``."""
-        if not P.check_prompt(p):
+        if p["messages"] is None:  # completion_params checked that it is one or the other
             parse = ReplyParser(CONTENT, p["reasoning_format"]) if p["reasoning_format"] != "none" else None
             return p["prompt"], p["stop"], 0, parse
         chat = self._chat(p["messages"], p["chat_template"], p, has_grammar=p["grammar"] is not None)
@@ -193,9 +181,9 @@ class LocalCore:
             raise InvalidParamsError(f"completion: {why} every one of the {self.n_vocab} tokens; nothing could be "
                                      "generated (leave some token without a -inf / false bias)")
 
-    def _resolve_logit_bias(self, value: Any) -> tuple[tuple[int, float], ...]:
+    def _resolve_logit_bias(self, pairs: list[tuple[int | str, float]]) -> tuple[tuple[int, float], ...]:
         out: list[tuple[int, float]] = []
-        for token, bias in P.normalize_logit_bias(value):
+        for token, bias in pairs:
             ids = self.adapter.tokenize(P.check_unicode(token, "completion: a logit_bias token"), False) \
                 if isinstance(token, str) else [token]
             for tid in ids:

@@ -18,7 +18,7 @@ from .models import local_path
 
 __all__ = ["Field", "parse_params", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora",
            "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET",
-           "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
+           "completion_params", "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
 
 _MISSING = object()
 logger = logging.getLogger(__name__)
@@ -390,6 +390,35 @@ def normalize_logit_bias(value: Any) -> list[tuple[int | str, float]]:
             raise InvalidParamsError(f"completion: logit_bias[{i}] bias must be a number below +inf or false, got {bias!r}")
         out.append((token, float(bias)))
     return out
+
+
+def completion_params(params: Mapping[str, Any] | None, strict: bool) -> dict[str, Any]:
+    """``completion``'s params, checked as far as they can be without a model, the same way on every core.
+
+    Defaults applied; ``json_schema`` is the schema to follow (``response_format``'s if it names one);
+    ``logit_bias`` is ``[(token, bias)]``; a raw prompt, the grammar and the DRY breakers are valid UTF-8;
+    ``grammar_lazy`` has what it needs. What needs the model (tokens, the chat template, the backend's
+    features) is the core's.
+    """
+    p = validate(params, COMPLETION_FIELDS, "completion", not_yet=COMPLETION_NOT_YET,
+                 ignored=None if strict else COMPLETION_IGNORED)
+    format_schema = response_format_schema(p["response_format"])
+    if format_schema is None:
+        p["response_format"] = None  # plain text: nothing to constrain
+    if p["json_schema"] is None:
+        p["json_schema"] = format_schema
+    if not check_prompt(p):
+        check_unicode(p["prompt"], "completion: the prompt")
+    if p["grammar"] is not None:  # the engines take UTF-8, as they take the prompt
+        check_unicode(p["grammar"], "completion: the grammar")
+    for breaker in p["dry_sequence_breakers"]:
+        check_unicode(breaker, "completion: dry_sequence_breakers")
+    if p["grammar_lazy"] and p["grammar"] is None and p["json_schema"] is None:
+        raise InvalidParamsError("completion: 'grammar_lazy' needs a 'grammar' (or 'json_schema') to apply lazily")
+    if p["grammar_lazy"] and not p["grammar_triggers"]:
+        raise InvalidParamsError("completion: 'grammar_lazy' needs 'grammar_triggers' (where the grammar starts)")
+    p["logit_bias"] = normalize_logit_bias(p["logit_bias"])
+    return p
 
 
 # -- the arguments of the calls, checked the same way by every core ------------------------------------------

@@ -40,10 +40,9 @@ class CompletionPlan:
 
 def plan_completion(params: Mapping[str, Any] | None, facts: ServerFacts, strict: bool,
                     tokenize: Callable[[str], list[int]] | None) -> CompletionPlan:
-    ignored = None if strict else P.COMPLETION_IGNORED
-    p = P.validate(params, P.COMPLETION_FIELDS, "completion", not_yet=P.COMPLETION_NOT_YET, ignored=ignored)
+    p = P.completion_params(params, strict)
     dialect = facts.dialect
-    chat = P.check_prompt(p)
+    chat = p["messages"] is not None
     body: dict[str, Any] = {"model": facts.model, "stream": True, "stream_options": {"include_usage": True},
                             **dialect.always}
     if chat:
@@ -94,7 +93,7 @@ def _sampling(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict:
 def _constraint(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict: bool, n_vocab: int | None,
                 tokenize: Callable[[str], list[int]] | None) -> None:
     """A grammar goes as GBNF where the server takes it; a JSON schema as GBNF there, else as response_format."""
-    schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
+    schema = p["json_schema"]  # response_format's, if it names one (params.completion_params)
     if p["grammar"] is not None:  # as in llama.rn, a grammar wins over a schema
         if dialect.grammar_field is None:
             raise UnsupportedFeatureError(f"completion: 'grammar' needs GBNF grammars, which this {dialect.name} server "
