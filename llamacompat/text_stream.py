@@ -4,10 +4,11 @@
 from a server's stream in the openai core) and gives back llama.rn's ``TokenData``
 events and, at the end, its ``CompletionResult``: stop strings held back while a
 partial match may still complete, probabilities handed out with the event that
-carries their text, cumulative parses of chats, the final text. It knows nothing of
-tokens or runtimes, so every producer of text (one per slot, in parallel decoding)
-shares it. Per-piece work is O(1) in the output length: stop matching looks at a
-tail no longer than the longest stop string.
+carries their text, the cumulative parse (``content``, ``reasoning_content``,
+``tool_calls``) and ``accumulated_text`` on every event as llama.rn sends them, the
+final text. It knows nothing of tokens or runtimes, so every producer of text (one per
+slot, in parallel decoding) shares it. Stop matching looks at a tail no longer than the
+longest stop string; the cumulative fields are, as in llama.rn, the whole text so far.
 """
 
 from __future__ import annotations
@@ -80,18 +81,20 @@ class TextStream:
     ``push`` returns the event to send for a piece, or None while nothing can be sent yet
     (an incomplete UTF-8 character, text held back by a stop string). ``stopping_word`` is
     set once a stop string completed: the producer should stop. ``flush`` returns the
-    held text as a last event when generation ends otherwise.
+    held text as a last event when generation ends otherwise. ``prefill`` is text the reply
+    was started with (llama.rn's ``prefill_text``): part of what is parsed and accumulated.
     """
 
     __slots__ = ("_scanner", "_n_probs", "_parse", "_parts", "_so_far", "_pending", "probabilities", "chat_format",
-                 "stopping_word")
+                 "stopping_word", "_prefill")
 
     def __init__(self, stop: tuple[str, ...] = (), n_probs: int = 0, parse: Parse | None = None,
-                 chat_format: int = 0) -> None:
+                 chat_format: int = 0, prefill: str = "") -> None:
         self._scanner = StopScanner(stop) if stop else None
         self._n_probs, self._parse, self.chat_format = n_probs, parse, chat_format
+        self._prefill = prefill
         self._parts: list[str] = []
-        self._so_far = ""  # kept only for the parser
+        self._so_far = prefill  # the reply so far, prefill included: what is parsed and accumulated
         self._pending: list[CompletionProbability] = []  # probabilities whose text is not sent yet
         self.probabilities: list[CompletionProbability] = []
         self.stopping_word = ""
@@ -126,13 +129,19 @@ class TextStream:
         event: TokenData = {"token": piece or note or ""}
         if piece:
             self._parts.append(piece)
+            self._so_far += piece
         if self._n_probs:
             event["completion_probabilities"] = self._pending
             self.probabilities.extend(self._pending)
             self._pending = []
-        if self._parse is not None:  # llama.rn streams cumulative parses, not deltas
-            self._so_far += piece
-            event.update(self._parse(self._so_far, True))  # type: ignore[typeddict-item]
+        so_far = self._so_far
+        # llama.rn sends cumulative parses, not deltas, on every event (each field when non-empty)
+        if self._parse is not None:
+            event.update(self._parse(so_far, True))  # type: ignore[typeddict-item]
+        elif so_far:
+            event["content"] = so_far
+        if so_far:
+            event["accumulated_text"] = so_far
         return event
 
     def result(self, *, n_predicted: int, n_evaluated: int, n_cached: int, cache_n: int, prompt_n: int,
@@ -140,12 +149,13 @@ class TextStream:
                context_full: bool) -> CompletionResult:
         """llama.rn's NativeCompletionResult for this sequence (the counts and clocks are the producer's)."""
         word = self.stopping_word
-        return completion_result(
+        result = completion_result(
             self.text, self._parse, chat_format=self.chat_format, probabilities=self.probabilities,
             n_predicted=n_predicted, n_evaluated=n_evaluated, n_cached=n_cached, cache_n=cache_n, prompt_n=prompt_n,
             prompt_ms=prompt_ms, predicted_ms=predicted_ms, interrupted=interrupted,
             stopped_eos=stopped_eos and not word, stopped_word=bool(word), stopping_word=word,
-            stopped_limit=stopped_limit and not word, context_full=context_full and not word)
+            stopped_limit=stopped_limit and not word, context_full=context_full and not word, prefill=self._prefill)
+        return result
 
 
 def _per_token(n: int, ms: float) -> tuple[float, float]:
@@ -157,7 +167,7 @@ def completion_result(text: str, parse: Parse | None, *, chat_format: int,
                       probabilities: list[CompletionProbability], n_predicted: int, n_evaluated: int, n_cached: int,
                       cache_n: int, prompt_n: int, prompt_ms: float, predicted_ms: float, interrupted: bool,
                       stopped_eos: bool, stopped_word: bool, stopping_word: str, stopped_limit: bool,
-                      context_full: bool) -> CompletionResult:
+                      context_full: bool, prefill: str = "") -> CompletionResult:
     """llama.rn's NativeCompletionResult (every backend and core builds it here)."""
     prompt_per_token_ms, prompt_per_second = _per_token(prompt_n, prompt_ms)
     predicted_per_token_ms, predicted_per_second = _per_token(n_predicted, predicted_ms)
@@ -190,10 +200,13 @@ def completion_result(text: str, parse: Parse | None, *, chat_format: int,
         },
     }
     if not interrupted:  # llama.rn: parsed fields only when non-empty, never when interrupted
+        reply = prefill + text
         if parse is not None:
-            result.update(parse(text, False))  # type: ignore[typeddict-item]
-        elif text:
-            result["content"] = text
+            result.update(parse(reply, False))  # type: ignore[typeddict-item]
+        elif reply:
+            result["content"] = reply
+        if reply:
+            result["accumulated_text"] = reply
     return result
 
 

@@ -254,10 +254,12 @@ class CompletionProbability(TypedDict):
 class TokenData(TypedDict, total=False):
     token: str
     completion_probabilities: List[CompletionProbability]
-    # Chat completions: cumulative parses of the reply so far (only the non-empty ones).
+    # Cumulative parses of the reply so far, as llama.rn sends them (only the non-empty ones): a plain completion's
+    # content is its text; accumulated_text is the reply's text so far (prefill_text included).
     content: str
     reasoning_content: str
     tool_calls: List[dict]
+    accumulated_text: str
 
 
 class Timings(TypedDict):
@@ -296,6 +298,7 @@ class CompletionResult(_CompletionResultRequired, total=False):
     content: str
     reasoning_content: str
     tool_calls: List[dict]
+    accumulated_text: str  # the reply's text (prefill_text included), as llama.rn reports it
 
 
 class TokenizeResult(TypedDict):
