@@ -81,9 +81,12 @@ class AsyncLlamaContext:
         try:
             return await future
         except asyncio.CancelledError:
-            if not self._ctx.released:
-                self._ctx.stop_completion()  # a cancelled await must not leave the model generating
+            self._stop()  # a cancelled await must not leave the model generating
             raise
+
+    def _stop(self) -> None:
+        if not self._ctx.released:
+            self._ctx.stop_completion()
 
     async def completion(self, params: CompletionParams | dict[str, Any] | None = None,
                          callback: Callable[[TokenData], Any] | None = None) -> CompletionResult:
@@ -102,9 +105,10 @@ class AsyncLlamaContext:
 
     def stream(self, params: CompletionParams | dict[str, Any] | None = None) -> AsyncCompletionStream:
         """``async for event in ctx.stream(params)``; ``stream.result`` once exhausted."""
-        self._ctx.claim()
+        ctx = self._ctx
+        ctx.claim()
         try:
-            return AsyncCompletionStream(self._ctx, self._executor, params)
+            return AsyncCompletionStream(self._executor, lambda sink: ctx.completion_claimed(params, sink), self._stop)
         except BaseException:
             self._ctx.unclaim()
             raise

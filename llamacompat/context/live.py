@@ -6,22 +6,24 @@ import contextlib
 import itertools
 import threading
 import weakref
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from ..errors import ContextLimitError, InvalidParamsError
 
-if TYPE_CHECKING:
-    from .sync import LlamaContext
-
 __all__ = ["register", "unregister", "context_slot", "set_context_limit", "release_all_llama"]
 
+
+class _Context(Protocol):  # a LlamaContext, as far as this module needs one
+    def release(self) -> None: ...
+
+
 _ids = itertools.count(1)
-_live: "weakref.WeakValueDictionary[int, LlamaContext]" = weakref.WeakValueDictionary()
+_live: "weakref.WeakValueDictionary[int, _Context]" = weakref.WeakValueDictionary()
 _limit = {"contexts": -1, "loading": 0}
 _limit_lock = threading.Lock()
 
 
-def register(ctx: "LlamaContext") -> int:
+def register(ctx: _Context) -> int:
     """A new context's id; it counts against the limit until ``unregister``."""
     ctx_id = next(_ids)
     _live[ctx_id] = ctx

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generator, Iterator
+from typing import Any, AsyncIterator, Callable, Generator, Iterator
 
-from ..types import CompletionParams, CompletionResult, TokenData
-
-if TYPE_CHECKING:
-    from .sync import LlamaContext
+from ..types import CompletionResult, TokenCallback, TokenData
 
 __all__ = ["CompletionStream", "AsyncCompletionStream", "first_event"]
 
@@ -76,16 +73,17 @@ class CompletionStream(Iterator[TokenData]):
 
 
 class AsyncCompletionStream(AsyncIterator[TokenData]):
-    """Async iterator of TokenData; the completion runs on the context's worker thread (claimed already)."""
+    """Async iterator of TokenData: ``run(sink)`` (on the context's worker thread) generates into ``sink``;
+    ``stop()`` asks it to end."""
 
-    def __init__(self, ctx: "LlamaContext", worker: Any, params: CompletionParams | dict[str, Any] | None) -> None:
+    def __init__(self, worker: Any, run: Callable[[TokenCallback], CompletionResult], stop: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._ctx = ctx
+        self._stop = stop
         self.result: CompletionResult | None = None
         put = self._queue.put_nowait
         sink = lambda event: loop.call_soon_threadsafe(put, event)  # noqa: E731
-        self._future = loop.run_in_executor(worker, ctx.completion_claimed, params, sink)
+        self._future = loop.run_in_executor(worker, run, sink)
         self._future.add_done_callback(lambda _f: put(_DONE))
 
     def __aiter__(self) -> "AsyncCompletionStream":
@@ -100,8 +98,7 @@ class AsyncCompletionStream(AsyncIterator[TokenData]):
 
     async def aclose(self) -> None:
         """Stop generating and wait until the context is free again."""
-        if not self._ctx.released:
-            self._ctx.stop_completion()
+        self._stop()
         try:
             self.result = await self._future
         finally:
