@@ -15,7 +15,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, get_args
 
 import numpy as np
 
@@ -23,13 +23,55 @@ from ..errors import InvalidParamsError, UnsupportedFeatureError
 from ..grammars.triggers import Trigger
 from ..params import Field
 
-__all__ = ["Adapter", "Capabilities", "Interrupted", "NoTokenAllowed", "SamplingParams", "Support", "reusable_prefix",
+__all__ = ["Adapter", "Capabilities", "Feature", "FEATURES", "SUPPORT", "check_features", "Interrupted", "NoTokenAllowed", "SamplingParams", "Support", "reusable_prefix",
            "MAX_BENCH_ROUNDS"]
 
 #: llama.rn's bench has no bound on ``nr``; ours keeps one call to a bounded amount of work
 MAX_BENCH_ROUNDS = 100
 
 Support = Literal["native", "emulated", "missing"]
+SUPPORT: frozenset[str] = frozenset(get_args(Support))
+
+# The feature catalogue: every name ``Capabilities.features`` (and a remote core's capabilities) may list,
+# so a check such as ``supports("ignore_eos")`` can never ask for a name that nobody writes.
+Feature = Literal[
+    # -- what a completion can do
+    "completion",  # generate text at all (missing on a vocab_only context)
+    "streaming",  # TokenData handed out token by token
+    "stop",  # stop strings (the engine matches them: emulated everywhere but a server that takes them)
+    "interrupt_prompt",  # stop_completion() also ends a long prompt evaluation, not only generation
+    "prefix_cache",  # the KV cache is reused across completions and tokens_cached / cache_n report it
+    # -- constrained output
+    "grammar",  # GBNF 'grammar' (and JSON schemas turned into one)
+    "lazy_grammar",  # 'grammar_lazy' with 'grammar_triggers': the grammar starts at a trigger
+    "json_schema",  # 'json_schema' / 'response_format' where no GBNF grammar is taken (a server's own schema mode)
+    # -- sampling (params.FEATURE_PARAMS says which request params belong to each)
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "xtc",  # xtc_probability / xtc_threshold
+    "top_n_sigma",
+    "penalties",  # penalty_repeat / penalty_freq / penalty_present (over penalty_last_n)
+    "mirostat",  # mirostat 1 and 2, with mirostat_tau / mirostat_eta
+    "dry",  # DRY repetition penalty (dry_multiplier and its settings)
+    "seed",  # a fixed seed reproduces a sampled text
+    "logit_bias",
+    "ignore_eos",  # the end-of-generation tokens are banned
+    "n_probs",  # top-n probabilities of each generated token
+    # -- other methods
+    "tokenize",
+    "detokenize",
+    "chat_template",  # the model's chat template renders 'messages' (our Jinja renderer: emulated)
+    "formatted_chat",  # get_formatted_chat()
+    "embedding",
+    "rerank",  # native: a reranker's rank pooling; emulated: cosine similarity of embeddings
+    "bench",
+    "lora",  # apply_lora_adapters() / remove_lora_adapters()
+    "session",  # save_session() / load_session()
+]
+FEATURES: frozenset[str] = frozenset(get_args(Feature))
 
 
 class Interrupted(Exception):
@@ -134,16 +176,35 @@ class SamplingParams:
 
 @dataclass
 class Capabilities:
-    """What a backend does natively, emulates, or lacks (llama.rn feature names)."""
+    """What a backend does natively, emulates, or lacks: ``FEATURES`` names, each ``SUPPORT`` value.
+
+    A feature left out is missing. A name outside the catalogue (a typo, or a feature nobody added to
+    ``Feature``) or another support value is refused here, when the adapter is built.
+    """
 
     backend: str
-    features: dict[str, Support] = field(default_factory=dict)
+    features: dict[Feature, Support] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_features(self.features, f"the {self.backend} backend's capabilities")
 
     def supports(self, feature: str) -> bool:
-        return self.features.get(feature, "missing") != "missing"
+        return self.features.get(feature, "missing") != "missing"  # type: ignore[call-overload]
 
     def as_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "features": dict(self.features)}
+
+
+def check_features(features: Mapping[str, str], where: str) -> None:
+    """``ValueError`` naming what is wrong when ``features`` uses a name outside ``FEATURES`` or a value outside
+    ``SUPPORT`` (a programming error of whoever wrote the table, not bad input)."""
+    unknown = sorted(set(features) - FEATURES)
+    if unknown:
+        raise ValueError(f"{where} name unknown features {unknown}; the catalogue is llamacompat.adapters.base.Feature "
+                         f"(add a new feature there, with a comment saying what it means)")
+    bad = {name: value for name, value in features.items() if value not in SUPPORT}
+    if bad:
+        raise ValueError(f"{where} give support values {bad}; each must be one of {sorted(SUPPORT)}")
 
 
 class Adapter(ABC):

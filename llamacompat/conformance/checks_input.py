@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any, Callable
 
+from ..adapters.base import FEATURES, SUPPORT
 from ..context import init_llama
 from ..errors import GrammarError, InvalidParamsError, LlamaError, ModelLoadError, SessionError
 from ..params import FEATURE_PARAMS
@@ -149,7 +150,9 @@ PROBES: dict[str, dict[str, Any]] = {
 def check_capabilities(kit: Kit) -> None:
     caps = kit.context().capabilities
     assert caps["backend"] == kit.context().backend, "capabilities name another backend"
-    assert set(caps["features"].values()) <= {"native", "emulated", "missing"}, f"bad support levels: {caps}"
+    assert set(caps["features"].values()) <= SUPPORT, f"bad support levels: {caps}"
+    unknown = set(caps["features"]) - FEATURES
+    assert not unknown, f"capabilities name features outside the catalogue (adapters.base.Feature): {sorted(unknown)}"
     assert set(PROBES) == set(FEATURE_PARAMS), "every request-level feature needs a probe"
     for feature, extra in PROBES.items():
         params = {"prompt": PROMPT, "n_predict": 2, **extra}

@@ -35,7 +35,7 @@ import numpy as np
 
 from ...errors import GenerationError, InvalidParamsError, ModelLoadError, SessionError, UnsupportedFeatureError
 from ...params import COMPLETION_FIELDS, Field, validate
-from ..base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
+from ..base import Adapter, Capabilities, Interrupted, SamplingParams, Support, reusable_prefix
 from .abi import Abi, abi_for
 from .abi.common import INFER_GENERATE, INFER_GET_LAST_HIDDEN_LAYER, INPUT_TOKEN, RUN_ERROR, RUN_FINISH
 from .library import Runtime, candidate_paths, open_runtime
@@ -188,7 +188,7 @@ class RkllmAdapter(Adapter):
         self._lora_names: dict[tuple[str, float], bytes] = {}  # (path, scale) -> name the runtime loaded it under
         self._keep_alive: list[bytes] = []
         self._init_runtime(params, sampling)
-        per_run = "native" if self._abi.per_run_sampling else "missing"
+        per_run: Support = "native" if self._abi.per_run_sampling else "missing"
         self.capabilities = Capabilities(self.name, {
             "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "missing",
             "temperature": per_run, "top_k": per_run, "top_p": per_run, "penalties": per_run, "mirostat": per_run,

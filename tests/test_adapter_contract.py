@@ -1,0 +1,40 @@
+"""The adapter contract of adapters/base.py: the feature catalogue, n_past, errors at the adapter boundary."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamacompat.adapters.base import FEATURES, SUPPORT, Capabilities
+from llamacompat.openai.dialects import DIALECTS
+from llamacompat.params import FEATURE_PARAMS
+
+
+def test_capabilities_refuse_a_feature_outside_the_catalogue():
+    with pytest.raises(ValueError, match=r"unknown features \['ignore_eso'\].*adapters\.base\.Feature"):
+        Capabilities("toy", {"completion": "native", "ignore_eso": "native"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"support values \{'seed': 'yes'\}.*'emulated', 'missing', 'native'"):
+        Capabilities("toy", {"seed": "yes"})  # type: ignore[dict-item]
+    assert Capabilities("toy", {"seed": "emulated"}).supports("seed")
+    assert not Capabilities("toy", {}).supports("seed")
+
+
+def test_request_features_and_every_openai_dialect_use_catalogue_names():
+    assert set(FEATURE_PARAMS) <= FEATURES
+    for dialect in DIALECTS.values():
+        features = dialect.features()
+        assert set(features) <= FEATURES, dialect.name
+        assert set(features.values()) <= SUPPORT, dialect.name
+
+
+def test_every_local_adapter_lists_catalogue_names(ctx, model_path):
+    """llama_cpp (full and vocab_only) and mlx; rkllm's table is checked by its conformance run (tests/test_rkllm.py)."""
+    from llamacompat import init_llama
+
+    tables = [ctx.capabilities["features"]]
+    with init_llama({"model": model_path, "vocab_only": True}) as vocab_only:
+        tables.append(vocab_only.capabilities["features"])
+    with init_llama({"model": model_path, "backend": "mlx", "n_ctx": 256, "embedding": True}) as mlx:
+        tables.append(mlx.capabilities["features"])
+    for features in tables:
+        assert set(features) <= FEATURES and set(features.values()) <= SUPPORT
+    assert set().union(*tables) >= set(FEATURE_PARAMS)  # every request feature is declared one way or the other
