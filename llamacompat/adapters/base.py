@@ -19,15 +19,26 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, get_args
 
 import numpy as np
 
-from ..errors import InvalidParamsError, UnsupportedFeatureError
+from ..errors import GenerationError, InvalidParamsError, LlamaError, OutOfMemoryError, UnsupportedFeatureError
 from ..grammars.triggers import Trigger
 from ..params import Field
 
-__all__ = ["Adapter", "Capabilities", "Feature", "FEATURES", "SUPPORT", "check_features", "Interrupted", "NoTokenAllowed", "SamplingParams", "Support", "reusable_prefix",
-           "MAX_BENCH_ROUNDS"]
+__all__ = ["Adapter", "Capabilities", "Feature", "FEATURES", "SUPPORT", "check_features", "Interrupted", "NoTokenAllowed",
+           "SamplingParams", "Support", "reusable_prefix", "MAX_BENCH_ROUNDS", "RUNTIME_FAILURES"]
 
 #: llama.rn's bench has no bound on ``nr``; ours keeps one call to a bounded amount of work
 MAX_BENCH_ROUNDS = 100
+
+#: What a Python-level runtime (mlx, a native library through its bindings) raises when it fails, as the typed
+#: error the caller gets: ``errors.map_exceptions(RUNTIME_FAILURES, ...)`` at an adapter's boundaries. The
+#: protocol's own signals (``Interrupted``, ``NoTokenAllowed``) and our ``LlamaError`` pass through; so does
+#: anything else (a TypeError is a bug to see, not a runtime failure).
+RUNTIME_FAILURES: Mapping[type[BaseException], type[LlamaError]] = {
+    MemoryError: OutOfMemoryError,  # std::bad_alloc through nanobind / pybind11
+    RuntimeError: GenerationError,  # std::runtime_error: Metal allocation limits, failed kernels
+    ValueError: GenerationError,  # std::invalid_argument: shapes and dtypes the runtime refuses
+    IndexError: GenerationError,  # std::out_of_range
+}
 
 Support = Literal["native", "emulated", "missing"]
 SUPPORT: frozenset[str] = frozenset(get_args(Support))
@@ -308,7 +319,15 @@ class Adapter(ABC):
     @property
     @abstractmethod
     def n_past(self) -> int:
-        """Tokens held in the KV cache (llama.rn's ``tokens_cached``)."""
+        """Tokens whose KV is in the cache, in order from the start (llama.rn's ``tokens_cached``).
+
+        A sampled token counts once it is evaluated, which happens when the next one is asked for: the last
+        token ``next_token`` returned is not counted. So after a completion stopped by ``n_predict`` (or by an
+        end-of-generation token) ``n_past == tokens_evaluated + tokens_predicted - 1``, llama.rn's rule; after
+        ``n_predict: 0`` it is the prompt's length. A runtime that evaluates the last token anyway (to pipeline
+        the next step) drops it from the cache in ``end``, so that what ``n_past`` counts is what the next
+        ``begin`` reuses and what ``save_session`` writes.
+        """
 
     # -- other methods ------------------------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:
