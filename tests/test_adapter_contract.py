@@ -38,3 +38,25 @@ def test_every_local_adapter_lists_catalogue_names(ctx, model_path):
     for features in tables:
         assert set(features) <= FEATURES and set(features.values()) <= SUPPORT
     assert set().union(*tables) >= set(FEATURE_PARAMS)  # every request feature is declared one way or the other
+
+
+@pytest.mark.parametrize("backend", ["llama_cpp", "mlx"])
+def test_tokenize_and_detokenize_run_beside_a_generation(model_path, backend):
+    """Adapter's thread contract: tokenize / detokenize may run on another thread while a generation runs."""
+    from llamacompat import init_llama
+    from llamacompat.conformance.kit import run_in_background
+
+    texts = ["Hello, world!", "Café naïve 日本語 🎉", "def f(x):\n\treturn x ** 2\n", "<|im_start|>user\nHi<|im_end|>"]
+    with init_llama({"model": model_path, "backend": backend, "n_ctx": 512}) as ctx:
+        expected = {text: ctx.tokenize(text)["tokens"] for text in texts}
+        worker, box = run_in_background(ctx, {"prompt": "Once upon a time,", "n_predict": 48, "ignore_eos": True,
+                                              "temperature": 0})
+        rounds = 0
+        while worker.is_alive() and rounds < 2000:
+            for text, tokens in expected.items():
+                assert ctx.tokenize(text)["tokens"] == tokens
+                assert ctx.detokenize(tokens) == text
+            rounds += 1
+        worker.join(60)
+        assert "error" not in box, box.get("error")
+        assert box["result"]["tokens_predicted"] == 48 and rounds > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -24,10 +25,17 @@ from ..grammars.triggers import Trigger
 from ..params import Field
 
 __all__ = ["Adapter", "Capabilities", "Feature", "FEATURES", "SUPPORT", "check_features", "Interrupted", "NoTokenAllowed",
-           "SamplingParams", "Support", "reusable_prefix", "MAX_BENCH_ROUNDS", "RUNTIME_FAILURES"]
+           "SamplingParams", "Support", "reusable_prefix", "MAX_BENCH_ROUNDS", "RUNTIME_FAILURES",
+           "END_OF_RUN", "default_threads"]
 
 #: llama.rn's bench has no bound on ``nr``; ours keeps one call to a bounded amount of work
 MAX_BENCH_ROUNDS = 100
+
+#: What ``next_token`` returns when a runtime that generates by itself ended the answer without handing out an
+#: end-of-generation token id (RKLLM's FINISH: the model's EOS, or the runtime's own limit). ``is_eog`` says True
+#: for it, so the engine ends the completion as at an EOS (``stopped_eos``; it counts in ``tokens_predicted`` as
+#: an EOS does and, like one, never in ``n_past``); ``token_to_piece`` and ``top_probs`` are never asked about it.
+END_OF_RUN = -1
 
 #: What a Python-level runtime (mlx, a native library through its bindings) raises when it fails, as the typed
 #: error the caller gets: ``errors.map_exceptions(RUNTIME_FAILURES, ...)`` at an adapter's boundaries. The
@@ -122,6 +130,11 @@ class NoTokenAllowed(Exception):
         return cls(False, "logit_bias (or ignore_eos) bans every token the grammar allows here")
 
 
+def default_threads() -> int:
+    """Threads for ``n_threads: 0``: half the cores, at least one (llama.rn's iOS rule; the decode is memory bound)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
     """How many leading prompt tokens the cache already holds; the last one is always evaluated, for its logits."""
     reuse = 0
@@ -206,7 +219,7 @@ class Capabilities:
         return {"backend": self.backend, "features": dict(self.features)}
 
 
-def check_features(features: Mapping[str, str], where: str) -> None:
+def check_features(features: Mapping[Any, str], where: str) -> None:  # Any: a dict[Feature, ...] or one built of str
     """``ValueError`` naming what is wrong when ``features`` uses a name outside ``FEATURES`` or a value outside
     ``SUPPORT`` (a programming error of whoever wrote the table, not bad input)."""
     unknown = sorted(set(features) - FEATURES)
@@ -219,7 +232,27 @@ def check_features(features: Mapping[str, str], where: str) -> None:
 
 
 class Adapter(ABC):
-    """One loaded model on one runtime. Not thread-safe: the context serialises calls."""
+    """One loaded model on one runtime.
+
+    Threads. Two kinds of call, and what the callers (``LocalCore`` under a context, the bridge server) promise:
+
+    - **Serialised**: a generation (``begin``, then ``next_token`` / ``token_to_piece`` / ``is_eog`` /
+      ``top_probs`` / ``n_past`` until ``end``, with ``runtime_timings`` after it), ``embedding``, ``rank``,
+      ``bench``, ``set_lora``, ``clear_cache``, ``save_session`` / ``load_session`` / ``session_identity``,
+      ``model_info`` and ``close``. At most one of them runs at a time (the context's busy lock, the bridge's
+      single worker), though not always on the same thread; nothing else of this list runs between ``begin``
+      and ``end``. The request building before ``begin`` (tokenize, ``is_eog``) is on the same turn.
+    - **Concurrent**: ``tokenize`` and ``detokenize``, and reading the attributes ``load`` set (``n_ctx``,
+      ``n_vocab``, ``add_bos``, ``bos_text``, ``eos_text``, ``chat_template``, ``capabilities``, ...), may run
+      on another thread at any time between ``load`` and ``close``: beside a generation or any serialised call
+      (``LlamaContext.tokenize`` and ``get_formatted_chat``, the bridge's side pool), and beside each other. So
+      they read only what ``load`` built (the vocabulary), never per-completion state; ``close`` never overlaps
+      them (the context and the bridge hold a lock around it). ``token_to_piece`` and ``is_eog`` are not in
+      this list: they may keep per-completion state (see ``token_to_piece``).
+
+    The ``stop`` event given to ``begin`` (and ``bench``) is set from another thread: that is how a
+    serialised call is interrupted.
+    """
 
     #: registry name, e.g. "llama_cpp"
     name: ClassVar[str]
@@ -276,7 +309,14 @@ class Adapter(ABC):
 
     @abstractmethod
     def token_to_piece(self, token: int) -> bytes:
-        """The bytes of one token, special tokens rendered as text."""
+        """The bytes of one token, special tokens rendered as text.
+
+        A runtime that produces text as well as token ids (RKLLM) may return its own text for the token
+        ``next_token`` has just returned, the first time it is asked about it: b"" while the runtime holds back
+        an incomplete UTF-8 character, then that character's bytes together with the next token's. Every other
+        call gives the vocabulary's piece. The engine asks about each generated token once, right after
+        ``next_token`` and before ``top_probs`` (whose tokens it renders with this method too).
+        """
 
     @abstractmethod
     def detokenize(self, tokens: list[int]) -> str:
@@ -297,15 +337,17 @@ class Adapter(ABC):
 
     @abstractmethod
     def next_token(self) -> int:
-        """Sample the next token (evaluating the previous one first if needed).
+        """Sample the next token (evaluating the previous one first if needed): a token id, or ``END_OF_RUN``.
 
         An adapter over a runtime that generates by itself may raise ``Interrupted`` when ``stop``
-        (from ``begin``) is set while it waits for the token.
+        (from ``begin``) is set while it waits for the token, and returns ``END_OF_RUN`` when the runtime
+        ended the answer without a token id. ``NoTokenAllowed`` when a grammar leaves nothing to draw.
         """
 
     @abstractmethod
     def top_probs(self, n: int) -> list[tuple[int, float]]:
-        """The ``n`` most probable tokens at the last sampled position, with probabilities."""
+        """The ``n`` most probable tokens at the last sampled position, with probabilities (the engine asks only
+        where ``n_probs`` is listed, and never for an end-of-generation token or ``END_OF_RUN``)."""
 
     @abstractmethod
     def end(self) -> None:
