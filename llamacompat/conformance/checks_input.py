@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from typing import Any, Callable
 
 from ..adapters.base import FEATURES, SUPPORT
-from ..context import init_llama
+from ..context import LlamaContext, init_llama
 from ..errors import GrammarError, InvalidParamsError, LlamaError, ModelLoadError, SessionError
 from ..params import FEATURE_PARAMS
 from .checks_generation import PROMPT
@@ -161,4 +162,4 @@ def check_capabilities(kit: Kit) -> None:
                 result = kit.context().completion(params)
             assert result["tokens_predicted"] >= 1, f"'{feature}' produced nothing"
         else:
-            assert_refused(kit, feature, lambda c, p=params: c.completion(p))
+            assert_refused(kit, feature, functools.partial(LlamaContext.completion, params=params))

@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Generator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator
 
 from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError, map_exceptions
 from ...gguf_info import load_model_info
@@ -32,8 +32,11 @@ from .gguf import load_gguf, meta_value, model_from_gguf
 from ...grammars.guidance import Guide
 from .grammar import GrammarMask, token_table
 from .lora import apply_lora, read_lora
-from .sampling import Sampling
+from .sampling import Sampling, token_id
 from ...vocab import Vocab, read_tokenizer_files, vocab_from_gguf
+
+if TYPE_CHECKING:
+    from llguidance import LLTokenizer
 
 __all__ = ["MlxAdapter"]
 
@@ -89,7 +92,8 @@ class MlxAdapter(Adapter):
         self._vocab = vocab
         self._info = info
         # counted once: model_info() also serves every session save and load (the model fingerprint)
-        self._n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+        flat: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]  # a list without destination
+        self._n_params = sum(v.size for _, v in flat)
         self.n_vocab = vocab.size
         self.n_embd = model.args.hidden_size
         self.n_ctx = params["n_ctx"] or info.get("n_ctx_train") or 4096
@@ -108,7 +112,7 @@ class MlxAdapter(Adapter):
         self._pooling = pooling
         self._n_logits = int(model.model.embed_tokens.weight.shape[0])
         self._eog = vocab.eog
-        self._table = None  # llguidance's tokenizer, built on the first grammar
+        self._table: LLTokenizer | None = None  # llguidance's tokenizer, built on the first grammar
         self._cache = make_prompt_cache(model)
         self._lora_files: dict[str, Any] = {}  # path -> read_lora(path)
         self._lora_bases: dict[str, Any] = {}  # module path -> the layer a LoRA stack wraps
@@ -224,7 +228,7 @@ class MlxAdapter(Adapter):
             chain.check()  # ``token`` was drawn from a mask that allowed nothing: never hand it out or accept it
             following = self._step(token, chain, token)  # puts ``token`` in the KV cache
             mx.async_eval(following[0])
-            value = int(token.item())
+            value = token_id(token)
             tokens.append(value)
             yield value, logits
             token, logits = following
@@ -302,7 +306,7 @@ class MlxAdapter(Adapter):
         header = {"format": SESSION_FORMAT, "backend": self.name,
                   "model": self.session_identity()["model"]["fingerprint"], "tokens": json.dumps(tokens)}
         with open(path, "wb") as out:  # a file object: mlx would append ".safetensors" to a name
-            save_prompt_cache(out, cache, header)
+            save_prompt_cache(out, cache, header)  # type: ignore[arg-type]  # the stub says str; mx.save_safetensors takes a file
         return len(tokens)
 
     def load_session(self, path: str) -> list[int]:
