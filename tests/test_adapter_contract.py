@@ -60,3 +60,37 @@ def test_tokenize_and_detokenize_run_beside_a_generation(model_path, backend):
         worker.join(60)
         assert "error" not in box, box.get("error")
         assert box["result"]["tokens_predicted"] == 48 and rounds > 0
+
+
+def test_an_llguidance_failure_on_llama_cpp_is_a_generation_error_and_nothing_is_decoded_twice(ctx, monkeypatch):
+    """The mask computed beside llama_decode fails (as a Rust panic would) right after the grammar forced a run
+    of tokens: a typed error, and those tokens are in the cache once (``end`` must not decode them again)."""
+    import threading
+
+    from llamacompat.adapters.llama_cpp import lc
+    from llamacompat.errors import GenerationError
+    from llamacompat.grammars.guidance import Guide
+
+    request = {"prompt": "Name a fruit.", "grammar": 'root ::= "Fruits: apple, pear, plum, and " [a-z]+',
+               "n_predict": 24, "temperature": 0}
+    expected = ctx.completion(request)
+    real = Guide.compute
+
+    def failing(self):
+        if threading.current_thread().name.startswith("llamacompat-grammar"):  # the first mask beside a decode
+            raise RuntimeError("llguidance: internal error")
+        return real(self)
+
+    adapter = ctx._core.adapter
+    handed: list[int] = []
+    next_token = adapter.next_token
+    monkeypatch.setattr(adapter, "next_token", lambda: handed.append(next_token()) or handed[-1])
+    monkeypatch.setattr(Guide, "compute", failing)
+    with pytest.raises(GenerationError, match=r"llama_cpp backend failed while generating \(llguidance\): llguidance"):
+        ctx.completion(request)
+    monkeypatch.undo()
+    n_prompt = len(ctx.tokenize("Name a fruit.")["tokens"]) + adapter.add_bos
+    assert len(handed) > 2  # the grammar forced several tokens, decoded together at the failing step
+    assert adapter.n_past <= n_prompt + len(handed)  # each evaluated once
+    assert lc.llama_memory_seq_pos_max(adapter._mem, 0) + 1 == adapter.n_past  # the record and the KV cache agree
+    assert ctx.completion(request)["text"] == expected["text"]

@@ -34,11 +34,13 @@ from ..errors import (
     OutOfMemoryError,
     SessionError,
     UnsupportedFeatureError,
+    map_exceptions,
 )
 from ..grammars.guidance import Guide
 from ..grammars.lark import NoLarkEquivalent
 from ..sessions import check_header, read_header
 from .base import (  # default_threads: imported from here before it moved to base
+    RUNTIME_FAILURES,
     Adapter,
     Capabilities,
     Interrupted,
@@ -444,8 +446,10 @@ class LlamaCppAdapter(Adapter):
         return cached
 
     def next_token(self) -> int:
-        if self._guide is not None:
-            return self._next_guided()
+        if self._guide is not None:  # llama.cpp reports by return codes (_check); llguidance raises
+            with map_exceptions(RUNTIME_FAILURES, "the llama_cpp backend failed while generating (llguidance)",
+                                reset=self._drop_pending):
+                return self._next_guided()
         pending = self._pending
         if pending:
             one = self._one
@@ -458,6 +462,11 @@ class LlamaCppAdapter(Adapter):
             token = self._sample_checked()
         self._pending = [token]
         return token
+
+    def _drop_pending(self) -> None:
+        """After a failure amid ``_next_guided``: what was decoded is in ``_tokens``; the rest is dropped, never
+        decoded twice (``end`` would decode what is left pending)."""
+        self._pending, self._forced = [], []
 
     # -- llguidance: the grammar as a mask on the logits, llama.cpp's chain for the rest ---------------------
     def grammar_table(self) -> Any:
