@@ -203,11 +203,14 @@ class LlamaCompatWarning(UserWarning):
 
 
 @contextlib.contextmanager
-def map_exceptions(mapping: Mapping[type[BaseException], type[LlamaError]], message: str | None = None) -> Iterator[None]:
+def map_exceptions(mapping: Mapping[type[BaseException], type[LlamaError]], message: str | None = None,
+                   reset: Callable[[], None] | None = None) -> Iterator[None]:
     """Translate backend exceptions at an adapter boundary, chaining the original.
 
     ``LlamaError`` passes through untouched; the first matching entry of
-    ``mapping`` wins; anything else propagates unchanged.
+    ``mapping`` wins; anything else propagates unchanged. ``reset`` runs before a
+    mapped error is raised: it puts the adapter back in a state the next call can
+    use (after a runtime failure, what its cache holds is unknown).
     """
     try:
         yield
@@ -216,8 +219,10 @@ def map_exceptions(mapping: Mapping[type[BaseException], type[LlamaError]], mess
     except Exception as err:  # noqa: BLE001 - re-raised below when unmapped
         for source, target in mapping.items():
             if isinstance(err, source):
-                detail = f"{message}: {err}" if message else str(err) or target.default_message
-                raise target(detail) from err
+                detail = str(err) or type(err).__name__
+                if reset is not None:
+                    reset()
+                raise target(f"{message}: {detail}" if message else detail) from err
         raise
 
 

@@ -25,6 +25,7 @@ FAULTS = {
     "claims_all_cached": "begin() reports the whole prompt as served from the cache",
     "not_greedy": "temperature 0 still samples at random",
     "eog_always": "is_eog() says every token ends generation",
+    "counts_sampled": "n_past counts the last sampled token, which is not evaluated yet (as mlx did)",
     "stale_cache": "a new prompt reuses the cache without dropping the old tail",
     "abort_raises": "an interrupted decode raises instead of stopping quietly",
     "seed_ignored": "the seed is replaced by a random one",
@@ -49,11 +50,13 @@ class BrokenAdapter(LlamaCppAdapter):
         self.fault = params["fault"]
         self._poisoned = False
         self._stop_event: threading.Event | None = None
+        self._counted = 0
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         if self._poisoned:
             raise GenerationError("adapter state is corrupt after an earlier error")
         self._stop_event = stop
+        self._counted = 0
         random_seed = int.from_bytes(os.urandom(4), "little")
         if self.fault == "not_greedy" and sampling.temperature <= 0:
             sampling = dataclasses.replace(sampling, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=random_seed)
@@ -105,6 +108,14 @@ class BrokenAdapter(LlamaCppAdapter):
             if self._stop_event is not None and self._stop_event.is_set():
                 raise GenerationError("llama_decode aborted")
         return super().next_token()
+
+    @property
+    def n_past(self) -> int:
+        return len(self._tokens) + (self._counted if self.fault == "counts_sampled" else 0)
+
+    def end(self) -> None:
+        self._counted = len(self._pending[-1:])  # the sampled token end() drops, counted anyway
+        super().end()
 
     def top_probs(self, n: int):
         probs = super().top_probs(n)

@@ -23,7 +23,7 @@ CAUGHT_BY = {
     "result_shape": ["bad_probs"],
     "timings": ["claims_all_cached"],
     "streaming": ["not_greedy"],
-    "n_predict": ["eog_always"],
+    "n_predict": ["eog_always", "counts_sampled"],
     "stop_strings": ["not_greedy"],  # stop handling is the engine's; an adapter breaks it only through its tokens
     "determinism": ["not_greedy", "seed_ignored"],
     "prefix_reuse": ["stale_cache"],

@@ -14,9 +14,11 @@ import mlx.core as mx
 import pytest
 
 from llamacompat import (
+    GenerationError,
     GrammarError,
     LlamaCompatWarning,
     ModelLoadError,
+    OutOfMemoryError,
     SessionError,
     UnsupportedFeatureError,
     init_llama,
@@ -272,6 +274,57 @@ def test_an_extended_prompt_evaluates_only_the_new_tokens(mctx):
     n_extended = len(mctx.tokenize(extended)["tokens"])
     assert second["timings"]["cache_n"] >= first["tokens_evaluated"]
     assert second["timings"]["prompt_n"] == n_extended - second["timings"]["cache_n"]
+
+
+def test_tokens_cached_leaves_out_the_last_sampled_token_as_llama_cpp_does(mctx, model_path, tmp_path):
+    """llama.rn's rule, evaluated + predicted - 1: the last token is sampled, not evaluated (mlx pipelines it into
+    the cache and takes it out again), and the next completion reuses exactly what tokens_cached says."""
+    request = {"prompt": "The sky is", "n_predict": 5, "ignore_eos": True, **GREEDY}
+    mctx.clear_cache()
+    got = mctx.completion(request)
+    with init_llama({"backend": "llama_cpp", "model": model_path, "n_ctx": 1024}) as lc_ctx:
+        want = lc_ctx.completion(request)
+    assert got["tokens_cached"] == want["tokens_cached"] == 7 == got["tokens_evaluated"] + got["tokens_predicted"] - 1
+    path = tmp_path / "sky.session"
+    assert mctx.save_session(str(path)) == 7
+    follow = {"prompt": "The sky is" + got["text"] + " And", "n_predict": 4, **GREEDY}
+    again = mctx.completion(follow)
+    assert again["timings"]["cache_n"] == 7  # the whole cache is the new prompt's prefix: nothing stale in it
+    with init_llama({"backend": "mlx", "model": model_path, "n_ctx": 1024}) as fresh:
+        assert again["text"] == fresh.completion(follow)["text"]
+        fresh.load_session(str(path))
+        assert fresh.completion(follow)["timings"]["cache_n"] == 7
+
+
+# -- runtime failures -----------------------------------------------------------
+def test_an_mlx_failure_is_a_typed_error_and_the_context_keeps_working(mctx, monkeypatch):
+    request = {"prompt": "Once upon a time, a dragon", "n_predict": 8, "ignore_eos": True, **GREEDY}
+    expected = mctx.completion(request)["text"]
+    calls = {"n": 0}
+    real_async_eval, real_eval = mx.async_eval, mx.eval
+
+    def failing_step(*arrays):  # the fourth generation step fails, as a Metal allocation can
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("[metal::malloc] Resource limit (499000) exceeded.")
+        return real_async_eval(*arrays)
+
+    monkeypatch.setattr(mx, "async_eval", failing_step)
+    events: list = []
+    with pytest.raises(GenerationError, match=r"the mlx backend failed while generating: \[metal::malloc\] Resource") as err:
+        mctx.completion(request, events.append)
+    assert isinstance(err.value.__cause__, RuntimeError) and len(events) == 3
+    monkeypatch.setattr(mx, "async_eval", real_async_eval)
+
+    def no_memory(*arrays):
+        raise MemoryError()
+
+    monkeypatch.setattr(mx, "eval", no_memory)
+    with pytest.raises(OutOfMemoryError, match="the mlx backend failed while evaluating the prompt: MemoryError"):
+        mctx.completion({**request, "prompt": "A different prompt to evaluate"})
+    monkeypatch.setattr(mx, "eval", real_eval)
+    after = mctx.completion(request)
+    assert after["text"] == expected and after["tokens_predicted"] == 8
 
 
 # -- sessions -------------------------------------------------------------------

@@ -253,6 +253,52 @@ def test_the_model_ending_its_answer_is_stopped_eos(rk, abi, monkeypatch):
     assert timings["prompt_ms"] > 0 and timings["predicted_ms"] > 0
 
 
+def test_tokens_cached_leaves_out_the_last_token_as_llama_rn_does(rk, abi, monkeypatch, tmp_path):
+    """evaluated + predicted - 1 whether the loop stopped the runtime (n_predict) or the model ended its answer
+    (then the end counts as predicted, as an EOS does, and every token before it was evaluated)."""
+    limited = rk.completion({"prompt": LONG, "n_predict": 5, **GREEDY})
+    assert limited["stopped_limit"]
+    assert limited["tokens_cached"] == limited["tokens_evaluated"] + 5 - 1
+    assert rk.save_session(str(tmp_path / "limited.session")) == limited["tokens_cached"]
+    monkeypatch.setenv("RKLLM_SIM_EOS_AFTER", "4")
+    ended = rk.completion({"prompt": LONG, "n_predict": 20, **GREEDY})
+    assert ended["stopped_eos"] and ended["tokens_predicted"] == 5
+    assert ended["tokens_cached"] == ended["tokens_evaluated"] + 5 - 1
+
+
+def test_a_run_the_binding_refuses_is_a_generation_error_not_a_hang(rk, monkeypatch):
+    """rkllm_run raising on its helper thread (a ctypes ArgumentError, say) sends no callback: the waiting
+    side must hear of it rather than wait for tokens that never come."""
+    import ctypes
+
+    adapter = rk._core.adapter
+    expected = rk.completion({"prompt": LONG, "n_predict": 4, **GREEDY})["text"]
+
+    def refused(*args):
+        raise ctypes.ArgumentError("argument 2: TypeError: expected LP_RKLLMInput instance")
+
+    monkeypatch.setattr(adapter._rt, "rkllm_run", refused, raising=False)
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(result=_completion_or_error(rk, LONG)), daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():
+        rk.stop_completion()  # frees the shared context for the tests after this one
+    assert not worker.is_alive(), "the completion waited for a run that never started"
+    box = box["result"]
+    error = box.get("error")
+    assert isinstance(error, GenerationError) and "rkllm_run raised ArgumentError: argument 2" in str(error), box
+    monkeypatch.undo()
+    assert rk.completion({"prompt": LONG, "n_predict": 4, **GREEDY})["text"] == expected
+
+
+def _completion_or_error(ctx, prompt: str) -> dict:
+    try:
+        return {"result": ctx.completion({"prompt": prompt, "n_predict": 4, **GREEDY})}
+    except Exception as err:  # noqa: BLE001 - the test looks at it
+        return {"error": err}
+
+
 def test_stop_completion_aborts_within_a_token_or_two(build, abi, monkeypatch):
     monkeypatch.setenv("RKLLM_SIM_TOKEN_US", "20000")  # 50 tokens/s: 1024 tokens would take 20 s
     with init_llama(params_for(build, abi)) as ctx:

@@ -11,25 +11,86 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, get_args
 
 import numpy as np
 
-from ..errors import InvalidParamsError, UnsupportedFeatureError
+from ..errors import GenerationError, InvalidParamsError, LlamaError, OutOfMemoryError, UnsupportedFeatureError
 from ..grammars.triggers import Trigger
 from ..params import Field
 
-__all__ = ["Adapter", "Capabilities", "Interrupted", "NoTokenAllowed", "SamplingParams", "Support", "reusable_prefix",
-           "MAX_BENCH_ROUNDS"]
+__all__ = ["Adapter", "Capabilities", "Feature", "FEATURES", "SUPPORT", "check_features", "Interrupted", "NoTokenAllowed",
+           "SamplingParams", "Support", "reusable_prefix", "MAX_BENCH_ROUNDS", "RUNTIME_FAILURES",
+           "END_OF_RUN", "default_threads"]
 
 #: llama.rn's bench has no bound on ``nr``; ours keeps one call to a bounded amount of work
 MAX_BENCH_ROUNDS = 100
 
+#: What ``next_token`` returns when a runtime that generates by itself ended the answer without handing out an
+#: end-of-generation token id (RKLLM's FINISH: the model's EOS, or the runtime's own limit). ``is_eog`` says True
+#: for it, so the engine ends the completion as at an EOS (``stopped_eos``; it counts in ``tokens_predicted`` as
+#: an EOS does and, like one, never in ``n_past``); ``token_to_piece`` and ``top_probs`` are never asked about it.
+END_OF_RUN = -1
+
+#: What a Python-level runtime (mlx, a native library through its bindings) raises when it fails, as the typed
+#: error the caller gets: ``errors.map_exceptions(RUNTIME_FAILURES, ...)`` at an adapter's boundaries. The
+#: protocol's own signals (``Interrupted``, ``NoTokenAllowed``) and our ``LlamaError`` pass through; so does
+#: anything else (a TypeError is a bug to see, not a runtime failure).
+RUNTIME_FAILURES: Mapping[type[BaseException], type[LlamaError]] = {
+    MemoryError: OutOfMemoryError,  # std::bad_alloc through nanobind / pybind11
+    RuntimeError: GenerationError,  # std::runtime_error: Metal allocation limits, failed kernels
+    ValueError: GenerationError,  # std::invalid_argument: shapes and dtypes the runtime refuses
+    IndexError: GenerationError,  # std::out_of_range
+}
+
 Support = Literal["native", "emulated", "missing"]
+SUPPORT: frozenset[str] = frozenset(get_args(Support))
+
+# The feature catalogue: every name ``Capabilities.features`` (and a remote core's capabilities) may list,
+# so a check such as ``supports("ignore_eos")`` can never ask for a name that nobody writes.
+Feature = Literal[
+    # -- what a completion can do
+    "completion",  # generate text at all (missing on a vocab_only context)
+    "streaming",  # TokenData handed out token by token
+    "stop",  # stop strings (the engine matches them: emulated everywhere but a server that takes them)
+    "interrupt_prompt",  # stop_completion() also ends a long prompt evaluation, not only generation
+    "prefix_cache",  # the KV cache is reused across completions and tokens_cached / cache_n report it
+    # -- constrained output
+    "grammar",  # GBNF 'grammar' (and JSON schemas turned into one)
+    "lazy_grammar",  # 'grammar_lazy' with 'grammar_triggers': the grammar starts at a trigger
+    "json_schema",  # 'json_schema' / 'response_format' where no GBNF grammar is taken (a server's own schema mode)
+    # -- sampling (params.FEATURE_PARAMS says which request params belong to each)
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "xtc",  # xtc_probability / xtc_threshold
+    "top_n_sigma",
+    "penalties",  # penalty_repeat / penalty_freq / penalty_present (over penalty_last_n)
+    "mirostat",  # mirostat 1 and 2, with mirostat_tau / mirostat_eta
+    "dry",  # DRY repetition penalty (dry_multiplier and its settings)
+    "seed",  # a fixed seed reproduces a sampled text
+    "logit_bias",
+    "ignore_eos",  # the end-of-generation tokens are banned
+    "n_probs",  # top-n probabilities of each generated token
+    # -- other methods
+    "tokenize",
+    "detokenize",
+    "chat_template",  # the model's chat template renders 'messages' (our Jinja renderer: emulated)
+    "formatted_chat",  # get_formatted_chat()
+    "embedding",
+    "rerank",  # native: a reranker's rank pooling; emulated: cosine similarity of embeddings
+    "bench",
+    "lora",  # apply_lora_adapters() / remove_lora_adapters()
+    "session",  # save_session() / load_session()
+]
+FEATURES: frozenset[str] = frozenset(get_args(Feature))
 
 
 class Interrupted(Exception):
@@ -67,6 +128,11 @@ class NoTokenAllowed(Exception):
         if not (allowed & ~eog).any():
             return cls(True, "the grammar is complete; ignore_eos or logit_bias bans the end of generation")
         return cls(False, "logit_bias (or ignore_eos) bans every token the grammar allows here")
+
+
+def default_threads() -> int:
+    """Threads for ``n_threads: 0``: half the cores, at least one (llama.rn's iOS rule; the decode is memory bound)."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def reusable_prefix(cached: list[int], prompt: list[int]) -> int:
@@ -134,20 +200,59 @@ class SamplingParams:
 
 @dataclass
 class Capabilities:
-    """What a backend does natively, emulates, or lacks (llama.rn feature names)."""
+    """What a backend does natively, emulates, or lacks: ``FEATURES`` names, each ``SUPPORT`` value.
+
+    A feature left out is missing. A name outside the catalogue (a typo, or a feature nobody added to
+    ``Feature``) or another support value is refused here, when the adapter is built.
+    """
 
     backend: str
-    features: dict[str, Support] = field(default_factory=dict)
+    features: dict[Feature, Support] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_features(self.features, f"the {self.backend} backend's capabilities")
 
     def supports(self, feature: str) -> bool:
-        return self.features.get(feature, "missing") != "missing"
+        return self.features.get(feature, "missing") != "missing"  # type: ignore[call-overload]
 
     def as_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "features": dict(self.features)}
 
 
+def check_features(features: Mapping[Any, str], where: str) -> None:  # Any: a dict[Feature, ...] or one built of str
+    """``ValueError`` naming what is wrong when ``features`` uses a name outside ``FEATURES`` or a value outside
+    ``SUPPORT`` (a programming error of whoever wrote the table, not bad input)."""
+    unknown = sorted(set(features) - FEATURES)
+    if unknown:
+        raise ValueError(f"{where} name unknown features {unknown}; the catalogue is llamacompat.adapters.base.Feature "
+                         f"(add a new feature there, with a comment saying what it means)")
+    bad = {name: value for name, value in features.items() if value not in SUPPORT}
+    if bad:
+        raise ValueError(f"{where} give support values {bad}; each must be one of {sorted(SUPPORT)}")
+
+
 class Adapter(ABC):
-    """One loaded model on one runtime. Not thread-safe: the context serialises calls."""
+    """One loaded model on one runtime.
+
+    Threads. Two kinds of call, and what the callers (``LocalCore`` under a context, the bridge server) promise:
+
+    - **Serialised**: a generation (``begin``, then ``next_token`` / ``token_to_piece`` / ``is_eog`` /
+      ``top_probs`` / ``n_past`` until ``end``, with ``runtime_timings`` after it), ``embedding``, ``rank``,
+      ``bench``, ``set_lora``, ``clear_cache``, ``save_session`` / ``load_session`` / ``session_identity``,
+      ``model_info`` and ``close``. At most one of them runs at a time (the context's busy lock, the bridge's
+      single worker), though not always on the same thread; nothing else of this list runs between ``begin``
+      and ``end``. The request building before ``begin`` (tokenize, ``is_eog``) is on the same turn.
+    - **Concurrent**: ``tokenize`` and ``detokenize``, and reading the attributes ``load`` set (``n_ctx``,
+      ``n_vocab``, ``add_bos``, ``bos_text``, ``eos_text``, ``chat_template``, ``capabilities``, ...), may run
+      on another thread at any time between ``load`` and ``close``: beside a generation or any serialised call
+      (``LlamaContext.tokenize`` and ``get_formatted_chat``, the bridge's side pool), and beside each other. So
+      they read only what ``load`` built (the vocabulary), never per-completion state; ``close`` never overlaps
+      them (the context and the bridge hold a lock around it). ``token_to_piece`` and ``is_eog`` are not in
+      this list: they may keep per-completion state (see ``token_to_piece``).
+
+    The ``stop`` event given to ``begin`` (and ``bench``) is set from another thread: that is how a
+    serialised call is interrupted.
+    """
 
     #: registry name, e.g. "llama_cpp"
     name: ClassVar[str]
@@ -204,7 +309,14 @@ class Adapter(ABC):
 
     @abstractmethod
     def token_to_piece(self, token: int) -> bytes:
-        """The bytes of one token, special tokens rendered as text."""
+        """The bytes of one token, special tokens rendered as text.
+
+        A runtime that produces text as well as token ids (RKLLM) may return its own text for the token
+        ``next_token`` has just returned, the first time it is asked about it: b"" while the runtime holds back
+        an incomplete UTF-8 character, then that character's bytes together with the next token's. Every other
+        call gives the vocabulary's piece. The engine asks about each generated token once, right after
+        ``next_token`` and before ``top_probs`` (whose tokens it renders with this method too).
+        """
 
     @abstractmethod
     def detokenize(self, tokens: list[int]) -> str:
@@ -225,15 +337,17 @@ class Adapter(ABC):
 
     @abstractmethod
     def next_token(self) -> int:
-        """Sample the next token (evaluating the previous one first if needed).
+        """Sample the next token (evaluating the previous one first if needed): a token id, or ``END_OF_RUN``.
 
         An adapter over a runtime that generates by itself may raise ``Interrupted`` when ``stop``
-        (from ``begin``) is set while it waits for the token.
+        (from ``begin``) is set while it waits for the token, and returns ``END_OF_RUN`` when the runtime
+        ended the answer without a token id. ``NoTokenAllowed`` when a grammar leaves nothing to draw.
         """
 
     @abstractmethod
     def top_probs(self, n: int) -> list[tuple[int, float]]:
-        """The ``n`` most probable tokens at the last sampled position, with probabilities."""
+        """The ``n`` most probable tokens at the last sampled position, with probabilities (the engine asks only
+        where ``n_probs`` is listed, and never for an end-of-generation token or ``END_OF_RUN``)."""
 
     @abstractmethod
     def end(self) -> None:
@@ -247,7 +361,15 @@ class Adapter(ABC):
     @property
     @abstractmethod
     def n_past(self) -> int:
-        """Tokens held in the KV cache (llama.rn's ``tokens_cached``)."""
+        """Tokens whose KV is in the cache, in order from the start (llama.rn's ``tokens_cached``).
+
+        A sampled token counts once it is evaluated, which happens when the next one is asked for: the last
+        token ``next_token`` returned is not counted. So after a completion stopped by ``n_predict`` (or by an
+        end-of-generation token) ``n_past == tokens_evaluated + tokens_predicted - 1``, llama.rn's rule; after
+        ``n_predict: 0`` it is the prompt's length. A runtime that evaluates the last token anyway (to pipeline
+        the next step) drops it from the cache in ``end``, so that what ``n_past`` counts is what the next
+        ``begin`` reuses and what ``save_session`` writes.
+        """
 
     # -- other methods ------------------------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:

@@ -34,11 +34,21 @@ from ..errors import (
     OutOfMemoryError,
     SessionError,
     UnsupportedFeatureError,
+    map_exceptions,
 )
 from ..grammars.guidance import Guide
 from ..grammars.lark import NoLarkEquivalent
 from ..sessions import check_header, read_header
-from .base import Adapter, Capabilities, Interrupted, NoTokenAllowed, SamplingParams, reusable_prefix
+from .base import (  # default_threads: imported from here before it moved to base
+    RUNTIME_FAILURES,
+    Adapter,
+    Capabilities,
+    Interrupted,
+    NoTokenAllowed,
+    SamplingParams,
+    default_threads,
+    reusable_prefix,
+)
 
 try:
     import llama_cpp as lc
@@ -148,11 +158,6 @@ def _ggml_devices() -> list[dict[str, Any]]:
                          "freeMemory": int(free.value)},
         })
     return out
-
-
-def default_threads() -> int:
-    """Half the cores, at least one (llama.rn's iOS rule; the decode is memory bound)."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 class LlamaCppAdapter(Adapter):
@@ -279,7 +284,7 @@ class LlamaCppAdapter(Adapter):
         self._grammar = None
         self._candidates: Any = None  # a llama_token_data[n_vocab] buffer and views of it (_fill_candidates)
         self._one = (lc.llama_token * 1)()
-        self._abort_cb = None
+        self._abort_cb: Any = None  # the ggml_abort_callback installed while a prompt is evaluated (kept alive here)
         self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
         ranking = self._ctx is not None and self.embedding_enabled and self.pooling == _POOLING["rank"]
         self.capabilities = Capabilities(self.name, {
@@ -441,8 +446,10 @@ class LlamaCppAdapter(Adapter):
         return cached
 
     def next_token(self) -> int:
-        if self._guide is not None:
-            return self._next_guided()
+        if self._guide is not None:  # llama.cpp reports by return codes (_check); llguidance raises
+            with map_exceptions(RUNTIME_FAILURES, "the llama_cpp backend failed while generating (llguidance)",
+                                reset=self._drop_pending):
+                return self._next_guided()
         pending = self._pending
         if pending:
             one = self._one
@@ -455,6 +462,11 @@ class LlamaCppAdapter(Adapter):
             token = self._sample_checked()
         self._pending = [token]
         return token
+
+    def _drop_pending(self) -> None:
+        """After a failure amid ``_next_guided``: what was decoded is in ``_tokens``; the rest is dropped, never
+        decoded twice (``end`` would decode what is left pending)."""
+        self._pending, self._forced = [], []
 
     # -- llguidance: the grammar as a mask on the logits, llama.cpp's chain for the rest ---------------------
     def grammar_table(self) -> Any:
@@ -498,6 +510,7 @@ class LlamaCppAdapter(Adapter):
         """One token under the guide: a forced one as it is (evaluated later, in one batch with the others),
         else evaluate what is pending, mask the logits in place and let llama.cpp's chain draw."""
         guide = self._guide
+        assert guide is not None, "_next_guided without a guide"
         if self._forced:
             token = self._forced.pop(0)
             lc.llama_sampler_accept(self._sampler, token)  # penalties and DRY see it as generated
@@ -525,8 +538,9 @@ class LlamaCppAdapter(Adapter):
         self._pending = [token]
         if self._raw is None and not guide.stopped:
             forced = guide.forced()
-            if self._usable is not None:  # a banned token is never forced: the next draw finds the dead end
-                forced = list(itertools.takewhile(lambda t: self._usable[t], forced))
+            usable_mask = self._usable
+            if usable_mask is not None:  # a banned token is never forced: the next draw finds the dead end
+                forced = list(itertools.takewhile(lambda t: bool(usable_mask[t]), forced))
             self._forced = forced
         return token
 
@@ -618,7 +632,7 @@ class LlamaCppAdapter(Adapter):
             if bias:
                 arr = (lc.llama_logit_bias * len(bias))()
                 for i, (token, value) in enumerate(bias):
-                    arr[i].token, arr[i].bias = token, value
+                    arr[i] = lc.llama_logit_bias(token, value)
                 add(lc.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
             # Windows past n_ctx see no more tokens (no context shift), and llama.cpp allocates the whole window
             # up front: 2**31 - 1 took 16 GB and a minute per request.

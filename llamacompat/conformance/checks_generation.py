@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Mapping
 
+from ..types import TokenData
 from .kit import GREEDY, Kit, check, no_eos, run_in_background
 
 PROMPT = "The three primary colours are"
@@ -44,7 +45,7 @@ def _assert_probabilities(entries: Any, n_probs: int, where: str) -> None:
         assert values == sorted(values, reverse=True), f"{where}: probs are not sorted, most likely first"
 
 
-def assert_result_shape(result: dict[str, Any]) -> None:
+def assert_result_shape(result: Mapping[str, Any]) -> None:
     """Every NativeCompletionResult field present with llama.rn's type."""
     for key, kind in _RESULT_TYPES.items():
         assert key in result, f"result lacks '{key}'"
@@ -63,7 +64,7 @@ def assert_result_shape(result: dict[str, Any]) -> None:
 @check("every result and TokenData field is present with llama.rn's type")
 def check_result_shape(kit: Kit) -> None:
     """With ``n_probs`` where the backend has it (the capability check covers its refusal elsewhere)."""
-    events: list[dict[str, Any]] = []
+    events: list[TokenData] = []
     probs = kit.supports("n_probs")
     request = {"prompt": PROMPT, "n_predict": 8, **({"n_probs": 3} if probs else {}), **GREEDY}
     result = kit.context().completion(request, events.append)
@@ -88,7 +89,7 @@ def check_timings(kit: Kit) -> None:
     ctx = kit.context()
     ctx.completion({"prompt": "Unrelated warm-up text.", "n_predict": 1, **GREEDY})
     result = ctx.completion({"prompt": PROMPT, "n_predict": 6, **GREEDY})
-    t = result["timings"]
+    t: Mapping[str, Any] = result["timings"]  # read by names held in variables below
     n_prompt = len(ctx.tokenize(PROMPT)["tokens"])
     assert t["predicted_n"] == result["tokens_predicted"], "predicted_n != tokens_predicted"
     assert t["cache_n"] + t["prompt_n"] == result["tokens_evaluated"], "cache_n + prompt_n != tokens_evaluated"
@@ -106,7 +107,7 @@ def check_timings(kit: Kit) -> None:
 def check_streaming(kit: Kit) -> None:
     ctx = kit.context()
     request = {"prompt": LONG, "n_predict": 24, **no_eos(ctx), **GREEDY}
-    events: list[dict[str, Any]] = []
+    events: list[TokenData] = []
     result = ctx.completion(request, events.append)
     assert "".join(e["token"] for e in events) == result["text"], "callback tokens do not add up to 'text'"
     stream = ctx.stream(request)
@@ -115,18 +116,26 @@ def check_streaming(kit: Kit) -> None:
     assert stream.result is not None and stream.result["text"] == result["text"], "stream.result differs"
 
 
-@check("n_predict is honoured exactly; n_predict 0 evaluates the prompt only")
+@check("n_predict is honoured exactly; tokens_cached leaves out the last token; n_predict 0 evaluates the prompt only")
 def check_n_predict(kit: Kit) -> None:
     ctx = kit.context()
+    limited = []
     for n in (1, 7):
         result = ctx.completion({"prompt": LONG, "n_predict": n, **no_eos(ctx), **GREEDY})
         assert result["tokens_predicted"] == n, f"n_predict {n} gave {result['tokens_predicted']} tokens"
         assert result["stopped_limit"] is True and not result["stopped_eos"], "stopped_limit must be set"
+        limited.append(result)
     ctx.completion({"prompt": "Something else entirely.", "n_predict": 1, **GREEDY})
     zero = ctx.completion({"prompt": PROMPT, "n_predict": 0})
     assert zero["tokens_predicted"] == 0 and zero["text"] == "", "n_predict 0 must generate nothing"
     if not kit.supports("prefix_cache"):  # a server that does not report its cache: nothing more to see
         return
+    for result in limited:  # llama.rn's rule (adapters.base.Adapter.n_past): the last sampled token is not evaluated
+        expected = result["tokens_evaluated"] + result["tokens_predicted"] - 1
+        assert result["tokens_cached"] == expected, (
+            f"n_predict {result['tokens_predicted']}: tokens_cached is {result['tokens_cached']}, expected tokens_evaluated "
+            f"+ tokens_predicted - 1 = {expected} (the last sampled token is not in the cache until it is evaluated)"
+        )
     n_prompt = len(ctx.tokenize(PROMPT)["tokens"])
     assert zero["tokens_cached"] == zero["tokens_evaluated"] >= n_prompt, (
         f"n_predict 0 must leave the prompt evaluated in the cache ({zero['tokens_cached']} of {zero['tokens_evaluated']})"
@@ -150,7 +159,7 @@ def _boundary_stop(pieces: list[str]) -> tuple[str, int] | None:
 def check_stop_strings(kit: Kit) -> None:
     ctx = kit.context()
     request = {"prompt": LONG, "n_predict": 48, **no_eos(ctx), **GREEDY}
-    events: list[dict[str, Any]] = []
+    events: list[TokenData] = []
     full = ctx.completion(request, events.append)
     found = _boundary_stop([e["token"] for e in events])
     assert found is not None, f"no two streamed tokens to split a stop string across in {full['text']!r}"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from typing import Any, Callable
 
-from ..context import init_llama
+from ..adapters.base import FEATURES, SUPPORT
+from ..context import LlamaContext, init_llama
 from ..errors import GrammarError, InvalidParamsError, LlamaError, ModelLoadError, SessionError
 from ..params import FEATURE_PARAMS
 from .checks_generation import PROMPT
@@ -149,7 +151,9 @@ PROBES: dict[str, dict[str, Any]] = {
 def check_capabilities(kit: Kit) -> None:
     caps = kit.context().capabilities
     assert caps["backend"] == kit.context().backend, "capabilities name another backend"
-    assert set(caps["features"].values()) <= {"native", "emulated", "missing"}, f"bad support levels: {caps}"
+    assert set(caps["features"].values()) <= SUPPORT, f"bad support levels: {caps}"
+    unknown = set(caps["features"]) - FEATURES
+    assert not unknown, f"capabilities name features outside the catalogue (adapters.base.Feature): {sorted(unknown)}"
     assert set(PROBES) == set(FEATURE_PARAMS), "every request-level feature needs a probe"
     for feature, extra in PROBES.items():
         params = {"prompt": PROMPT, "n_predict": 2, **extra}
@@ -158,4 +162,4 @@ def check_capabilities(kit: Kit) -> None:
                 result = kit.context().completion(params)
             assert result["tokens_predicted"] >= 1, f"'{feature}' produced nothing"
         else:
-            assert_refused(kit, feature, lambda c, p=params: c.completion(p))
+            assert_refused(kit, feature, functools.partial(LlamaContext.completion, params=params))

@@ -91,7 +91,7 @@ def run_in_background(ctx: LlamaContext, params: dict[str, Any]) -> tuple[thread
 
     ``box`` gets ``result`` or ``error``, and ``done``: the perf_counter time the call returned.
     """
-    started, box = threading.Event(), {}
+    started, box = threading.Event(), dict[str, Any]()
 
     def run() -> None:
         try:

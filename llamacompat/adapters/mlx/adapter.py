@@ -15,11 +15,11 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator
 
-from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError
+from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError, map_exceptions
 from ...models.gguf import load_model_info
-from ..base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
+from ..base import RUNTIME_FAILURES, Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
 
 try:
     import mlx.core as mx
@@ -33,7 +33,10 @@ from ...vocab import Vocab, read_tokenizer_files, vocab_from_gguf
 from .gguf import load_gguf, meta_value, model_from_gguf
 from .grammar import GrammarMask, token_table
 from .lora import apply_lora, read_lora
-from .sampling import Sampling
+from .sampling import Sampling, token_id
+
+if TYPE_CHECKING:
+    from llguidance import LLTokenizer
 
 __all__ = ["MlxAdapter"]
 
@@ -89,7 +92,8 @@ class MlxAdapter(Adapter):
         self._vocab = vocab
         self._info = info
         # counted once: model_info() also serves every session save and load (the model fingerprint)
-        self._n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+        flat: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]  # a list without destination
+        self._n_params = sum(v.size for _, v in flat)
         self.n_vocab = vocab.size
         self.n_embd = model.args.hidden_size
         self.n_ctx = params["n_ctx"] or info.get("n_ctx_train") or 4096
@@ -108,12 +112,13 @@ class MlxAdapter(Adapter):
         self._pooling = pooling
         self._n_logits = int(model.model.embed_tokens.weight.shape[0])
         self._eog = vocab.eog
-        self._table = None  # llguidance's tokenizer, built on the first grammar
+        self._table: LLTokenizer | None = None  # llguidance's tokenizer, built on the first grammar
         self._cache = make_prompt_cache(model)
         self._lora_files: dict[str, Any] = {}  # path -> read_lora(path)
         self._lora_bases: dict[str, Any] = {}  # module path -> the layer a LoRA stack wraps
         self._tokens: list[int] = []  # what the KV cache holds, in order
-        self._steps: Iterator[tuple[int, mx.array]] | None = None
+        self._steps: Generator[tuple[int, mx.array], None, None] | None = None
+        self._handed = False  # whether the last token next_token gave is in the cache (pipelined) but not counted
         self._last_logits: mx.array | None = None
         self.capabilities = Capabilities(self.name, {
             "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "emulated", "lazy_grammar": "emulated",
@@ -154,7 +159,17 @@ class MlxAdapter(Adapter):
         return token in self._eog
 
     # -- generation ---------------------------------------------------------
+    def _failures(self, what: str) -> ContextManager[None]:
+        """An MLX failure as a typed error (``RUNTIME_FAILURES``). What the cache holds after one is unknown
+        (the offset moves before the lazy arrays are computed), so it is emptied: the next completion works."""
+        return map_exceptions(RUNTIME_FAILURES, f"the mlx backend failed while {what}", reset=self._drop_generation)
+
+    def _drop_generation(self) -> None:
+        self._steps, self._handed = None, False
+        self.clear_cache(False)
+
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
+        self._handed = False
         grammar = None
         if sampling.grammar is not None:  # grammar errors before any work
             if self._table is None:
@@ -164,16 +179,17 @@ class MlxAdapter(Adapter):
                           tokenize=lambda text: self._vocab.encode(text, False))
             grammar = GrammarMask(guide, self._n_logits, sampling.banned(self._eog), self._eog)
             self.last_guide = guide  # for bench/bench_grammar.py's figures
-        if sampling.seed >= 0:
-            mx.random.seed(sampling.seed)
-        chain = Sampling(sampling, self._n_logits, self.n_ctx, self._eog, prompt, grammar)
-        reuse = reusable_prefix(self._tokens, prompt)
-        self._rewind(reuse)
-        try:
-            first = self._prefill(prompt[reuse:], chain, stop)
-        except Interrupted as err:
-            err.cache_n = reuse
-            raise
+        with self._failures("evaluating the prompt"):
+            if sampling.seed >= 0:
+                mx.random.seed(sampling.seed)
+            chain = Sampling(sampling, self._n_logits, self.n_ctx, self._eog, prompt, grammar)
+            reuse = reusable_prefix(self._tokens, prompt)
+            self._rewind(reuse)
+            try:
+                first = self._prefill(prompt[reuse:], chain, stop)
+            except Interrupted as err:
+                err.cache_n = reuse
+                raise
         self._steps = self._run(first, chain)
         return reuse
 
@@ -203,35 +219,47 @@ class MlxAdapter(Adapter):
         self._tokens.append(todo[-1])
         return first
 
-    def _run(self, first: tuple[mx.array, mx.array], chain: Sampling) -> Iterator[tuple[int, mx.array]]:
-        """Tokens with the logits they were drawn from; each step is queued before the previous token is handed out."""
+    def _run(self, first: tuple[mx.array, mx.array], chain: Sampling) -> Generator[tuple[int, mx.array], None, None]:
+        """Tokens with the logits they were drawn from; each step is queued before the previous token is handed
+        out, so the token handed out is already in the KV cache (``end`` takes the last one out again)."""
         token, logits = first
         tokens = self._tokens
         while True:
             chain.check()  # ``token`` was drawn from a mask that allowed nothing: never hand it out or accept it
             following = self._step(token, chain, token)  # puts ``token`` in the KV cache
             mx.async_eval(following[0])
-            value = token.item()
+            value = token_id(token)
             tokens.append(value)
             yield value, logits
             token, logits = following
 
     def next_token(self) -> int:
-        value, self._last_logits = next(self._steps)
+        assert self._steps is not None, "next_token before begin"
+        self._handed = False  # asking for the next token evaluates the last one (llama.cpp's order too)
+        with self._failures("generating"):
+            value, self._last_logits = next(self._steps)
+        self._handed = True
         return value
 
     def top_probs(self, n: int) -> list[tuple[int, float]]:
-        logits = self._last_logits[0].astype(mx.float32)
-        n = min(n, self.n_vocab)
-        top = mx.argpartition(-logits, kth=n - 1)[:n]
-        probs = mx.softmax(logits)[top]
-        order = mx.argsort(-probs)
-        return [(int(t), float(p)) for t, p in zip(top[order].tolist(), probs[order].tolist(), strict=True)]
+        assert self._last_logits is not None, "top_probs before next_token"
+        with self._failures("computing probabilities"):
+            logits = self._last_logits[0].astype(mx.float32)
+            n = min(n, self.n_vocab)
+            top = mx.argpartition(-logits, kth=n - 1)[:n]
+            probs = mx.softmax(logits)[top]
+            order = mx.argsort(-probs)
+            ids: list[int] = top[order].tolist()  # type: ignore[assignment]  # a 1-d array: a list of ints
+            values: list[float] = probs[order].tolist()  # type: ignore[assignment]
+        return [(int(t), float(p)) for t, p in zip(ids, values, strict=True)]
 
     def end(self) -> None:
         if self._steps is not None:
             self._steps.close()
             self._steps = None
+        if self._handed:  # the last token handed out was pipelined into the cache: n_past does not count it
+            self._handed = False
+            self._rewind(len(self._tokens) - 1)
 
     @property
     def n_past(self) -> int:
@@ -278,7 +306,7 @@ class MlxAdapter(Adapter):
         header = {"format": SESSION_FORMAT, "backend": self.name,
                   "model": self.session_identity()["model"]["fingerprint"], "tokens": json.dumps(tokens)}
         with open(path, "wb") as out:  # a file object: mlx would append ".safetensors" to a name
-            save_prompt_cache(out, cache, header)
+            save_prompt_cache(out, cache, header)  # type: ignore[arg-type]  # the stub says str; mx.save_safetensors takes a file
         return len(tokens)
 
     def load_session(self, path: str) -> list[int]:

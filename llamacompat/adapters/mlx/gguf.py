@@ -9,7 +9,7 @@ order its rope kernel wants, which is mlx-lm's ``rope_traditional``.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,7 @@ from mlx_lm.models import llama
 from ...errors import ModelLoadError
 from ...models.gguf import meta_value
 
-__all__ = ["gguf_module_path", "load_gguf", "meta_value", "model_from_gguf"]
+__all__ = ["gguf_module_path", "load_gguf", "read_gguf", "meta_value", "model_from_gguf"]
 
 # GGUF tensor name (after "blk.N.") -> mlx-lm llama module path
 _LAYER_TENSORS = {
@@ -31,10 +31,19 @@ _GROUP_SIZE = 32  # every GGUF block type MLX reads holds 32 weights
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)$")
 
 
-def load_gguf(path: str) -> tuple[dict[str, mx.array], dict[str, Any]]:
+GgufContents = tuple[dict[str, mx.array], dict[str, Any]]
+
+
+def read_gguf(path: str) -> GgufContents:
+    """``mx.load`` of a GGUF file: (tensors, metadata). Its stub returns what every format and flag can give;
+    GGUF with ``return_metadata`` is this pair. MLX's RuntimeError / ValueError pass through."""
+    return cast(GgufContents, mx.load(path, format="gguf", return_metadata=True))
+
+
+def load_gguf(path: str) -> GgufContents:
     """The file's tensors and metadata; an unreadable file or tensor type is a ``ModelLoadError``."""
     try:
-        return mx.load(path, format="gguf", return_metadata=True)
+        return read_gguf(path)
     except (RuntimeError, ValueError) as err:  # MLX names the tensor type it cannot read
         raise ModelLoadError(f"Failed to load model: {path}: MLX cannot read this GGUF file ({err})") from err
 

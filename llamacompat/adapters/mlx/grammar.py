@@ -17,6 +17,7 @@ from ...errors import BackendUnavailableError
 from ...grammars.guidance import Guide
 from ...vocab import Vocab
 from ..base import NoTokenAllowed
+from .sampling import token_id
 
 try:
     import llguidance
@@ -53,7 +54,7 @@ class GrammarMask:
         mx.async_eval(logits)  # the forward pass runs while the mask is computed
         guide = self.guide
         if token is not None:
-            guide.accept(int(token.item()))
+            guide.accept(token_id(token))
         allowed = guide.allowed()
         if not (allowed if self._usable is None else allowed & self._usable).any():
             self.dead_end = NoTokenAllowed.judge(allowed, self._eog)

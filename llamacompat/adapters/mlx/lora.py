@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ...errors import ModelLoadError
 from ...models.gguf import meta_value
-from .gguf import gguf_module_path
+from .gguf import gguf_module_path, read_gguf
 
 __all__ = ["LoraStack", "read_lora", "apply_lora"]
 
@@ -39,7 +39,7 @@ class LoraStack(nn.Module):
 def read_lora(path: str) -> tuple[Pairs, float]:
     """An adapter file's (A, B) pairs by mlx-lm module path, and its alpha."""
     try:
-        tensors, meta = mx.load(path, format="gguf", return_metadata=True)
+        tensors, meta = read_gguf(path)
     except (RuntimeError, ValueError) as err:
         raise ModelLoadError(f"Failed to apply lora adapters: {path}: not a GGUF file MLX can read ({err})") from err
     kind = (meta_value(meta, "general.type"), meta_value(meta, "adapter.type"))

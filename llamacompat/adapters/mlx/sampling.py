@@ -11,7 +11,7 @@ model's forward pass.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, apply_xtc, categorical_sampling
@@ -21,9 +21,14 @@ from ..base import SamplingParams
 if TYPE_CHECKING:
     from .grammar import GrammarMask
 
-__all__ = ["Sampling"]
+__all__ = ["Sampling", "token_id"]
 
 Logits = mx.array  # shape (1, n_vocab)
+
+
+def token_id(token: mx.array) -> int:
+    """The id a drawn token holds (an int32 scalar array; ``item``'s stub says any scalar). Waits for its step."""
+    return cast(int, token.item())
 
 
 class Sampling:

@@ -35,7 +35,7 @@ import numpy as np
 
 from ...errors import GenerationError, InvalidParamsError, ModelLoadError, SessionError, UnsupportedFeatureError
 from ...params import COMPLETION_FIELDS, Field, validate
-from ..base import Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
+from ..base import END_OF_RUN, Adapter, Capabilities, Interrupted, SamplingParams, Support, reusable_prefix
 from .abi import Abi, abi_for
 from .abi.common import INFER_GENERATE, INFER_GET_LAST_HIDDEN_LAYER, INPUT_TOKEN, RUN_ERROR, RUN_FINISH
 from .library import Runtime, candidate_paths, open_runtime
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 SESSION_MAGIC = b"LCRKLLM\x01"
 SESSION_FORMAT = "llamacompat-rkllm-session/1"
-_FINISHED = -1  # the token next_token gives when the runtime ended the answer itself (FINISH)
 _POLL_S = 0.02  # how often a wait looks at the stop flag
 _DEFAULT_N_CTX = 4096  # the toolkit's default max_context; the runtime has no way to ask the file
 # The sampling the runtime has (llama.rn names); before 1.3 it is fixed at init (``rkllm_sampling``).
@@ -95,8 +94,10 @@ def _on_result(abi: Abi) -> Callable[[Any, int, int], int | None]:
         result = result_p.contents if result_p else None
         if state == RUN_FINISH:
             perf = result.perf if result is not None and abi.perf else None
-            measured = perf is not None and perf.prefill_time_ms > 0 and perf.generate_time_ms > 0
-            run.events.put(("finish", (perf.prefill_time_ms, perf.generate_time_ms) if measured else None))
+            measured = None
+            if perf is not None and perf.prefill_time_ms > 0 and perf.generate_time_ms > 0:
+                measured = (perf.prefill_time_ms, perf.generate_time_ms)
+            run.events.put(("finish", measured))
         elif state == RUN_ERROR:
             run.events.put(("error", None))
         elif result is not None and state == abi.hidden_layer_state and result.last_hidden_layer.hidden_states:
@@ -176,7 +177,8 @@ class RkllmAdapter(Adapter):
         self._callbacks: Any = None
         self._run: _Run | None = None
         self._piece = b""  # the runtime's text for the token next_token just gave (self._last)
-        self._last = _FINISHED
+        self._last: int | None = None
+        self._held: int | None = None  # that token, in the cache (n_past) once the runtime goes on past it
         self._pending: tuple | None = None  # the event begin waited for, for next_token
         self._stop = threading.Event()
         self._cache_files = 0
@@ -188,7 +190,7 @@ class RkllmAdapter(Adapter):
         self._lora_names: dict[tuple[str, float], bytes] = {}  # (path, scale) -> name the runtime loaded it under
         self._keep_alive: list[bytes] = []
         self._init_runtime(params, sampling)
-        per_run = "native" if self._abi.per_run_sampling else "missing"
+        per_run: Support = "native" if self._abi.per_run_sampling else "missing"
         self.capabilities = Capabilities(self.name, {
             "completion": "native", "streaming": "native", "stop": "emulated", "grammar": "missing",
             "temperature": per_run, "top_k": per_run, "top_p": per_run, "penalties": per_run, "mirostat": per_run,
@@ -275,7 +277,7 @@ class RkllmAdapter(Adapter):
 
     def token_to_piece(self, token: int) -> bytes:
         if token == self._last:  # the token just streamed: the runtime's own text for it (b"" while WAITING)
-            self._last = _FINISHED
+            self._last = None
             return self._piece
         return self._vocab.pieces[token]
 
@@ -283,7 +285,7 @@ class RkllmAdapter(Adapter):
         return self._vocab.decode(tokens)
 
     def is_eog(self, token: int) -> bool:
-        return token == _FINISHED or token in self._vocab.eog
+        return token == END_OF_RUN or token in self._vocab.eog
 
     # -- generation ----------------------------------------------------------------
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
@@ -300,11 +302,13 @@ class RkllmAdapter(Adapter):
 
     def next_token(self) -> int:
         event, self._pending = self._pending or self._wait(interruptible=True), None
+        if self._held is not None:  # the runtime went on past the last token: it evaluated it (llama.rn's n_past)
+            self._tokens.append(self._held)
+            self._held = None
         kind = event[0]
         if kind == "token":
             _, token, self._piece = event
-            self._last = token
-            self._tokens.append(token)
+            self._last = self._held = token
             return token
         if kind == "error":
             raise GenerationError("the RKLLM runtime reported an error (LLMCallState ERROR); see its log on stderr")
@@ -312,7 +316,7 @@ class RkllmAdapter(Adapter):
             self._timings = event[1]
         elif event[1]:  # "done": rkllm_run returned without FINISH
             raise GenerationError(f"rkllm_run returned {event[1]} (see the runtime's log on stderr)")
-        return _FINISHED
+        return END_OF_RUN
 
     def top_probs(self, n: int) -> list[tuple[int, float]]:
         raise UnsupportedFeatureError("n_probs is not supported by the rkllm backend (the runtime samples inside)")
@@ -367,7 +371,12 @@ class RkllmAdapter(Adapter):
         handle = self._handle
 
         def call(run: _Run) -> None:
-            run.events.put(("done", rt.rkllm_run(handle, C.byref(run_input), C.byref(infer), run.userdata)))
+            try:
+                rc = rt.rkllm_run(handle, C.byref(run_input), C.byref(infer), run.userdata)
+            except Exception as err:  # the binding refused the call: told to the waiting side, which raises it
+                run.events.put(("raised", err))
+                return
+            run.events.put(("done", rc))
 
         self._run = _Run([*keep, ids, run_input], call)
         self._run.thread.start()
@@ -378,15 +387,21 @@ class RkllmAdapter(Adapter):
         assert run is not None, "no rkllm run in flight"
         while True:
             try:
-                return run.events.get(timeout=_POLL_S)
+                event = run.events.get(timeout=_POLL_S)
             except queue.Empty:
                 if interruptible and self._stop.is_set():
                     self._finish_run()
                     raise Interrupted(cache_n) from None
+                continue
+            if event[0] == "raised":  # rkllm_run never ran: no callback comes, the thread has ended
+                err = event[1]
+                raise GenerationError(f"the rkllm backend failed: rkllm_run raised {type(err).__name__}: {err}") from err
+            return event
 
     def _finish_run(self) -> None:
         """Abort the run in flight (if any) and wait until ``rkllm_run`` returned: nothing then touches its buffers."""
         run, self._run = self._run, None
+        self._held = None  # a token handed out last is not evaluated now: out of n_past, as llama.cpp's pending one
         if run is None:
             return
         if run.thread.is_alive():

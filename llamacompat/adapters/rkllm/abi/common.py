@@ -10,9 +10,11 @@ import ctypes as C
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["Abi", "LoraAdapter", "EmbedInput", "TokenInput", "LoraParam", "PromptCacheParam", "LastHiddenLayer", "Logits",
+__all__ = ["Fields", "Abi", "LoraAdapter", "EmbedInput", "TokenInput", "LoraParam", "PromptCacheParam", "LastHiddenLayer", "Logits",
            "PerfStat", "CrossAttnParam", "HANDLE", "common_functions", "RUN_NORMAL", "RUN_WAITING", "RUN_FINISH",
            "RUN_ERROR", "INPUT_PROMPT", "INPUT_TOKEN", "INFER_GENERATE", "INFER_GET_LAST_HIDDEN_LAYER"]
+
+Fields = list[tuple[str, type[Any]]]  # a ctypes ``_fields_`` list built by a function (one layout per version)
 
 HANDLE = C.c_void_p
 

@@ -29,7 +29,7 @@ class MultiModalInput(C.Structure):
     _fields_ = [("prompt", C.c_char_p), ("image_embed", C.POINTER(C.c_float)), ("n_image_tokens", C.c_size_t)]
 
 
-def input_union(multimodal: type) -> type:
+def input_union(multimodal: type[C.Structure]) -> type[C.Union]:
     class InputUnion(C.Union):
         _fields_ = [("prompt_input", C.c_char_p), ("embed_input", c.EmbedInput), ("token_input", c.TokenInput),
                     ("multimodal_input", multimodal)]

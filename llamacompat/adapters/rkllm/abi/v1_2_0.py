@@ -16,7 +16,7 @@ class ExtendParam(C.Structure):
                 ("enabled_cpus_mask", C.c_uint32), ("reserved", C.c_uint8 * 106)]
 
 
-def param_fields(extend: type) -> list[tuple[str, object]]:
+def param_fields(extend: type[C.Structure]) -> c.Fields:
     """RKLLMParam of 1.2.0-1.2.3 (only the ExtendParam inside differs)."""
     return [("model_path", C.c_char_p), ("max_context_len", C.c_int32), ("max_new_tokens", C.c_int32),
             ("top_k", C.c_int32), ("n_keep", C.c_int32), ("top_p", C.c_float), ("temperature", C.c_float),

@@ -28,7 +28,7 @@ class MultiModalInput(C.Structure):
                 ("n_image", C.c_size_t), ("image_width", C.c_size_t), ("image_height", C.c_size_t)]
 
 
-def input_fields(multimodal: type) -> list[tuple[str, object]]:
+def input_fields(multimodal: type[C.Structure]) -> c.Fields:
     """RKLLMInput since 1.2.1: role and enable_thinking come first."""
     return [("role", C.c_char_p), ("enable_thinking", C.c_bool), ("input_type", C.c_int),
             ("u", input_union(multimodal))]
