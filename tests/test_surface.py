@@ -289,3 +289,30 @@ def test_the_bridge_forwards_rerank_lora_and_clear_cache(tmp_path, lora_files):
             assert remote.gpu is False and remote.devices == ["CPU"]
     finally:
         server.stop()
+
+
+def test_one_table_drives_the_contexts_the_cores_and_the_bridge():
+    """context.core.CALLS names every call once; the Core protocol, each core, both contexts and the bridge's
+    wire methods follow it, so a call cannot be added to one layer and forgotten in another."""
+    import inspect
+
+    from llamacompat import AsyncLlamaContext, LlamaContext
+    from llamacompat.bridge.client import BridgeCore
+    from llamacompat.bridge.protocol import METHODS
+    from llamacompat.context.core import CALLS, Core
+    from llamacompat.local import LocalCore
+    from llamacompat.openai.core import OpenAICore
+
+    protocol = {name for name, value in vars(Core).items() if inspect.isfunction(value) and not name.startswith("_")}
+    protocol -= {"close"}
+    assert protocol == set(CALLS)
+    for name, call in CALLS.items():
+        expected = [*call.args, *(["stop"] if call.stop else []), *(["strict"] if call.strict else [])]
+        for core in (Core, LocalCore, OpenAICore):
+            params = list(inspect.signature(getattr(core, name)).parameters)[1:]
+            assert params[:len(expected)] == expected, (core.__name__, name, params)
+        assert callable(getattr(BridgeCore, name)), name
+        assert METHODS[name] == ("queue" if call.runs == "model" else "side"), name
+        for context in (LlamaContext, AsyncLlamaContext):
+            params = list(inspect.signature(getattr(context, name)).parameters)[1:]
+            assert params == list(call.args) or name == "completion", (context.__name__, name, params)
