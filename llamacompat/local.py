@@ -149,7 +149,7 @@ class LocalCore:
             p["grammar"] = chat.grammar
             if chat.grammar_lazy:  # tools in auto mode: free text, or a schema-valid call once one starts
                 p["grammar_lazy"], p["grammar_triggers"] = True, list(chat.grammar_triggers)
-        return chat.prompt, p["stop"] + chat.additional_stops, chat.tool_format.chat_format, chat.parser()
+        return chat.prompt, p["stop"] + chat.additional_stops, chat.chat_format, chat.parser()
 
     def _check_features(self, p: dict[str, Any], strict: bool) -> None:
         """Refuse or warn about what the backend lacks, and reset those params so it never sees them."""

@@ -221,7 +221,7 @@ def test_get_formatted_chat_has_llama_rn_shape(ctx):
     for key in ("type", "prompt", "chat_format", "grammar", "grammar_lazy", "grammar_triggers", "preserved_tokens",
                 "additional_stops", "generation_prompt", "thinking_forced_open", "has_media", "media_paths"):
         assert key in result, key
-    assert result["type"] == "jinja" and result["chat_format"] == 1 and "tool_call" in result["grammar"]
+    assert result["type"] == "jinja" and result["chat_format"] == 2 and "tool_call" in result["grammar"]  # llama.rn: peg-native
     assert ctx.get_formatted_chat(USER, "chatml", {"jinja": False})["type"] == "llama-chat"
     schema = ctx.get_formatted_chat(USER, None, {"json_schema": WEATHER_ARGS})
     assert schema["grammar"].startswith("root ::=")
@@ -231,7 +231,7 @@ def test_chat_answers_which_city_is_the_capital_of_france(ctx):
     messages = [{"role": "system", "content": "Answer in one short sentence."},
                 {"role": "user", "content": "Which city is the capital of France?"}]
     result = ctx.completion({"messages": messages, "n_predict": 24, **GREEDY})
-    assert "Paris" in result["content"] and result["chat_format"] == 0
+    assert "Paris" in result["content"] and result["chat_format"] == 2  # every Jinja chat: peg-native, as llama.rn
 
 
 def test_tool_call_round_trip_with_tool_choice_required(ctx):

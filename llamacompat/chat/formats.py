@@ -1,15 +1,20 @@
 """Tool-call formats: how a template asks for calls, the grammar that forces one, and the parser.
 
-A format is picked from the template text, as llama.cpp picks its handlers:
+A format is picked from the template text, as llama.cpp's ``common/chat`` picks
+its handlers (the same marker tests, in the same order). Most formats share one
+of three shapes, so each is a small description of one shape:
 
-- ``hermes``: Hermes 2 Pro / Qwen 2.5 ``<tool_call>{"name", "arguments"}</tool_call>``;
-- ``llama3``: Llama 3.1-3.3 JSON ``{"name", "parameters"}`` (optionally after ``<|python_tag|>``);
-- ``mistral``: Mistral Nemo ``[TOOL_CALLS][{"name", "arguments", "id"}]``;
-- ``generic``: any template that does not describe tools itself (SmolLM2's
-  ChatML, for one). The tools go into the system message, and the whole reply
-  is JSON, ``{"tool_call": {...}}`` or ``{"response": "..."}``, always under a
-  grammar, which is what makes small models call tools reliably (llama.cpp's
-  former generic handler did the same).
+- ``JsonInTags``: JSON calls after a marker, ``{"name", "arguments"}`` one per tag
+  or as an array (Hermes 2 Pro / Qwen 2.5, Mistral Nemo, Magistral, FireFunction v2,
+  Command R7B, Granite, Nemotron v2, LFM2, Apertus);
+- ``NamedJson``: a marker that names the function, then its JSON arguments
+  (Functionary v3.1, DeepSeek R1, DeepSeek V3.1, Kimi K2);
+- ``XmlCalls``: a named function with one tagged element per argument
+  (Qwen3-Coder, Seed-OSS, MiniMax-M2, GLM 4.5).
+
+Llama 3.x (JSON or ``<|python_tag|>name.call(k=v)``), Functionary v3.2
+(``>>>recipient``), GPT-OSS (harmony channels) and ``generic`` (any template that
+does not describe tools: the whole reply is JSON under a grammar) have their own.
 
 Each parser returns ``(content, tool_calls)`` for a whole reply or, with
 ``partial``, for the prefix streamed so far: marker prefixes are held back and
@@ -18,8 +23,10 @@ a call appears as soon as its name is known, with its arguments so far.
 
 from __future__ import annotations
 
+import copy
 import json
-from typing import Any
+import re
+from typing import Any, Callable
 
 from ..errors import UnsupportedFeatureError
 from ..grammars.schema import convert_json_schema_to_grammar
@@ -29,9 +36,11 @@ from .messages import joined_text
 from .partial_json import MISSING, parse_partial
 from .template import Caps
 
-__all__ = ["ToolFormat", "FORMATS", "pick_format", "held_back"]
+__all__ = ["ToolFormat", "FORMATS", "pick_format", "held_back", "CONTENT"]
 
 _decoder = json.JSONDecoder()
+Call = dict[str, Any]
+THINK = ("<think>", "</think>")
 
 
 def held_back(text: str, marker: str) -> str:
@@ -48,17 +57,21 @@ def _arguments(value: Any) -> str:
     return json.dumps(value if value is not MISSING else {}, ensure_ascii=False, separators=(",", ":"))
 
 
-def _call(obj: Any, args_key: str = "arguments") -> dict[str, Any] | None:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+def _make_call(name: str, args: Any, call_id: Any = None) -> Call:
     if isinstance(args, str):  # some models write the arguments as a JSON string
         parsed = parse_partial(args)
         args = parsed if isinstance(parsed, dict) else args
-    call: dict[str, Any] = {"type": "function", "function": {"name": obj["name"], "arguments": _arguments(args)}}
-    if isinstance(obj.get("id"), str):
-        call["id"] = obj["id"]
+    call: Call = {"type": "function", "function": {"name": name, "arguments": _arguments(args)}}
+    if isinstance(call_id, str) and call_id:
+        call["id"] = call_id
     return call
+
+
+def _call(obj: Any, args_key: str = "arguments", name_key: str = "name", id_key: str = "id") -> Call | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get(name_key), str) or not obj[name_key]:
+        return None
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    return _make_call(obj[name_key], args, obj.get(id_key))
 
 
 def _value(text: str, partial: bool) -> tuple[Any, int]:
@@ -79,31 +92,80 @@ def _closed_object(parameters: Any) -> Any:
     return parameters or {}
 
 
-def _call_schema(tools: list[dict[str, Any]], args_key: str, with_id: bool = False) -> dict[str, Any]:
+def _call_schema(tools: list[dict[str, Any]], args_key: str, name_key: str = "name",
+                 id_schema: dict[str, Any] | None = None, id_key: str = "id") -> dict[str, Any]:
     branches = []
     for tool in tools:
         function = tool["function"]
-        properties: dict[str, Any] = {"name": {"const": function["name"]}, args_key: _closed_object(function.get("parameters"))}
-        required = ["name", args_key]
-        if with_id:
-            properties["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
-            required.append("id")
+        properties: dict[str, Any] = {name_key: {"const": function["name"]}, args_key: _closed_object(function.get("parameters"))}
+        required = [name_key, args_key]
+        if id_schema is not None:
+            properties[id_key] = id_schema
+            required.append(id_key)
         branches.append({"type": "object", "properties": properties, "required": required, "additionalProperties": False})
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+def _lit(text: str) -> str:
+    """A GBNF string literal."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _merged(*grammars: str) -> str:
+    """Several embedded grammars as one: the shared primitive rules (string, ws, ...) once."""
+    seen: dict[str, str] = {}
+    for grammar in grammars:
+        for line in grammar.splitlines():
+            name, sep, _ = line.partition(" ::= ")
+            if sep and name not in seen:
+                seen[name] = line
+    return "\n".join(seen.values()) + "\n"
+
+
+def _rule_name(*parts: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9-]+", "-", "-".join(parts)).strip("-")
+
+
+def _schema_rule(schema: Any, *name: str) -> tuple[str, str]:
+    """(rule name, grammar text) of a JSON schema, for embedding."""
+    rule = _rule_name(*name)
+    return rule, convert_json_schema_to_grammar(schema, root_name=rule)
+
+
+def _split(text: str, marker: str, partial: bool) -> tuple[str, str | None]:
+    """(content before ``marker``, the rest after it) or, without it, (content, None) with a half marker held back."""
+    if marker in text:
+        before, _, rest = text.partition(marker)
+        return before, rest
+    return (held_back(text, marker) if partial else text), None
 
 
 class ToolFormat:
     """One way of writing tool calls; subclasses fill in the markers, grammar and parser."""
 
     name = "content"
-    chat_format = 0
     trigger = ""  # the text that starts a call, for lazy grammars and streaming hold-back
     stops: tuple[str, ...] = ()
     #: where a call starts, for tool_choice "auto": the lazy grammar constrains from there (llama.cpp's triggers)
     triggers: tuple[Trigger, ...] = ()
+    #: the reasoning markers of the model family
+    think: tuple[str, str] = THINK
+    #: the special tokens the model writes around calls (llama.rn's preserved_tokens)
+    preserved: tuple[str, ...] = ()
+    #: picked without tools too: the reply itself has this format's structure (llama.cpp does the same)
+    always = False
+    #: call ids written in the call's marker (Kimi K2), so complete as soon as the call shows
+    ids_in_marker = False
+    tools: tuple[dict[str, Any], ...] = ()
 
     def detect(self, source: str, caps: Caps) -> bool:
         return False
+
+    def with_tools(self, tools: list[dict[str, Any]]) -> "ToolFormat":
+        """This format bound to a request's tools (the XML formats read argument types from them)."""
+        bound = copy.copy(self)
+        bound.tools = tuple(tools)
+        return bound
 
     def prepare(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], choice: str, parallel: bool,
                 caps: Caps) -> list[dict[str, Any]]:
@@ -116,63 +178,321 @@ class ToolFormat:
         """The grammar of a call from its trigger on (tool_choice "auto")."""
         return self.grammar(tools, "required", parallel)
 
-    def parse(self, text: str, partial: bool) -> tuple[str, list[dict[str, Any]]]:
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
         return text, []
 
     @staticmethod
-    def _embed(schema: dict[str, Any], root: str) -> str:
-        return root + "\n" + convert_json_schema_to_grammar(schema, ["name"], root_name="tool-call")
+    def _embed(schema: dict[str, Any], root: str, name_key: str = "name") -> str:
+        return root + "\n" + convert_json_schema_to_grammar(schema, [name_key], root_name="tool-call")
 
 
-class Hermes(ToolFormat):
-    name, chat_format, trigger = "hermes", 2, "<tool_call>"
-    triggers = (Trigger("word", "<tool_call>"),)
+def _markers(*needles: str, absent: tuple[str, ...] = ()) -> Callable[[str, Caps], bool]:
+    return lambda source, caps: all(n in source for n in needles) and not any(n in source for n in absent)
+
+
+class JsonInTags(ToolFormat):
+    """JSON calls after ``start`` (and before ``end``): one object per tag, or all of them in one array."""
+
+    def __init__(self, name: str, detect: Callable[[str, Caps], bool], start: str, end: str = "", *, array: bool = False,
+                 name_key: str = "name", args_key: str = "arguments", id_key: str = "id",
+                 id_schema: dict[str, Any] | None = None, think: tuple[str, str] = THINK, keep: int = 0,
+                 separator: str = "\n", stops: tuple[str, ...] = (), order: tuple[str, ...] = ()) -> None:
+        self.name, self._detect, self.start, self.end, self.array = name, detect, start, end, array
+        self.order = order or (name_key,)
+        self.name_key, self.args_key, self.id_key, self.id_schema = name_key, args_key, id_key, id_schema
+        self.think, self.keep, self.separator, self.stops = think, keep, separator, stops
+        self.trigger = start
+        self.triggers = (Trigger("word", start),)
+        self.preserved = tuple(m for m in (start.strip(), end) if m)
 
     def detect(self, source: str, caps: Caps) -> bool:
-        return "<tool_call>" in source and "<function=" not in source
+        return self._detect(source, caps)
 
     def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
-        block = '"<tool_call>\\n" tool-call "\\n</tool_call>"'
-        root = f"root ::= {block} (\"\\n\" {block})*" if parallel else f"root ::= {block}"
-        return self._embed(_call_schema(tools, "arguments"), root)
+        end = f" {_lit(self.end)}" if self.end else ""
+        if self.array:
+            more = ' ("," ws tool-call)*' if parallel else ""
+            block = f'{_lit(self.start[: len(self.start) - self.keep])} "[" ws tool-call{more} ws "]"{end}'
+            root = f"root ::= {block}"
+        else:
+            block = f"{_lit(self.start + self.separator)} tool-call {_lit(self.separator)}{end}" if self.separator else \
+                f"{_lit(self.start)} tool-call{end}"
+            root = f"root ::= {block} (\"\\n\" {block})*" if parallel else f"root ::= {block}"
+        schema = _call_schema(tools, self.args_key, self.name_key, self.id_schema, self.id_key)
+        return root + "\n" + convert_json_schema_to_grammar(schema, list(self.order), root_name="tool-call")
 
-    def parse(self, text: str, partial: bool) -> tuple[str, list[dict[str, Any]]]:
-        calls: list[dict[str, Any]] = []
-        content, rest = text.partition(self.trigger)[::2] if self.trigger in text else (text, None)
+    def _calls(self, value: Any) -> list[Call]:
+        items = value if isinstance(value, list) else [value]
+        calls = [_call(item, self.args_key, self.name_key, self.id_key) for item in items]
+        return [call for call in calls if call is not None]
+
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
+        content, rest = _split(text, self.start, partial)
+        calls: list[Call] = []
+        tail = ""
         while rest is not None:
+            if self.keep:  # the marker's last characters belong to the JSON (FireFunction's " functools[")
+                rest = self.start[-self.keep:] + rest
             value, end = _value(rest, partial)
-            call = _call(value)
-            if call is not None:
-                calls.append(call)
+            calls += self._calls(value)
             after = rest[end:].lstrip()
-            if after.startswith("</tool_call>"):
-                after = after[len("</tool_call>"):]
-            rest = after.partition(self.trigger)[2] if self.trigger in after else None
+            if self.end and after.startswith(self.end):
+                after = after[len(self.end):]
+            if self.start in after:
+                tail_part, _, rest = after.partition(self.start)
+                tail += tail_part
+            else:
+                rest, tail = None, tail + after
         if partial and not calls:
-            content = held_back(content, self.trigger)
-        return (content.rstrip() if calls else content), calls
+            content = held_back(content, self.start)
+        tail = tail.strip()
+        if partial:  # an end or next-start marker being written is no content
+            tail = held_back(held_back(tail, self.end), self.start.strip()) if self.end else held_back(tail, self.start.strip())
+        if calls:
+            content = content.rstrip() + (("\n" if content.strip() else "") + tail if tail else "")
+        return content, calls
+
+
+def _pattern(template: str) -> str:
+    """A regex for a marker template with ``{name}`` (and ``{index}``) holes."""
+    out = ""
+    for piece in re.split(r"(\{name\}|\{index\})", template):
+        out += {"{name}": r"(?P<name>[^\s<>{}\"]+?)", "{index}": r"(?P<index>\d+)"}.get(piece, re.escape(piece))
+    return out
+
+
+def _gbnf(template: str, name: str) -> str:
+    parts = []
+    for piece in re.split(r"(\{name\}|\{index\})", template):
+        if piece == "{name}":
+            parts.append(_lit(name))
+        elif piece == "{index}":
+            parts.append("[0-9]{1,3}")
+        elif piece:
+            parts.append(_lit(piece))
+    return " ".join(parts)
+
+
+class NamedJson(ToolFormat):
+    """Calls whose opening marker names the function (``open`` has a ``{name}`` hole), JSON arguments, then ``close``."""
+
+    def __init__(self, name: str, detect: Callable[[str, Caps], bool], open: str, close: str, *, block: tuple[str, str] = ("", ""),
+                 think: tuple[str, str] = THINK, id_from_marker: bool = False, separator: str = "",
+                 stops: tuple[str, ...] = ()) -> None:
+        self.name, self._detect, self.open, self.close, self.block = name, detect, open, close, block
+        self.think, self.id_from_marker, self.separator, self.stops = think, id_from_marker, separator, stops
+        self.ids_in_marker = id_from_marker
+        self._regex = re.compile(_pattern(open))
+        self.trigger = block[0] or open.split("{")[0]
+        self.triggers = (Trigger("word", self.trigger),)
+        self.preserved = tuple(m for m in (*block, open.split("{")[0], close) if m.strip())
+
+    def detect(self, source: str, caps: Caps) -> bool:
+        return self._detect(source, caps)
+
+    def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
+        rules, alternatives = [], []
+        for tool in tools:
+            function = tool["function"]
+            rule, text = _schema_rule(_closed_object(function.get("parameters")), "args", function["name"])
+            rules.append(text)
+            alternatives.append(f"{_gbnf(self.open, function['name'])} {rule} {_lit(self.close)}")
+        calls = "call ::= " + " | ".join(alternatives)
+        sep = f" {_lit(self.separator)}" if self.separator else ""
+        body = f"call (({sep or ' ws'}) call)*" if parallel else "call"
+        block = f"{_lit(self.block[0])} {body} {_lit(self.block[1])}" if self.block[0] else body
+        return _merged(f"root ::= {block}\n{calls}\nws ::= [ \\t\\n]*", *rules)
+
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
+        content, rest = _split(text, self.trigger, partial)
+        if rest is None:
+            return content, []
+        if not self.block[0]:
+            rest = self.trigger + rest
+        calls: list[Call] = []
+        while True:
+            match = self._regex.search(rest)
+            if match is None:
+                break
+            value, end = _value(rest[match.end():], partial)
+            call_id = match.group(0)[len(self.open.split("{")[0]):] if self.id_from_marker else None
+            if self.id_from_marker and "index" in match.groupdict():
+                call_id = f"functions.{match.group('name')}:{match.group('index')}"
+            calls.append(_make_call(match.group("name"), value, call_id))
+            rest = rest[match.end() + end:]
+            if rest.lstrip().startswith(self.close.lstrip()):
+                rest = rest.lstrip()[len(self.close.lstrip()):]
+            elif value is MISSING or end >= len(rest) + end:  # still writing this call
+                rest = ""
+                break
+        tail = rest.replace(self.block[1], "", 1).strip() if self.block[1] else rest.strip()
+        if partial and tail and not calls:
+            tail = ""
+        if partial and tail:
+            for marker in (self.open.split("{")[0], self.block[1], self.close.lstrip()):
+                tail = held_back(tail, marker) if marker else tail
+        return content.rstrip() + ("\n" + tail if tail and content.strip() else tail), calls
+
+
+class XmlCalls(ToolFormat):
+    """A named function with one tagged element per argument; ``{name}`` / ``{key}`` mark the holes.
+
+    String arguments are raw text; other types are JSON, read with the declared schema (llama.cpp's rule).
+    """
+
+    def __init__(self, name: str, detect: Callable[[str, Caps], bool], *, scope: tuple[str, str], open: str, close: str,
+                 key: str, value_end: str, think: tuple[str, str] = THINK, trim: bool = True) -> None:
+        self.name, self._detect, self.scope, self.open, self.close = name, detect, scope, open, close
+        self.key, self.value_end, self.think, self.trim = key, value_end, think, trim
+        self.trigger = scope[0] or open.split("{")[0]
+        self.triggers = (Trigger("word", self.trigger),)
+        self._open = re.compile(_pattern(open).replace("(?P<name>[^\\s<>{}\\\"]+?)", r"(?P<name>[^\s<>\"]+)"))
+        key_head, _, key_tail = key.partition("{key}")
+        self._key = re.compile(r"\s*" + re.escape(key_head) + r"(?P<key>[^<>\"\n]+?)" + re.escape(key_tail))
+        self.preserved = tuple(m for m in (*scope, open.split("{")[0], close) if m.strip())
+
+    def detect(self, source: str, caps: Caps) -> bool:
+        return self._detect(source, caps)
+
+    def _types(self, function: str) -> dict[str, Any]:
+        for tool in self.tools:
+            if tool["function"]["name"] == function:
+                return (tool["function"].get("parameters") or {}).get("properties") or {}
+        return {}
+
+    def _read(self, raw: str, schema: Any) -> Any:
+        text = raw.strip() if self.trim else raw
+        if isinstance(schema, dict) and schema.get("type") == "string":
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
+        rules, alternatives = [], []
+        key_head, _, key_tail = self.key.partition("{key}")
+        for tool in tools:
+            function = tool["function"]
+            parameters = function.get("parameters") or {}
+            required = set(parameters.get("required") or [])
+            parts = []
+            for prop, schema in (parameters.get("properties") or {}).items():
+                if isinstance(schema, dict) and schema.get("type") == "string":
+                    value = "xml-text"
+                else:
+                    value, text = _schema_rule(schema, "arg", function["name"], prop)
+                    rules.append(text)
+                element = f'{_lit(key_head + prop + key_tail)} {value} {_lit(self.value_end)} "\\n"'
+                parts.append(element if prop in required else f"({element})?")
+            alternatives.append(" ".join([_gbnf(self.open, function["name"]), *parts, _lit(self.close)]))
+        block = f"{_lit(self.scope[0] + chr(10))} call {_lit(chr(10) + self.scope[1])}" if self.scope[0] else "call"
+        root = "root ::= block (\"\\n\" block)*" if parallel else "root ::= block"
+        text_rule = 'xml-text ::= ([^<] | "<" [^/])*'
+        return _merged(f"{root}\nblock ::= {block}\ncall ::= " + " | ".join(alternatives) + "\n" + text_rule, *rules)
+
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
+        content, rest = _split(text, self.trigger, partial)
+        if rest is None:
+            return content, []
+        if not self.scope[0]:
+            rest = self.trigger + rest
+        calls: list[Call] = []
+        while (match := self._open.search(rest)) is not None:
+            name, rest = match.group("name"), rest[match.end():]
+            types, args = self._types(name), {}
+            while (key := self._key.match(rest)) is not None:
+                value, found, after = rest[key.end():].partition(self.value_end)
+                if not found:  # the value is still being written: strings show so far, the rest waits
+                    if partial and (types.get(key.group("key")) or {}).get("type") == "string":
+                        args[key.group("key")] = held_back(value, self.value_end).strip()
+                    rest = ""
+                    break
+                args[key.group("key")] = self._read(value, types.get(key.group("key")))
+                rest = after
+            calls.append(_make_call(name, args))
+            rest = rest.lstrip()
+            if rest.startswith(self.close):
+                rest = rest[len(self.close):]
+        tail = rest.replace(self.scope[1], "", 1).strip() if self.scope[1] else rest.strip()
+        if partial or not calls:
+            tail = ""
+        return content.rstrip() + ("\n" + tail if tail and content.strip() else tail), calls
 
 
 class Llama3(ToolFormat):
-    name, chat_format, trigger = "llama3", 3, "<|python_tag|>"
+    """Llama 3.1-3.3: a reply that is ``{"name", "parameters"}``, or ``<|python_tag|>name.call(k=v, ...)`` for built-in tools."""
+
+    name, trigger = "llama3", "<|python_tag|>"
     stops = ("<|eom_id|>",)
+    preserved = ("<|python_tag|>",)
+    BUILTIN = ("brave_search", "wolfram_alpha", "code_interpreter")
     # A reply that opens with {"name" is a call (llama.cpp's pattern); so is the built-in tools' python tag.
     triggers = (Trigger("word", "<|python_tag|>"), Trigger("pattern_full", r'\s*(\{\s*"name")[\s\S]*'))
-
-    def lazy_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
-        return self._embed(_call_schema(tools, "parameters"), 'root ::= ("<|python_tag|>" [ \\n]*)? tool-call')
+    _builtin = re.compile(r"\s*(\w+)\s*\.\s*call\(")
+    _arg = re.compile(r"\s*(\w+)\s*=\s*")
 
     def detect(self, source: str, caps: Caps) -> bool:
         return "<|start_header_id|>" in source and ("<|python_tag|>" in source or "ipython" in source)
 
-    def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
-        return self._embed(_call_schema(tools, "parameters"), "root ::= tool-call")
+    def _builtin_grammar(self, tools: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+        alternatives, rules = [], []
+        for tool in tools:
+            function = tool["function"]
+            if function["name"] not in self.BUILTIN:
+                continue
+            args = []
+            for prop, schema in ((function.get("parameters") or {}).get("properties") or {}).items():
+                rule, text = _schema_rule(schema, "builtin", function["name"], prop)
+                rules.append(text)
+                args.append(f"{_lit(prop + '=')} {rule}")
+            joined = ' ", " '.join(args)
+            alternatives.append(f'"<|python_tag|>" {_lit(function["name"] + ".call(")} {joined} ")"')
+        return alternatives, rules
 
-    def parse(self, text: str, partial: bool) -> tuple[str, list[dict[str, Any]]]:
+    def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
+        return self._grammar(tools, "root ::= tool-call")
+
+    def lazy_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
+        return self._grammar(tools, 'root ::= ("<|python_tag|>" [ \\n]*)? tool-call')
+
+    def _grammar(self, tools: list[dict[str, Any]], root: str) -> str:
+        plain = [t for t in tools if t["function"]["name"] not in self.BUILTIN]
+        builtin, rules = self._builtin_grammar(tools)
+        if not plain:
+            return _merged("root ::= " + " | ".join(builtin), *rules)
+        grammar = self._embed(_call_schema(plain, "parameters"), root)
+        if builtin:
+            grammar = grammar.replace(root.split("::= ")[1], "(" + root.split("::= ")[1] + ") | " + " | ".join(builtin), 1)
+        return _merged(grammar, *rules)
+
+    def _parse_builtin(self, body: str, partial: bool) -> Call | None:
+        match = self._builtin.match(body)
+        if match is None:
+            return None
+        rest, args = body[match.end():], {}
+        while (arg := self._arg.match(rest)) is not None:
+            value, end = _value(rest[arg.end():], partial)
+            if value is MISSING:
+                break
+            args[arg.group(1)] = value
+            rest = rest[arg.end() + end:].lstrip()
+            if not rest.startswith(","):
+                break
+            rest = rest[1:]
+        return _make_call(match.group(1), args)
+
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
         body = text.lstrip()
-        if body.startswith(self.trigger):
+        tagged = body.startswith(self.trigger)
+        if tagged:
             body = body[len(self.trigger):].lstrip()
+            builtin = self._parse_builtin(body, partial)
+            if builtin is not None:
+                return "", [builtin]
         if not body.startswith("{"):
+            if tagged:
+                return "", []
             return (held_back(text, self.trigger) if partial else text), []
         value, end = _value(body, partial)
         call = _call(value, "parameters")
@@ -181,28 +501,120 @@ class Llama3(ToolFormat):
         return body[end:].strip(), [call]
 
 
-class Mistral(ToolFormat):
-    name, chat_format, trigger = "mistral", 4, "[TOOL_CALLS]"
-    triggers = (Trigger("word", "[TOOL_CALLS]"),)
+class FunctionaryV32(ToolFormat):
+    """Functionary v3.2: ``>>>recipient\\n`` segments (the first without ``>>>``); ``all`` is the answer, others are calls."""
+
+    name, trigger = "functionary-v3.2", ">>>"
+    always = True
+    preserved = (">>>",)
+    triggers = (Trigger("pattern_full", r"((?:[\s\S]*?>>>)?\w+\n\{)[\s\S]*"),)
+    _segment = re.compile(r"(?:^|>>>)(\w+)\n")
 
     def detect(self, source: str, caps: Caps) -> bool:
-        return "[TOOL_CALLS]" in source
+        return ">>>all" in source
 
     def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
-        more = ' ("," tool-call)*' if parallel else ""
-        return self._embed(_call_schema(tools, "arguments", with_id=True), f'root ::= "[TOOL_CALLS][" tool-call{more} "]"')
+        rules, alternatives = [], []
+        for tool in tools:
+            function = tool["function"]
+            rule, text = _schema_rule(_closed_object(function.get("parameters")), "args", function["name"])
+            rules.append(text)
+            alternatives.append(f"{_lit(function['name'] + chr(10))} {rule}")
+        more = ' (">>>" call)*' if parallel else ""
+        return _merged(f"root ::= call{more}\ncall ::= " + " | ".join(alternatives), *rules)
 
-    def parse(self, text: str, partial: bool) -> tuple[str, list[dict[str, Any]]]:
-        if self.trigger not in text:
-            return (held_back(text, self.trigger) if partial else text), []
-        content, rest = text.split(self.trigger, 1)
-        value, _ = _value(rest, partial)
-        items = value if isinstance(value, list) else [value]
-        return content.rstrip(), [call for call in map(_call, items) if call is not None]
+    def lazy_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
+        grammar = self.grammar(tools, "required", parallel)
+        return grammar.replace("root ::= call", 'root ::= ([^>] | ">" [^>] | ">>" [^>])* ">>>"? call', 1)
+
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
+        content, calls = "", []
+        pieces = self._segment.split(text)
+        if partial and len(pieces) == 1 and re.fullmatch(r"\w*", text):
+            return "", []  # may still become a recipient line
+        if pieces[0]:  # text before any recipient: plain content
+            content += pieces[0]
+        for recipient, body in zip(pieces[1::2], pieces[2::2], strict=True):
+            if recipient == "all":
+                content += body
+                continue
+            value, end = _value(body, partial)
+            calls.append(_make_call(recipient, value))
+        if partial:
+            content = held_back(held_back(content, ">>>"), "all\n")
+        return content.strip() if calls else content, calls
+
+
+class GptOss(ToolFormat):
+    """GPT-OSS harmony: ``<|channel|>analysis`` is the reasoning, ``final`` the answer, ``to=functions.X`` a call."""
+
+    name, trigger = "gpt-oss", " to=functions."
+    always = True
+    think = ("<|channel|>analysis<|message|>", "<|end|>")
+    stops = ("<|call|>",)
+    preserved = ("<|channel|>", "<|constrain|>", "<|message|>", "<|start|>", "<|end|>")
+    triggers = (Trigger("word", " to=functions."),)
+    _header = re.compile(r"(?:<\|start\|>assistant)?(?P<header>[^<]*(?:<\|channel\|>[^<]*)?(?:<\|constrain\|>[^<]*)?)<\|message\|>")
+    _recipient = re.compile(r"to=functions\.([^<\s]+)")
+
+    def detect(self, source: str, caps: Caps) -> bool:
+        return "<|channel|>" in source
+
+    def _calls_grammar(self, tools: list[dict[str, Any]]) -> tuple[str, list[str]]:
+        rules, alternatives = [], []
+        for tool in tools:
+            function = tool["function"]
+            rule, text = _schema_rule(_closed_object(function.get("parameters")), "args", function["name"])
+            rules.append(text)
+            alternatives.append(f"{_lit(function['name'])} header-tail {rule}")
+        return " | ".join(alternatives), rules
+
+    def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
+        calls, rules = self._calls_grammar(tools)
+        return _merged('root ::= "<|channel|>commentary to=functions." call\ncall ::= ' + calls
+                       + '\nheader-tail ::= " <|constrain|>json"? "<|message|>"', *rules)
+
+    def lazy_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
+        calls, rules = self._calls_grammar(tools)
+        return _merged('root ::= " to=functions." call\ncall ::= ' + calls
+                       + '\nheader-tail ::= ("<|channel|>commentary")? " <|constrain|>json"? "<|message|>"', *rules)
+
+    def split(self, text: str, partial: bool, reasoning: bool) -> tuple[str, str, list[Call]]:
+        """(reasoning, content, calls) of a harmony reply."""
+        thought, content, calls = "", "", []
+        rest = text
+        while rest:
+            match = self._header.match(rest)
+            if match is None:
+                if partial or "<|message|>" not in rest:
+                    break  # a header still being written (or stray text after the last message)
+                rest = rest[rest.index("<|message|>"):]
+                continue
+            header, body = match.group("header"), rest[match.end():]
+            end = min((i for i in (body.find("<|end|>"), body.find("<|call|>")) if i >= 0), default=-1)
+            message, rest = (body, "") if end < 0 else (body[:end], body[end:].split(">", 1)[1])
+            if end < 0 and partial:
+                message = held_back(held_back(message, "<|end|>"), "<|call|>")
+            recipient = self._recipient.search(header)
+            if recipient:
+                value, _ = _value(message, partial)
+                calls.append(_make_call(recipient.group(1), value))
+            elif "analysis" in header:
+                if reasoning:
+                    thought += message
+                else:
+                    content += rest and f"<|channel|>analysis<|message|>{message}<|end|>" or f"<|channel|>analysis<|message|>{message}"
+            else:
+                content += message
+        return thought.strip(), content, calls
+
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
+        _, content, calls = self.split(text, partial, reasoning=False)
+        return content, calls
 
 
 class Generic(ToolFormat):
-    name, chat_format = "generic", 1
+    name = "generic"
 
     def detect(self, source: str, caps: Caps) -> bool:
         return not caps.tools
@@ -242,7 +654,7 @@ class Generic(ToolFormat):
     def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
         return convert_json_schema_to_grammar(self._reply_schema(tools, choice, parallel), ["tool_call", "tool_calls", "name"])
 
-    def parse(self, text: str, partial: bool) -> tuple[str, list[dict[str, Any]]]:
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
         if not text.lstrip().startswith("{"):
             return text, []  # the model answered in plain text
         value, _ = _value(text, partial)
@@ -258,7 +670,75 @@ class Generic(ToolFormat):
 
 
 CONTENT = ToolFormat()
-FORMATS: tuple[ToolFormat, ...] = (Hermes(), Llama3(), Mistral(), Generic())
+_DS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")
+_MISTRAL_ID = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
+
+# In llama.cpp's order of detection (common_chat_templates_apply_jinja): the first that matches wins.
+FORMATS: tuple[ToolFormat, ...] = (
+    NamedJson("deepseek-v3.1", _markers("message['prefix'] is defined and message['prefix'] and thinking"),
+              "<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>", "<｜tool▁call▁end｜>", block=_DS),
+    NamedJson("deepseek-r1", _markers(_DS[0]), "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+              "\n```<｜tool▁call▁end｜>", block=_DS, separator="\n"),
+    JsonInTags("command-r7b", _markers("<|END_THINKING|><|START_ACTION|>"), "<|START_ACTION|>", "<|END_ACTION|>", array=True,
+               name_key="tool_name", args_key="parameters", id_key="tool_call_id", id_schema={"type": "string", "pattern": "^[0-9]{1,3}$"},
+               think=("<|START_THINKING|>", "<|END_THINKING|>"), order=("tool_call_id", "tool_name")),
+    JsonInTags("granite", _markers("elif thinking", "<|tool_call|>"), "<|tool_call|>", array=True),
+    XmlCalls("glm-4.5", _markers("[gMASK]<sop>", "<arg_key>", "<arg_value>"), scope=("", ""), open="<tool_call>{name}\n",
+             close="</tool_call>", key="<arg_key>{key}</arg_key>\n<arg_value>", value_end="</arg_value>"),
+    XmlCalls("qwen3-coder", _markers("<tool_call>", "<function=", "<parameter="), scope=("<tool_call>", "</tool_call>"),
+             open="<function={name}>\n", close="</function>", key="<parameter={key}>\n", value_end="\n</parameter>"),
+    JsonInTags("hermes", _markers("<tool_call>"), "<tool_call>", "</tool_call>"),
+    GptOss(),
+    XmlCalls("seed-oss", _markers("<seed:think>"), scope=("<seed:tool_call>", "</seed:tool_call>"), open="<function={name}>\n",
+             close="</function>", key="<parameter={key}>", value_end="</parameter>", think=("<seed:think>", "</seed:think>")),
+    JsonInTags("nemotron-v2", _markers("<SPECIAL_10>"), "<TOOLCALL>", "</TOOLCALL>", array=True),
+    JsonInTags("apertus", _markers("<|system_start|>", "<|tools_prefix|>"), "<|tools_prefix|>", "<|tools_suffix|>", array=True,
+               think=("<|inner_prefix|>", "<|inner_suffix|>")),
+    JsonInTags("lfm2", _markers("List of tools: <|tool_list_start|>[", "]<|tool_list_end|>"), "<|tool_call_start|>",
+               "<|tool_call_end|>", array=True),
+    XmlCalls("minimax-m2", _markers("]~!b[", "]~b]"), scope=("<minimax:tool_call>", "</minimax:tool_call>"),
+             open='<invoke name="{name}">\n', close="</invoke>", key='<parameter name="{key}">', value_end="</parameter>"),
+    NamedJson("kimi-k2", _markers("<|tool_calls_section_begin|>", "<|tool_call_begin|>"),
+              "<|tool_call_begin|>functions.{name}:{index}<|tool_call_argument_begin|>", "<|tool_call_end|>",
+              block=("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"), id_from_marker=True),
+    FunctionaryV32(),
+    JsonInTags("firefunction-v2", _markers(" functools["), " functools[", array=True, keep=1),
+    NamedJson("functionary-v3.1", _markers("<|start_header_id|>", "<function="), "<function={name}>", "</function>"),
+    Llama3(),
+    JsonInTags("magistral", _markers("[THINK]", "[/THINK]"), "[TOOL_CALLS]", array=True, id_schema=_MISTRAL_ID,
+               think=("[THINK]", "[/THINK]")),
+    JsonInTags("mistral", _markers("[TOOL_CALLS]"), "[TOOL_CALLS]", array=True, id_schema=_MISTRAL_ID),
+    Generic(),
+)
+
+#: llama.rn 0.12.9's common_chat_format numbers (llama.cpp's PEG parsers): every Jinja chat is "peg-native"
+#: except Gemma 4 and MiniMax-M3, which have their own; raw prompts and the legacy path are "content only".
+CHAT_FORMAT_CONTENT_ONLY, CHAT_FORMAT_PEG_NATIVE, CHAT_FORMAT_PEG_GEMMA4, CHAT_FORMAT_PEG_MINIMAX_M3 = 0, 2, 3, 4
+
+
+def chat_format_number(source: str) -> int:
+    """What llama.rn reports as ``chat_format`` for a Jinja chat with this template."""
+    if "'<|tool_call>call:'" in source:
+        return CHAT_FORMAT_PEG_GEMMA4
+    if "]<]minimax[>[" in source and "<invoke name=" in source:
+        return CHAT_FORMAT_PEG_MINIMAX_M3
+    return CHAT_FORMAT_PEG_NATIVE
+
+
+def reasoning_markers(source: str) -> tuple[str, str]:
+    """The thinking markers of the template's model family (used with or without tools)."""
+    for candidate in FORMATS:
+        if candidate.think != THINK and candidate.detect(source, Caps()):
+            return candidate.think
+    return THINK
+
+
+def always_format(source: str) -> ToolFormat | None:
+    """The format whose structure every reply of this template has, tools or not (GPT-OSS, Functionary v3.2)."""
+    for candidate in FORMATS:
+        if candidate.always and candidate.detect(source, Caps()):
+            return candidate
+    return None
 
 
 def pick_format(source: str, caps: Caps) -> ToolFormat:
@@ -269,4 +749,3 @@ def pick_format(source: str, caps: Caps) -> ToolFormat:
     raise UnsupportedFeatureError(
         "tools: this chat template describes tools in a format llamacompat does not parse yet "
         f"(supported: {', '.join(f.name for f in FORMATS)}); pass chat_template='hermes' or a template without tools")
-

@@ -20,14 +20,24 @@ from ..errors import InvalidParamsError, UnsupportedFeatureError
 from ..grammars.triggers import Trigger
 from ..params import REASONING_FORMATS, TOOL_CHOICES
 from .builtin import BUILTIN_TEMPLATES, legacy_name, template_source
-from .formats import CONTENT, Generic, ToolFormat, pick_format
+from .formats import (
+    CHAT_FORMAT_CONTENT_ONLY,
+    CONTENT,
+    THINK,
+    Generic,
+    GptOss,
+    ToolFormat,
+    always_format,
+    chat_format_number,
+    pick_format,
+    reasoning_markers,
+)
 from .messages import joined_text, shape_for_template, validate_messages, validate_tools
 from .reasoning import split_reasoning
 from .template import render, template_caps
 
 __all__ = ["ChatOptions", "TemplateTokens", "FormattedChat", "ReplyParser", "format_chat"]
 
-THINK_START, THINK_END = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -69,20 +79,34 @@ class ChatOptions:
 class ReplyParser:
     """Generated text → llama.rn's ``content`` / ``reasoning_content`` / ``tool_calls`` (only non-empty ones)."""
 
-    def __init__(self, tool_format: ToolFormat, reasoning_format: str, forced_open: bool = False) -> None:
+    def __init__(self, tool_format: ToolFormat, reasoning_format: str, forced_open: bool = False,
+                 think: tuple[str, str] = THINK) -> None:
         self.tool_format, self.reasoning_format, self.forced_open = tool_format, reasoning_format, forced_open
+        self.think = think
         self._id_prefix = "call_" + secrets.token_hex(6) + "_"  # stable across one reply's stream
+        self._ids: list[str] = []
+
+    def _id(self, index: int, call: dict[str, Any], writing: bool) -> str:
+        """A call's id, fixed when it is first seen: the model's own once written out, else one of ours."""
+        if index < len(self._ids):
+            return self._ids[index]
+        own = call.get("id") if not writing or self.tool_format.ids_in_marker else None
+        self._ids.append(own or f"{self._id_prefix}{index}")
+        return self._ids[index]
 
     def __call__(self, text: str, partial: bool) -> dict[str, Any]:
-        reasoning, content = split_reasoning(text, self.reasoning_format, partial, self.forced_open, THINK_START, THINK_END)
-        content, calls = self.tool_format.parse(content, partial)
+        if isinstance(self.tool_format, GptOss):  # harmony: the channels carry the reasoning
+            reasoning, content, calls = self.tool_format.split(text, partial, self.reasoning_format != "none")
+        else:
+            reasoning, content = split_reasoning(text, self.reasoning_format, partial, self.forced_open, *self.think)
+            content, calls = self.tool_format.parse(content, partial)
         out: dict[str, Any] = {}
         if content:
             out["content"] = content
         if reasoning:
             out["reasoning_content"] = reasoning
         if calls:
-            out["tool_calls"] = [{**call, "id": call.get("id") or f"{self._id_prefix}{i}"} for i, call in enumerate(calls)]
+            out["tool_calls"] = [{**call, "id": self._id(i, call, partial and i == len(calls) - 1)} for i, call in enumerate(calls)]
         return out
 
 
@@ -99,27 +123,30 @@ class FormattedChat:
     thinking_forced_open: bool = False
     reasoning_format: str = "none"
     legacy: bool = False
+    think: tuple[str, str] = THINK
+    #: llama.rn's number for the parser (llama.cpp's common_chat_format)
+    chat_format: int = CHAT_FORMAT_CONTENT_ONLY
 
     def parser(self) -> ReplyParser | None:
         """None when the reply is plain content (the engine's fast path)."""
         if self.tool_format is CONTENT and self.reasoning_format == "none":
             return None
-        return ReplyParser(self.tool_format, self.reasoning_format, self.thinking_forced_open)
+        return ReplyParser(self.tool_format, self.reasoning_format, self.thinking_forced_open, self.think)
 
     def as_result(self) -> dict[str, Any]:
         """llama.rn's getFormattedChat result."""
         if self.legacy:
             return {"type": "llama-chat", "prompt": self.prompt, "has_media": False, "media_paths": []}
         result: dict[str, Any] = {
-            "type": "jinja", "prompt": self.prompt, "chat_format": self.tool_format.chat_format,
+            "type": "jinja", "prompt": self.prompt, "chat_format": self.chat_format,
             "grammar": self.grammar, "grammar_lazy": self.grammar_lazy,
             "grammar_triggers": [trigger.as_dict() for trigger in self.grammar_triggers],
             "preserved_tokens": self.preserved_tokens, "additional_stops": self.additional_stops,
             "generation_prompt": self.generation_prompt, "thinking_forced_open": self.thinking_forced_open,
             "has_media": False, "media_paths": [],
         }
-        if THINK_START in self.prompt or self.thinking_forced_open or self.reasoning_format != "none":
-            result.update(thinking_start_tag=THINK_START, thinking_end_tag=THINK_END)
+        if self.think[0] in self.prompt or self.thinking_forced_open or self.reasoning_format != "none":
+            result.update(thinking_start_tag=self.think[0], thinking_end_tag=self.think[1])
         return result
 
 
@@ -167,13 +194,13 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
 
     source = template_source(template)
     caps = template_caps(source)
-    tool_format = CONTENT
+    tool_format = always_format(source) or CONTENT
     calling = bool(tools) and options.tool_choice != "none"
     if calling:
         if has_grammar:
             raise InvalidParamsError("completion: cannot combine 'grammar' / 'json_schema' with tools; "
                                      "drop one, or pass tool_choice: 'none'")
-        tool_format = pick_format(source, caps)
+        tool_format = pick_format(source, caps).with_tools(tools)
         checked = tool_format.prepare(checked, tools, options.tool_choice, options.parallel_tool_calls, caps)
     shaped = shape_for_template(checked, caps)
     variables = _context(options, tokens)
@@ -187,11 +214,13 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
         grammar = tool_format.grammar(tools, options.tool_choice, options.parallel_tool_calls)
     elif calling and tool_format.triggers:  # auto: the model writes freely until a call starts (llama.cpp's lazy grammar)
         grammar, lazy = tool_format.lazy_grammar(tools, options.parallel_tool_calls), True
+    think = tool_format.think if tool_format is not CONTENT else reasoning_markers(source)
     return FormattedChat(
         prompt, tool_format, grammar, lazy, tool_format.triggers if lazy else (),
-        preserved_tokens=[tool_format.trigger] if calling and tool_format.trigger else [],
+        preserved_tokens=list(tool_format.preserved) if calling or tool_format.always else [],
         additional_stops=list(tool_format.stops) if calling else [],
         generation_prompt=generation,
-        thinking_forced_open=generation.rstrip().endswith(THINK_START),
+        thinking_forced_open=generation.rstrip().endswith(think[0]),
         reasoning_format=options.reasoning_format,
+        think=think, chat_format=chat_format_number(source),
     )
