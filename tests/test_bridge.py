@@ -506,3 +506,23 @@ def test_line_reader_limits_lines_across_chunks():
     # reads come 64 KiB at a time: lines that span several reads
     long_ok, too_long = b"a" * 100_000, b"b" * 150_001
     assert asyncio.run(lines([long_ok + b"\n" + too_long + b"\nok\n"], 150_000)) == [long_ok, ("oversize", False), b"ok"]
+
+
+def test_events_carry_the_reply_so_far_yet_each_line_stays_short(served, raw):
+    """llama.rn's TokenData has content and accumulated_text (the reply so far) on every token; over the wire the
+    server leaves that text out and the client rebuilds it, so a line does not grow with the reply."""
+    events = []
+    with init_llama({"backend": "bridge", "socket": served.socket}) as ctx:
+        result = ctx.completion({"prompt": "Count: one, two, three,", "n_predict": 24, **GREEDY}, events.append)
+    text = ""
+    for event in events:
+        text += event["token"]
+        assert event["accumulated_text"] == event["content"] == text
+    assert text == result["text"] == result["accumulated_text"] == result["content"]
+    raw.send({"id": 1, "method": "completion", "params": {"params": {"prompt": "Count: one, two, three,",
+                                                                    "n_predict": 24, **GREEDY}}})
+    lines = []
+    while "event" in (line := raw.read()):
+        lines.append(line["event"])
+    assert line["result"]["text"] == result["text"]
+    assert lines and all("accumulated_text" not in e and "content" not in e and e["plain"] is True for e in lines)

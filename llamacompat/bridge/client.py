@@ -43,7 +43,7 @@ from ..errors import (
 from ..models import local_path, resolve_model
 from ..text_stream import drain
 from ..types import EmbeddingResult, RerankResult, SessionLoadResult
-from .protocol import MAX_LINE, default_socket, encode
+from .protocol import MAX_LINE, EventText, default_socket, encode
 
 __all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
 
@@ -266,8 +266,8 @@ class BridgeCore:
             raise error_from_code(error.get("code", "llama_error"), error.get("message", "bridge error"))
         return msg["result"]
 
-    def _request(self, method: str, params: dict[str, Any], strict: bool = False,
-                 stop: threading.Event | None = None) -> Generator[Any, None, Any]:
+    def _request(self, method: str, params: dict[str, Any], strict: bool = False, stop: threading.Event | None = None,
+                 on_event: Callable[[Any], Any] | None = None) -> Generator[Any, None, Any]:
         """Send one request; yield its events, return its result or raise its error.
 
         With ``stop``, a set flag sends a ``stop`` request (checked at each event, and every
@@ -287,7 +287,7 @@ class BridgeCore:
                     self._check_alive(began)
                     continue
                 if msg is not None and "event" in msg:
-                    yield msg["event"]
+                    yield msg["event"] if on_event is None else on_event(msg["event"])
                 elif msg is not None and "warning" in msg:
                     compat_warning(msg["warning"], stacklevel=4)
                 else:
@@ -313,8 +313,12 @@ class BridgeCore:
         n = len(call.args)
         stop = args[n] if call.stop else None
         strict = args[-1] if call.strict else False
-        request = self._request(call.name, dict(zip(call.args, args[:n], strict=True)), strict, stop)
-        return request if call.events else drain(request, None)
+        wire = dict(zip(call.args, args[:n], strict=True))
+        if not call.events:
+            return drain(self._request(call.name, wire, strict, stop), None)
+        params = wire.get("params")
+        prefill = params.get("prefill_text") if isinstance(params, Mapping) else None
+        return self._request(call.name, wire, strict, stop, EventText(prefill if isinstance(prefill, str) else ""))
 
     def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
         P.require_embedding(self.params, "embedding")  # this context's own init params decide, as they would locally

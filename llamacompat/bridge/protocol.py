@@ -15,9 +15,10 @@ from typing import Any
 
 from ..context.core import CALLS
 from ..errors import AuthenticationError, InvalidParamsError, LlamaError
+from ..types import TokenData
 
 __all__ = ["MAX_LINE", "MAX_DEPTH", "MAX_CLIENTS", "METHODS", "TEXT_COMMANDS", "encode", "decode", "error_body",
-           "default_socket", "private_folder"]
+           "default_socket", "private_folder", "wire_event", "EventText"]
 
 MAX_LINE = 1 << 20  # bytes in one request line, newline excluded
 MAX_DEPTH = 100  # nesting of arrays and objects in one JSON request
@@ -66,6 +67,33 @@ def private_folder(folder: str, create: bool) -> str:
             f"with mode 0700; it is owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}. Another user "
             "may have created it to intercept the bridge: remove it, or pass an explicit socket path")
     return folder
+
+
+def wire_event(event: TokenData) -> dict[str, Any]:
+    """A TokenData as the server sends it: without the reply so far, which the client rebuilds from the tokens
+    (``EventText``), so that a token's line stays short however long the reply grows. ``"plain": true`` says
+    that ``content`` was that text too (a plain completion, or a chat without reasoning or tool calls)."""
+    out: dict[str, Any] = dict(event)
+    text = out.pop("accumulated_text", None)
+    if text is not None and out.get("content") == text:
+        del out["content"]
+        out["plain"] = True
+    return out
+
+
+class EventText:
+    """The client's half of ``wire_event``: puts ``accumulated_text`` (and a plain ``content``) back."""
+
+    def __init__(self, prefill: str = "") -> None:
+        self.text = prefill  # llama.rn's accumulated_text starts with the request's prefill_text
+
+    def __call__(self, event: dict[str, Any]) -> dict[str, Any]:
+        self.text += event.get("token", "")
+        if event.pop("plain", False):
+            event["content"] = self.text
+        if self.text:
+            event["accumulated_text"] = self.text
+        return event
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -49,7 +49,7 @@ from ..errors import (
 )
 from ..local import LocalCore, file_name, session_path
 from ..text_stream import drain
-from .protocol import MAX_CLIENTS, MAX_LINE, METHODS, TEXT_COMMANDS, decode, default_socket, encode, error_body
+from .protocol import MAX_CLIENTS, MAX_LINE, METHODS, TEXT_COMMANDS, decode, default_socket, encode, error_body, wire_event
 
 __all__ = ["BridgeServer", "bind_unix_socket", "run_server", "MAX_UNAUTHENTICATED", "AUTH_TIMEOUT_S", "SHUTDOWN_GRACE_S"]
 
@@ -507,7 +507,7 @@ class BridgeServer:
         result = getattr(self._model(), call.name)(*args)
         if call.events:
             post, rid = self._poster(job.client), job.rid
-            return drain(result, lambda event: post(encode({"id": rid, "event": event})))
+            return drain(result, lambda event: post(encode({"id": rid, "event": wire_event(event)})))
         return result
 
     def _on_server(self, method: str, name: str, value: Any) -> Any:
