@@ -11,19 +11,24 @@ model's forward pass.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, cast
+from typing import Callable, Iterable, Protocol, cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, apply_xtc, categorical_sampling
 
-from ..base import SamplingParams
-
-if TYPE_CHECKING:
-    from .grammar import GrammarMask
+from ..base import NoTokenAllowed, SamplingParams
 
 __all__ = ["Sampling", "token_id"]
 
 Logits = mx.array  # shape (1, n_vocab)
+
+
+class Mask(Protocol):
+    """A grammar's step (``grammar.GrammarMask``): the logits it allows, after ``token`` was sampled."""
+
+    dead_end: NoTokenAllowed | None
+
+    def __call__(self, logits: Logits, token: mx.array | None) -> Logits: ...
 
 
 def token_id(token: mx.array) -> int:
@@ -35,7 +40,7 @@ class Sampling:
     """One completion's logits processing and token draw; ``process`` then ``sample`` at every step."""
 
     def __init__(self, s: SamplingParams, n_vocab: int, n_ctx: int, eog: Iterable[int], history: list[int],
-                 grammar: "GrammarMask | None" = None) -> None:
+                 grammar: Mask | None = None) -> None:
         self._grammar = grammar
         bias = dict(s.logit_bias)
         if s.ignore_eos:
