@@ -33,9 +33,10 @@ class CompletionRequest:
     n_probs: int = 0
     parse: Parse | None = None  # None: the text is the content
     chat_format: int = 0
+    prefill: str = ""  # llama.rn's prefill_text: the reply began with it
 
     def text_stream(self) -> TextStream:
-        return TextStream(self.stop, self.n_probs, self.parse, self.chat_format)
+        return TextStream(self.stop, self.n_probs, self.parse, self.chat_format, self.prefill)
 
 
 class TokenText:

@@ -1,14 +1,18 @@
 """One error hierarchy for every backend.
 
-Each class carries a stable ``code`` (for programs and the bridge protocol) and,
-where llama.rn has one, llama.rn's message text, so ported error handling that
-matches on messages keeps working. Classes also inherit the builtin exception
-they resemble, so ``except ValueError`` style code still catches them.
+Each class carries a stable ``code`` (for programs and the bridge protocol).
+Where llama.rn has a fixed message for the failure ("Context is full", "Prompt is
+required", ...), ``str(err)`` is exactly that text, so ported code that compares
+messages keeps working; what was wrong and how to fix it is ``err.detail`` (also
+``err.message``, what the bridge sends, and a PEP 678 note, so tracebacks and
+``repr`` show it). Classes also inherit the builtin exception they resemble, so
+``except ValueError`` style code still catches them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from contextvars import ContextVar
 from typing import Callable, Iterator, Mapping
@@ -34,6 +38,8 @@ __all__ = [
     "DownloadError",
     "ChecksumError",
     "LlamaCompatWarning",
+    "LLAMA_RN_MESSAGES",
+    "llama_rn_text",
     "map_exceptions",
     "unsupported",
     "error_from_code",
@@ -42,20 +48,44 @@ __all__ = [
 ]
 
 
+# llama.rn's fixed error messages (its C++ what() strings and JS errors). A message that starts with one of them,
+# alone or followed by ":", " (", ";" or ".", has that text as its str(); the longer ones come first.
+LLAMA_RN_MESSAGES = (
+    "Context is full", "Context is busy", "Context not found", "Context was released", "Context limit reached",
+    "Prompt is required", "Embedding is not enabled", "Embedding is not supported in encoder-decoder models",
+    "Failed to load model info", "Failed to load model", "Failed to initialize sampling",
+    "Failed to load session", "Failed to save session", "Unknown reasoning format",
+    "Grammar trigger word should be marked as preserved token",
+    "Multimodal support not enabled. Call initMultimodal first.", "Parallel mode not enabled",
+)
+_RN_PREFIX = re.compile("(" + "|".join(re.escape(text) for text in LLAMA_RN_MESSAGES) + r")(?=$|:|;|\.| \()")
+
+
+def llama_rn_text(message: str) -> str:
+    """What llama.rn would say for ``message``: its fixed text where ``message`` starts with one, else ``message``."""
+    match = _RN_PREFIX.match(message)
+    return match.group(1) if match else message
+
+
 class LlamaError(Exception):
-    """Base of every llamacompat error: ``code`` is stable, ``message`` is for people."""
+    """Base of every llamacompat error: ``code`` is stable; ``str(err)`` is llama.rn's message where it has a
+    fixed one, and ``detail`` (= ``message``) says what was wrong and how to fix it."""
 
     code = "llama_error"
     default_message = "llama error"
 
     def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
         self.message = message or self.default_message
+        self.detail = self.message
         if code is not None:
             self.code = code
         super().__init__(self.message)
+        self._text = llama_rn_text(self.message)
+        if self._text != self.message:  # a PEP 678 note: tracebacks (and pytest's match) show the detail
+            self.__notes__ = [self.message]
 
     def __str__(self) -> str:
-        return self.message
+        return self._text
 
 
 class ModelLoadError(LlamaError, RuntimeError):
@@ -241,11 +271,11 @@ def compat_warning(message: str, stacklevel: int = 2) -> None:
         warnings.warn(message, LlamaCompatWarning, stacklevel=stacklevel + 1)
 
 
-def unsupported(strict: bool, message: str) -> None:
+def unsupported(strict: bool, message: str, stacklevel: int = 3) -> None:
     """A feature the backend lacks: an ``UnsupportedFeatureError`` when strict, else a LlamaCompatWarning."""
     if strict:
         raise UnsupportedFeatureError(message)
-    compat_warning(message, stacklevel=3)
+    compat_warning(message, stacklevel=stacklevel)
 
 
 @contextlib.contextmanager

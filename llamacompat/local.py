@@ -29,7 +29,7 @@ from .grammars.schema import convert_json_schema_to_grammar
 from .grammars.triggers import parse_triggers
 from .models import local_path
 from .sessions import check_identity, read_sidecar, save_with_sidecar
-from .text_stream import stopped_before_prompt
+from .text_stream import Parse, stopped_before_prompt
 from .types import (
     CompletionResult,
     EmbeddingResult,
@@ -43,15 +43,25 @@ from .types import (
 __all__ = ["LocalCore", "session_path", "file_name"]
 
 
-def _caps(adapter: Adapter) -> dict[str, bool] | None:
-    """llama.rn's ``defaultCaps`` of the model's own template (snake_case), probed as llama.cpp does."""
-    if not adapter.chat_template:
+def _caps(source: str | None) -> dict[str, bool] | None:
+    """llama.rn's ``defaultCaps`` / ``toolUseCaps`` of a template of the model (snake_case), probed as llama.cpp does."""
+    if not source:
         return None
     try:
-        caps = template_caps(adapter.chat_template)
+        caps = template_caps(source)
     except TemplateError:  # a broken template fails when it is used, with its line
         return None
-    return {"tools": caps.tools, "tool_calls": caps.tool_calls, "system_role": caps.system_role}
+    return {"tools": caps.tools, "tool_calls": caps.tool_calls, "parallel_tool_calls": caps.parallel_tool_calls,
+            "system_role": caps.system_role}
+
+
+def chat_templates(default: str | None, tool_use: str | None) -> dict[str, Any]:
+    """llama.rn's ``model.chatTemplates`` (snake_case): the model's template, and its separate tool-use template
+    (GGUF's ``tokenizer.chat_template.tool_use``, as llama.cpp reads it) where it has one."""
+    jinja: dict[str, Any] = {"default": bool(default), "default_caps": _caps(default), "tool_use": bool(tool_use)}
+    if tool_use:
+        jinja["tool_use_caps"] = _caps(tool_use)
+    return {"llama_chat": bool(default), "jinja": jinja}
 
 
 def session_path(path: Any, where: str) -> str:
@@ -83,13 +93,11 @@ class LocalCore:
         self.n_vocab = adapter.n_vocab
         self.gpu, self.reason_no_gpu, self.devices = adapter.gpu, adapter.reason_no_gpu, list(adapter.devices)
         self._lora: list[dict[str, Any]] = []
-        has_template = bool(adapter.chat_template)
-        self.model = {
-            **adapter.model_info(),
-            "chat_templates": {"llama_chat": has_template, "jinja": {"default": has_template, "default_caps": _caps(adapter),
-                                                                     "tool_use": False}},
-            "is_chat_template_supported": has_template,
-        }
+        self.system_info, self.android_lib = adapter.system_info(), None
+        info = adapter.model_info()
+        tool_use = self._tool_use_template = (info.get("metadata") or {}).get("tokenizer.chat_template.tool_use")
+        self.model = {**info, "chat_templates": chat_templates(adapter.chat_template, tool_use),
+                      "is_chat_template_supported": bool(adapter.chat_template)}
 
     @property
     def capabilities(self) -> dict[str, Any]:
@@ -109,12 +117,26 @@ class LocalCore:
         self.require("completion", "completion")
         try:
             with render_stop(stop):  # stop_completion also ends a long chat template render
-                request = self._request(params, strict)
+                request, n_threads = self._request(params, strict)
         except RenderStopped:
             return stopped_before_prompt(self.adapter.n_past)
-        return (yield from generate(self.adapter, request, stop))
+        restore = self._use_threads(n_threads, strict)
+        try:
+            return (yield from generate(self.adapter, request, stop))
+        finally:
+            if restore is not None:
+                self.adapter.set_threads(restore)
 
-    def _request(self, params: Mapping[str, Any] | None, strict: bool) -> CompletionRequest:
+    def _use_threads(self, n_threads: int, strict: bool) -> int | None:
+        """A completion's own ``n_threads`` (0: the context's): the count to restore afterwards, or None."""
+        if not n_threads:
+            return None
+        previous = self.adapter.set_threads(n_threads)
+        if previous is None:
+            unsupported(strict, f"completion: 'n_threads' is fixed when a {self.backend} context is created (ignored)")
+        return previous
+
+    def _request(self, params: Mapping[str, Any] | None, strict: bool) -> tuple[CompletionRequest, int]:
         p = P.completion_params(params, strict)
         schema = p["json_schema"]
         # Checked here, so a bad grammar or schema fails the same way on every backend.
@@ -131,15 +153,18 @@ class LocalCore:
         tokens = self.adapter.tokenize(P.check_unicode(text, "completion: the prompt") if p["messages"] else text, True)
         sampling = SamplingParams.from_params(p, logit_bias if p["logit_bias"] else ())
         self._check_bans(sampling)
-        return CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
+        request = CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
+        return request, p["n_threads"]
 
     def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:
         adapter = self.adapter
-        source = template or self.params["chat_template"] or adapter.chat_template or "chatml"
+        # llama.cpp renders a chat with tools with the model's tool-use template, where it has one
+        own = self._tool_use_template if p.get("tools") and self._tool_use_template else adapter.chat_template
+        source = template or self.params["chat_template"] or own or "chatml"
         tokens = TemplateTokens(adapter.bos_text, adapter.eos_text, adapter.add_bos)
         return format_chat(source, messages, tokens, ChatOptions.from_params(p), has_grammar=has_grammar)
 
-    def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, ReplyParser | None]:
+    def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, Parse | None]:
         """Prompt text, stop strings, chat format and reply parser; a chat's tool grammar goes into ``p``."""
         if p["messages"] is None:  # completion_params checked that it is one or the other
             parse = ReplyParser(CONTENT, p["reasoning_format"]) if p["reasoning_format"] != "none" else None

@@ -13,12 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .errors import EmbeddingDisabledError, InvalidParamsError, UnsupportedFeatureError, compat_warning
+from .errors import EmbeddingDisabledError, InvalidParamsError, UnsupportedFeatureError, unsupported
 from .models import local_path
 
 __all__ = ["Field", "parse_params", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora",
-           "COMPLETION_FIELDS", "CONTEXT_FIELDS", "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET",
-           "completion_params", "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
+           "COMPLETION_FIELDS", "CONTEXT_FIELDS", "CONTEXT_IGNORED", "COMPLETION_IGNORED",
+           "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET",
+           "completion_params", "init_params", "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
 
 _MISSING = object()
 logger = logging.getLogger(__name__)
@@ -115,8 +116,19 @@ COMPLETION_FIELDS: dict[str, Field] = {
                               "'none', 'auto', 'deepseek' or 'deepseek-legacy' (Unknown reasoning format)"),
     "enable_thinking": _bool(True),
     "chat_template_kwargs": Field((dict,), None, nullable=True),
-    "now": Field((int, float), None, lambda v: v >= 0, "milliseconds since the epoch", nullable=True),
+    # llama.rn: seconds since the epoch, a number or a string of digits (a string that is not one means "now")
+    "now": Field((int, float, str), None, lambda v: isinstance(v, str) or v >= 0, "seconds since the epoch",
+                 nullable=True),
     "jinja": _bool(True),
+    "chatTemplate": Field((str,), None, nullable=True),  # llama.rn's deprecated alias, used when chat_template is not given
+    # llama.cpp's force_pure_content: the template renders the messages and the reply is all content (no tool or
+    # reasoning parse); any template in the model's metadata is used as it is
+    "force_pure_content": _bool(False),
+    # Text the assistant's reply already starts with (the last assistant message of a prefill): llama.rn parses
+    # prefill_text + the generated text into content / reasoning_content / tool_calls; 'text' is what was generated.
+    "prefill_text": Field((str,), None, nullable=True),
+    # Per completion, where the backend can (llama_cpp: llama_set_n_threads, the context's own restored after).
+    "n_threads": _int(0, lambda v: 0 <= v <= MAX_THREADS, f"between 0 and {MAX_THREADS} (0 = the context's)"),
     # llama.rn sends this; the native default is what llamacompat does.
     "emit_partial_completion": _bool(False),
 }
@@ -124,7 +136,7 @@ COMPLETION_FIELDS: dict[str, Field] = {
 # The completion params that also shape get_formatted_chat.
 CHAT_FIELDS = ("chat_template", "add_generation_prompt", "tools", "tool_choice", "parallel_tool_calls",
                "reasoning_format", "enable_thinking", "chat_template_kwargs", "now", "jinja", "json_schema",
-               "response_format")
+               "response_format", "force_pure_content")
 
 # Capability name -> the completion params that use it (used = not the default).
 # A backend that lacks the feature refuses a grammar outright (never unconstrained
@@ -188,17 +200,29 @@ def features_used(params: Mapping[str, Any]) -> list[tuple[str, str]]:
 # does not implement yet: refusing them beats silently unconstrained output.
 COMPLETION_NOT_YET = {
     "media_paths": "multimodal input",
-    "prefill_text": "assistant prefill",
-    "thinking_budget_tokens": "thinking budgets",
-    "speculative": "speculative decoding",
 }
 
-# Accepted for compatibility, with no effect on any backend (a warning says so).
+_SPECULATIVE = "speculative decoding is not implemented yet; the output is the same without it, only slower"
+_FROM_TEMPLATE = "llamacompat derives it from the chat template of 'messages'"
+
+# llama.rn keys accepted with no effect on any backend: a LlamaCompatWarning names the key and what is missing
+# (UnsupportedFeatureError with strict: True). A value that asks for nothing (None, False, 0, -1, "", [], {})
+# passes without a word.
 COMPLETION_IGNORED = {
-    "n_threads": "set n_threads at init_llama",
-    "chat_format": "the chat format is derived from the template",
-    "chatTemplate": "use chat_template",
+    "chat_format": _FROM_TEMPLATE,
     "thinking_forced_open": "it is derived from the template's generation prompt",
+    "generation_prompt": _FROM_TEMPLATE,
+    "chat_parser": _FROM_TEMPLATE + " (llama.cpp's PEG parsers are not used)",
+    "thinking_budget_tokens": "thinking budgets are not implemented yet; the reasoning runs to its own end",
+    "thinking_budget_message": "it goes with thinking_budget_tokens, not implemented yet",
+    "embedding": "a completion returns no per-token embeddings; call ctx.embedding",
+    "speaker": "text-to-speech is not supported",
+    "speculative": _SPECULATIVE,
+    "spec_type": _SPECULATIVE,
+    "spec_draft_n_max": _SPECULATIVE,
+    "spec_draft_n_min": _SPECULATIVE,
+    "spec_draft_p_min": _SPECULATIVE,
+    "spec_draft_p_split": _SPECULATIVE,
 }
 
 CONTEXT_FIELDS: dict[str, Field] = {
@@ -228,12 +252,34 @@ CONTEXT_FIELDS: dict[str, Field] = {
     "kv_unified": _bool(False),
     "swa_full": _bool(False),
     "no_extra_bufts": _bool(False),
-    "is_model_asset": _bool(False),
-    "n_parallel": _int(1, lambda v: v >= 1, ">= 1"),
+    "is_model_asset": _bool(False),  # iOS's app-bundle lookup: a warning says 'model' is used as given
+    "n_parallel": _int(1, lambda v: v >= 1, ">= 1"),  # accepted; one sequence per context today
+    # llama_cpp: backend device names (get_backend_devices_info's deviceName) the model may use
+    "devices": Field((list, tuple), None, lambda v: _is_str_list(v) and all(v), "a list of device names", nullable=True),
+    "no_gpu_devices": _bool(False),  # llama.rn's deprecated switch: n_gpu_layers 0
+    "n_cpu_moe": _int(0, lambda v: v >= 0, ">= 0 (keep the MoE experts of the first N layers on the CPU)"),
+    "use_progress_callback": _bool(False),  # llama.rn's JS sets it; progress is reported whenever on_progress is given
     # LoRA adapters applied at init; llama.rn merges the three into one lora_list (lora_entries)
     "lora": Field((str,), None, lambda v: bool(v), "a LoRA adapter path", nullable=True),
     "lora_scaled": _number(1.0),
     "lora_list": Field((list, tuple), None, nullable=True),
+}
+
+
+# llama.rn init keys accepted with no effect (a warning; an error with strict: True), as COMPLETION_IGNORED.
+CONTEXT_IGNORED = {
+    "cpu_mask": "llama-cpp-python binds no ggml threadpool, and its OpenMP threads take no CPU mask; pin the "
+                "process with os.sched_setaffinity",
+    "cpu_strict": "it goes with cpu_mask, which llama-cpp-python cannot apply",
+    "model_draft": _SPECULATIVE,
+    "draft_model": _SPECULATIVE,
+    "is_model_draft_asset": _SPECULATIVE,
+    "speculative": _SPECULATIVE,
+    "spec_type": _SPECULATIVE,
+    **{f"spec_draft_{name}": _SPECULATIVE for name in ("n_max", "n_min", "p_min", "p_split", "n_gpu_layers",
+                                                          "cache_type_k", "cache_type_v")},
+    "state_cache_budget_mb": "llama.rn's prefix snapshots for recurrent, hybrid and SWA models are not implemented",
+    "state_cache_max_checkpoints": "llama.rn's prefix snapshots for recurrent, hybrid and SWA models are not implemented",
 }
 
 
@@ -266,6 +312,16 @@ def init_lora(checked: Mapping[str, Any]) -> list[dict[str, Any]]:
     entries = [{"path": checked["lora"], "scaled": checked["lora_scaled"]}] if checked.get("lora") else []
     return lora_entries(entries + list(checked.get("lora_list") or []), "init_llama")
 
+def init_params(raw: Mapping[str, Any], extra: Mapping[str, Field]) -> dict[str, Any]:
+    """``init_llama``'s params checked against CONTEXT_FIELDS plus a backend's ``extra`` (CONTEXT_IGNORED warns)."""
+    checked = validate(raw, CONTEXT_FIELDS, "init_llama", extra=extra, ignored=CONTEXT_IGNORED,
+                       strict=raw.get("strict") is True)
+    if checked["is_model_asset"]:
+        unsupported(checked["strict"], "init_llama: 'is_model_asset' (iOS: look the model up in the app bundle) has no "
+                    "meaning here; 'model' is used as given (a path, or a model name)", stacklevel=4)
+    return checked
+
+
 # Init params a remote core (bridge, openai) uses itself; the others describe a model the server already loaded.
 _REMOTE_CLIENT_FIELDS = frozenset({"backend", "strict", "embedding", "embd_normalize", "model"})
 
@@ -275,7 +331,7 @@ def validate_remote(raw: Mapping[str, Any], fields: Mapping[str, Field], backend
 
     Model-shaping params (``n_ctx``, ...) are the server's: accepted, and logged as ignored.
     """
-    params = validate(raw, CONTEXT_FIELDS, "init_llama", extra=fields)
+    params = init_params(raw, fields)
     ignored = sorted(set(raw) - _REMOTE_CLIENT_FIELDS - set(fields))
     if ignored:
         logger.info("%s: the server's model settings apply; ignored init params: %s", backend, ", ".join(ignored))
@@ -329,8 +385,13 @@ def validate(
     extra: Mapping[str, Field] | None = None,
     not_yet: Mapping[str, str] | None = None,
     ignored: Mapping[str, str] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
-    """Check ``params`` against ``fields`` and return a new dict with every default filled in."""
+    """Check ``params`` against ``fields`` and return a new dict with every default filled in.
+
+    ``not_yet`` keys are refused unless empty; ``ignored`` keys warn (``UnsupportedFeatureError`` when ``strict``)
+    unless their value asks for nothing.
+    """
     if params is None:
         params = {}
     if not isinstance(params, Mapping):
@@ -346,7 +407,8 @@ def validate(
             if value not in (None, False, [], {}):
                 raise UnsupportedFeatureError(f"{where}: '{name}' ({not_yet[name]}) is not supported yet")
         elif ignored and name in ignored:
-            compat_warning(f"{where}: '{name}' is ignored ({ignored[name]})", stacklevel=3)
+            if _asks_something(value):
+                unsupported(strict, f"{where}: '{name}' is ignored ({ignored[name]})", stacklevel=4)
         else:
             raise unknown_key_error(name, list(spec) + list(not_yet or ()) + list(ignored or ()), where)
     for name, field in spec.items():
@@ -354,6 +416,13 @@ def validate(
             default = field.default
             out[name] = list(default) if isinstance(default, tuple) else default
     return out
+
+
+def _asks_something(value: Any) -> bool:
+    """Whether an ignored key's value asks for anything: None, False, 0, -1 and empty values do not."""
+    if isinstance(value, (list, tuple, dict, str)):
+        return bool(value)
+    return value not in (None, False, 0, -1)
 
 
 def check_unicode(text: str, what: str) -> str:
@@ -400,8 +469,10 @@ def completion_params(params: Mapping[str, Any] | None, strict: bool) -> dict[st
     ``grammar_lazy`` has what it needs. What needs the model (tokens, the chat template, the backend's
     features) is the core's.
     """
-    p = validate(params, COMPLETION_FIELDS, "completion", not_yet=COMPLETION_NOT_YET,
-                 ignored=None if strict else COMPLETION_IGNORED)
+    p = validate(params, COMPLETION_FIELDS, "completion", not_yet=COMPLETION_NOT_YET, ignored=COMPLETION_IGNORED,
+                 strict=strict)
+    if p["chat_template"] is None:  # llama.rn: params.chat_template || params.chatTemplate
+        p["chat_template"] = p["chatTemplate"]
     format_schema = response_format_schema(p["response_format"])
     if format_schema is None:
         p["response_format"] = None  # plain text: nothing to constrain

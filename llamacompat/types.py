@@ -83,6 +83,10 @@ class ContextParams(TypedDict, total=False):
     no_extra_bufts: bool
     is_model_asset: bool
     n_parallel: int
+    devices: Union[List[str], Tuple[str, ...], None]
+    no_gpu_devices: bool
+    n_cpu_moe: int
+    use_progress_callback: bool
     lora: Union[str, None]
     lora_scaled: float
     lora_list: Union[List[LoraAdapter], Tuple[LoraAdapter, ...], None]
@@ -180,10 +184,11 @@ class FormattedChatParams(TypedDict, total=False):
     reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"]
     enable_thinking: bool
     chat_template_kwargs: Union[Dict[str, Any], None]
-    now: Union[float, None]  # milliseconds since the epoch
+    now: Union[float, str, None]  # seconds since the epoch, as llama.rn (a string of digits too)
     jinja: bool
     json_schema: Union[str, Dict[str, Any], bool, None]
     response_format: Union[ResponseFormat, None]
+    force_pure_content: bool
 
 
 class CompletionParams(FormattedChatParams, total=False):
@@ -223,6 +228,9 @@ class CompletionParams(FormattedChatParams, total=False):
     preserved_tokens: Union[List[str], Tuple[str, ...]]
     grammar_engine: Literal["auto", "llguidance", "llama_cpp"]
     emit_partial_completion: bool
+    chatTemplate: Union[str, None]  # llama.rn's deprecated alias of chat_template
+    prefill_text: Union[str, None]
+    n_threads: int
 
 
 class TokenizeParams(TypedDict, total=False):

@@ -47,7 +47,7 @@ def main(backend: str) -> int:
             outcome = {"text": result["text"], "stopped_eos": result["stopped_eos"],
                        "stopped_limit": result["stopped_limit"], "tokens_predicted": result["tokens_predicted"]}
         except Exception as err:  # the outcome under test: its type and message
-            outcome = {"error": type(err).__name__, "message": str(err)}
+            outcome = {"error": type(err).__name__, "message": getattr(err, "detail", str(err))}
         print(json.dumps({"name": name, "streamed": "".join(streamed), **outcome}), flush=True)
     after = ctx.completion({"prompt": "The capital of France is", "n_predict": 4, "temperature": 0})
     print(json.dumps({"name": "after", "text": after["text"]}), flush=True)

@@ -167,18 +167,18 @@ def test_server_errors_and_warnings_arrive_as_the_same_classes(served):
     with init_llama({"backend": "bridge", "socket": served.socket}) as ctx:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = ctx.completion({"prompt": "Hi", "n_predict": 2, "n_threads": 4})
+            result = ctx.completion({"prompt": "Hi", "n_predict": 2, "chat_format": 3})
         assert result["tokens_predicted"] == 2
         assert [str(w.message) for w in caught if w.category is LlamaCompatWarning] == [
-            "completion: 'n_threads' is ignored (set n_threads at init_llama)"]
+            "completion: 'chat_format' is ignored (llamacompat derives it from the chat template of 'messages')"]
         with pytest.raises(SessionError, match="outside the server's --sessions-dir"):
             ctx.save_session("/etc/llamacompat-test.session")
         with pytest.raises(EmbeddingDisabledError):
             ctx.embedding("needs embedding: True on the client context")
         assert ctx.capabilities["server_backend"] == "llama_cpp"
     with init_llama({"backend": "bridge", "socket": served.socket, "strict": True}) as ctx:
-        with pytest.raises(InvalidParamsError, match="n_threads"):  # strict: no leniency for ignored keys
-            ctx.completion({"prompt": "Hi", "n_predict": 2, "n_threads": 4})
+        with pytest.raises(UnsupportedFeatureError, match="chat_format"):  # strict: no leniency for ignored keys
+            ctx.completion({"prompt": "Hi", "n_predict": 2, "chat_format": 3})
 
 
 def test_client_refuses_a_model_the_server_does_not_serve(served, tmp_path):

@@ -189,7 +189,7 @@ def test_probabilities_and_text_survive_multibyte_characters(ctx):
 def test_bad_params_raise_invalid_params_and_context_survives(ctx, params, message):
     with pytest.raises(InvalidParamsError) as info:
         ctx.completion(params)
-    assert message in str(info.value)
+    assert message in info.value.detail
     assert ctx.completion({"prompt": "Hi", "n_predict": 1})["tokens_predicted"] == 1
 
 

@@ -220,7 +220,8 @@ def test_context_describes_model_and_capabilities(ctx):
     assert ctx.model["n_params"] > 100_000_000 and ctx.model["size"] > 50_000_000
     assert ctx.model["chat_templates"]["jinja"]["default"] is True
     # SmolLM2's ChatML template has a system role and no tool syntax of its own (so tools use the generic format).
-    assert ctx.model["chat_templates"]["jinja"]["default_caps"] == {"tools": False, "tool_calls": False, "system_role": True}
+    assert ctx.model["chat_templates"]["jinja"]["default_caps"] == {"tools": False, "tool_calls": False,
+                                                                  "parallel_tool_calls": False, "system_role": True}
     caps = ctx.capabilities
     assert caps["backend"] == "llama_cpp" and caps["features"]["grammar"] == "native"
     assert caps["features"]["embedding"] == "missing"

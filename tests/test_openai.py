@@ -352,7 +352,7 @@ def test_only_429_and_503_are_retried(status, tries, monkeypatch):
 ])
 def test_http_errors_map_to_the_hierarchy(status, body, error):
     mapped = http_error(status, json.dumps(body), "POST /v1/completions")
-    assert type(mapped) is error and str(status) in str(mapped)
+    assert type(mapped) is error and str(status) in mapped.detail
 
 
 # -- other dialects: request bodies and chat deltas ---------------------------

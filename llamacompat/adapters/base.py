@@ -353,6 +353,16 @@ class Adapter(ABC):
     def end(self) -> None:
         """Free per-completion state (sampler). Called after every ``begin``."""
 
+    def set_threads(self, n_threads: int) -> int | None:
+        """Evaluate with ``n_threads`` CPU threads from now on (a completion's own ``n_threads``); return the count
+        in use before, which the caller restores afterwards, or None where the runtime fixes its threads at load."""
+        return None
+
+    def system_info(self) -> str:
+        """llama.rn's ``systemInfo``: what the runtime says of the machine it runs on (llama.cpp's
+        llama_print_system_info); an adapter without such a report names its backend."""
+        return f"{self.name}: no system report from this runtime"
+
     def runtime_timings(self) -> tuple[float, float] | None:
         """(prompt ms, generation ms) as the runtime measured the completion that just ended, or None to use
         the loop's clock. Asked after ``end``."""

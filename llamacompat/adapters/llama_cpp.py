@@ -138,7 +138,40 @@ def _ggml() -> Any:
     lib.ggml_backend_dev_type.argtypes, lib.ggml_backend_dev_type.restype = [dev], ctypes.c_int
     lib.ggml_backend_dev_memory.argtypes = [dev, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
     lib.ggml_backend_dev_memory.restype = None
+    lib.ggml_backend_dev_by_name.argtypes, lib.ggml_backend_dev_by_name.restype = [ctypes.c_char_p], dev
+    lib.ggml_backend_dev_by_type.argtypes, lib.ggml_backend_dev_by_type.restype = [ctypes.c_int], dev
+    lib.ggml_backend_dev_buffer_type.argtypes, lib.ggml_backend_dev_buffer_type.restype = [dev], ctypes.c_void_p
     return lib
+
+
+class _BuftOverride(ctypes.Structure):
+    """llama_model_tensor_buft_override: tensors whose name matches ``pattern`` go to buffer type ``buft``."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _device_list(names: list[str]) -> Any:
+    """llama_model_params.devices: the named ggml devices, NULL-terminated; an unknown name is bad input."""
+    lib = _ggml()
+    known = [d["deviceName"] for d in _ggml_devices()]
+    handles = []
+    for name in names:
+        handle = lib.ggml_backend_dev_by_name(name.encode()) if lib is not None else None
+        if not handle:
+            raise InvalidParamsError(f"init_llama: no backend device named {name!r}; this build has "
+                                     f"{', '.join(known) or 'none'} (get_backend_devices_info lists them)")
+        handles.append(handle)
+    return (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
+
+
+def _cpu_moe_overrides(n_layers: int) -> Any:
+    """llama.rn's n_cpu_moe: the MoE expert tensors of the first ``n_layers`` layers stay in CPU memory."""
+    lib = _ggml()
+    if lib is None:
+        raise UnsupportedFeatureError("init_llama: 'n_cpu_moe' needs ggml's device registry, which this build lacks")
+    cpu = lib.ggml_backend_dev_buffer_type(lib.ggml_backend_dev_by_type(0))  # GGML_BACKEND_DEVICE_TYPE_CPU
+    rules = [_BuftOverride(f"blk\\.{i}\\.ffn_(up|down|gate)_exps".encode(), cpu) for i in range(n_layers)]
+    return (_BuftOverride * (n_layers + 1))(*rules, _BuftOverride(None, None))
 
 
 def _ggml_devices() -> list[dict[str, Any]]:
@@ -183,7 +216,14 @@ class LlamaCppAdapter(Adapter):
                 )
 
         mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = params["n_gpu_layers"]
+        mparams.n_gpu_layers = 0 if params["no_gpu_devices"] else params["n_gpu_layers"]
+        keep: list[Any] = []  # the arrays the load reads, alive until it returns
+        if params["devices"]:
+            keep.append(_device_list(list(params["devices"])))
+            mparams.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
+        if params["n_cpu_moe"]:
+            keep.append(_cpu_moe_overrides(params["n_cpu_moe"]))
+            mparams.tensor_buft_overrides = ctypes.cast(keep[-1], ctypes.c_void_p)
         mparams.vocab_only = params["vocab_only"]
         mparams.use_extra_bufts = not params["no_extra_bufts"]
         mmap, mlock = params["use_mmap"], params["use_mlock"]
@@ -224,6 +264,7 @@ class LlamaCppAdapter(Adapter):
         # Pooled embeddings need the whole input in one physical batch (llama.rn does the same).
         n_ubatch = self._n_batch if params["embedding"] else min(params["n_ubatch"], self._n_batch)
         self.n_threads = params["n_threads"] or default_threads()
+        self._threads_now = self.n_threads  # a completion's own n_threads changes it for its run (set_threads)
         self.embedding_enabled = params["embedding"]
 
         cparams = lc.llama_context_default_params()
@@ -246,8 +287,11 @@ class LlamaCppAdapter(Adapter):
         cparams.no_perf = True
         self._flash_attn = cparams.flash_attn_type
         self._cache_types = (params["cache_type_k"], params["cache_type_v"])
-        self._n_gpu_layers = params["n_gpu_layers"] if lc.llama_supports_gpu_offload() else 0
+        offload = 0 if params["no_gpu_devices"] else params["n_gpu_layers"]
+        self._n_gpu_layers = offload if lc.llama_supports_gpu_offload() else 0
         found = _ggml_devices()
+        if params["devices"]:  # the model uses only the devices it was given
+            found = [d for d in found if d["deviceName"] in params["devices"]]
         gpus = [d["deviceName"] for d in found if d["type"] in ("gpu", "igpu")]
         self.gpu = bool(gpus) and self._n_gpu_layers != 0
         self.devices = gpus if self.gpu else [d["deviceName"] for d in found if d["type"] == "cpu"] or ["CPU"]
@@ -258,7 +302,7 @@ class LlamaCppAdapter(Adapter):
             if not self._ctx:
                 detail = _native_detail()
                 err = OutOfMemoryError if "alloc" in detail.lower() or "memory" in detail.lower() else ModelLoadError
-                raise err(f"Failed to create a context of {self.n_ctx} tokens" + (f" ({detail})" if detail else ""))
+                raise err(f"Failed to load model: cannot create a context of {self.n_ctx} tokens" + (f" ({detail})" if detail else ""))
             self._mem = lc.llama_get_memory(self._ctx)
             self.pooling = lc.llama_pooling_type(self._ctx)
 
@@ -595,6 +639,16 @@ class LlamaCppAdapter(Adapter):
         shifted = np.exp(logits - logits.max(), dtype=np.float64)
         probs = shifted[top] / shifted.sum()
         return [(int(t), float(p)) for t, p in zip(top, probs, strict=True)]
+
+    def set_threads(self, n_threads: int) -> int | None:
+        previous = self._threads_now
+        if n_threads != previous:
+            lc.llama_set_n_threads(self._ctx, n_threads, n_threads)
+            self._threads_now = n_threads
+        return previous
+
+    def system_info(self) -> str:
+        return lc.llama_print_system_info().decode("utf-8", "replace")
 
     def end(self) -> None:
         if len(self._pending) > 1:  # forced tokens the completion ended among: all but the last are in the cache

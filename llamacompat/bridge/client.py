@@ -150,6 +150,7 @@ class BridgeCore:
         self.model: dict[str, Any] = {}
         self.gpu, self.reason_no_gpu = False, ""  # the server's, from the handshake
         self.devices: list[str] = []
+        self.system_info, self.android_lib = "", None  # the server's, from the handshake
         self._capabilities: dict[str, Any] = {"backend": self.backend, "features": {}}
         self._reader = threading.Thread(target=self._read_replies, name="llamacompat-bridge-client", daemon=True)
         self._reader.start()
@@ -165,6 +166,7 @@ class BridgeCore:
         self.params["model"] = info["model_path"]
         self._max_line = info.get("max_line", MAX_LINE)
         self.gpu, self.reason_no_gpu, self.devices = info["gpu"], info["reason_no_gpu"], info["devices"]
+        self.system_info, self.android_lib = info.get("system_info", ""), info.get("android_lib")
         self._capabilities = {"backend": self.backend, "features": info["capabilities"]["features"],
                               "server_backend": info["backend"]}
 

@@ -675,7 +675,8 @@ class BridgeServer:
             caps = {**caps, "features": {**caps["features"], "lora": "missing"}}
         return {"backend": core.backend, "model": core.model, "capabilities": caps,
                 "model_path": core.params["model"], "sessions_dir": self._sessions_dir, "max_line": self._max_line,
-                "gpu": core.gpu, "reason_no_gpu": core.reason_no_gpu, "devices": core.devices}
+                "gpu": core.gpu, "reason_no_gpu": core.reason_no_gpu, "devices": core.devices,
+                "system_info": core.system_info, "android_lib": core.android_lib}
 
     def _status(self) -> dict[str, Any]:
         core = self.core

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from .messages import joined_text, shape_for_template, validate_messages, valida
 from .reasoning import split_reasoning
 from .template import render, template_caps
 
-__all__ = ["ChatOptions", "TemplateTokens", "FormattedChat", "ReplyParser", "format_chat"]
+__all__ = ["epoch_moment", "ChatOptions", "TemplateTokens", "FormattedChat", "ReplyParser", "format_chat"]
 
 
 
@@ -63,17 +64,37 @@ class ChatOptions:
     add_generation_prompt: bool = True
     jinja: bool = True
     now: datetime.datetime | None = None
+    force_pure_content: bool = False  # llama.cpp's: the template renders everything, the reply is all content
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> "ChatOptions":
         now = p.get("now")
         if now is not None and not isinstance(now, datetime.datetime):
-            now = datetime.datetime.fromtimestamp(now / 1000)  # llama.rn: milliseconds since the epoch
+            now = epoch_moment(now)
         return cls(tools=p.get("tools") or None, tool_choice=p.get("tool_choice") or "auto",
                    parallel_tool_calls=bool(p.get("parallel_tool_calls")),
                    reasoning_format=p.get("reasoning_format", "none"),
                    enable_thinking=p.get("enable_thinking", True), chat_template_kwargs=p.get("chat_template_kwargs") or {},
-                   add_generation_prompt=p.get("add_generation_prompt", True), jinja=p.get("jinja", True), now=now)
+                   add_generation_prompt=p.get("add_generation_prompt", True), jinja=p.get("jinja", True), now=now,
+                   force_pure_content=bool(p.get("force_pure_content")))
+
+
+_LEADING_INT = re.compile(r"\s*[+-]?\d+")
+
+
+def epoch_moment(now: float | str) -> datetime.datetime | None:
+    """llama.rn's ``now``: seconds since the epoch, a number or a string (read as C++'s ``std::stoll``: the leading
+    integer; a string without one means the current time, None). A number is truncated to whole seconds, as
+    llama.rn's JS turns it into a string that stoll reads."""
+    if isinstance(now, str):
+        match = _LEADING_INT.match(now)
+        if match is None:
+            return None
+        now = int(match.group())
+    try:
+        return datetime.datetime.fromtimestamp(int(now))
+    except (OverflowError, OSError, ValueError):  # past what the platform's clock can show
+        raise InvalidParamsError(f"completion: 'now' = {now!r} seconds since the epoch is out of range") from None
 
 
 class ReplyParser:
@@ -194,8 +215,11 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
 
     source = template_source(template)
     caps = template_caps(source)
-    tool_format = always_format(source) or CONTENT
-    calling = bool(tools) and options.tool_choice != "none"
+    # force_pure_content: tools reach the template, but no call grammar and no parse of calls or reasoning
+    pure = options.force_pure_content
+    tool_format = CONTENT if pure else always_format(source) or CONTENT
+    calling = bool(tools) and options.tool_choice != "none" and not pure
+    reasoning_format = "none" if pure else options.reasoning_format
     if calling:
         if has_grammar:
             raise InvalidParamsError("completion: cannot combine 'grammar' / 'json_schema' with tools; "
@@ -221,6 +245,6 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
         additional_stops=list(tool_format.stops) if calling else [],
         generation_prompt=generation,
         thinking_forced_open=generation.rstrip().endswith(think[0]),
-        reasoning_format=options.reasoning_format,
+        reasoning_format=reasoning_format,
         think=think, chat_format=chat_format_number(source),
     )

@@ -218,6 +218,7 @@ class Caps:
     typed_content: bool = False
     tools: bool = False
     tool_calls: bool = False
+    parallel_tool_calls: bool = False  # two calls of one assistant turn both reach the output
     tool_responses: bool = True
     object_arguments: bool = False
 
@@ -266,15 +267,19 @@ def _probe(source: str) -> Caps:
                                                             "required": ["arg"]}}}
     with_tools = _try(source, [_USER], tools=[tool])
 
-    def call(arguments: Any) -> list[dict[str, Any]]:
-        return [_USER, {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call00001", "type": "function", "function": {"name": "called_" + marker, "arguments": arguments}}]},
-            {"role": "tool", "content": "response_" + marker, "tool_call_id": "call00001"},
-            {"role": "assistant", "content": "The tool response was 'tool response'"}, _USER]
+    def call(arguments: Any, names: tuple[str, ...] = ("called_" + marker,)) -> list[dict[str, Any]]:
+        made = [{"id": f"call0000{i + 1}", "type": "function", "function": {"name": name, "arguments": arguments}}
+                for i, name in enumerate(names)]
+        return [_USER, {"role": "assistant", "content": "", "tool_calls": made},
+                *({"role": "tool", "content": "response_" + marker, "tool_call_id": c["id"]} for c in made),
+                {"role": "assistant", "content": "The tool response was 'tool response'"}, _USER]
 
     object_call = _try(source, call({"arg": "value_" + marker}), tools=[tool])
     string_call = _try(source, call(json.dumps({"arg": "value_" + marker})), tools=[tool])
     calls = [out for out in (object_call, string_call) if out is not None and "called_" + marker in out]
+    two = ("called_" + marker, "second_" + marker)
+    arguments: Any = {"arg": "value_" + marker} if object_call in calls else json.dumps({"arg": "value_" + marker})
+    parallel = _try(source, call(arguments, two), tools=[tool]) if calls else None
     answered = _try(source, [_USER, {"role": "tool", "content": "response_" + marker, "tool_call_id": "x"},
                              {"role": "assistant", "content": "Noted."}, _USER])
     responses = [out for out in (object_call, string_call, answered) if out is not None]
@@ -284,6 +289,7 @@ def _probe(source: str) -> Caps:
         typed_content=typed_content,
         tools=with_tools is not None and "tool_" + marker in with_tools,
         tool_calls=bool(calls),
+        parallel_tool_calls=parallel is not None and all(name in parallel for name in two),
         tool_responses=any("response_" + marker in out for out in responses),
         # A template that writes the arguments out as JSON itself wants an object, not a string.
         object_arguments=object_call is not None and f'"value_{marker}"' in object_call

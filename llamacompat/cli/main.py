@@ -167,7 +167,7 @@ def _grammar(args: argparse.Namespace) -> int:
             if isinstance(err, GbnfError):
                 where = f"{err.line}:{err.column}: {err.problem}" + (f" (rule '{err.rule}')" if err.rule else "")
             else:  # not a grammar source at all
-                where = f"0:0: {err}"
+                where = f"0:0: {err.detail}"
             print(f"{path}:{where}", file=sys.stderr)
             failed += 1
             continue
@@ -413,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # one clear line; the traceback only with --debug
         if debug:
             traceback.print_exc()
-        code = err.code if isinstance(err, LlamaError) else type(err).__name__
-        print(f"llamacompat: error [{code}]: {err}", file=sys.stderr)
+        code, text = (err.code, err.detail) if isinstance(err, LlamaError) else (type(err).__name__, str(err))
+        print(f"llamacompat: error [{code}]: {text}", file=sys.stderr)
         return 1
 

@@ -121,7 +121,7 @@ class Repl:
         try:
             action(path)
         except (LlamaError, OSError, ValueError) as err:
-            self._say(f"llamacompat: error: {err}")
+            self._say(f"llamacompat: error: {err.detail if isinstance(err, LlamaError) else err}")
 
     def _save(self, path: str) -> None:
         tokens = self.ctx.save_session(path)

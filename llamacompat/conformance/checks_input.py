@@ -71,7 +71,7 @@ def _expect(error: type[LlamaError], call: Callable[[], Any], what: str, match: 
     try:
         call()
     except error as err:
-        assert match in str(err), f"{what}: the message {str(err)!r} does not mention {match!r}"
+        assert match in err.detail, f"{what}: the message {err.detail!r} does not mention {match!r}"
         assert str(err).strip(), f"{what}: empty error message"
         return
     except Exception as err:  # the wrong kind of error is a contract violation too

@@ -37,7 +37,8 @@ from .sync import LlamaContext
 
 __all__ = ["AsyncLlamaContext"]
 
-_SHOWN = ("id", "model", "capabilities", "backend", "gpu", "reason_no_gpu", "devices", "released", "busy")
+_SHOWN = ("id", "model", "capabilities", "backend", "gpu", "reason_no_gpu", "devices", "system_info", "android_lib",
+          "released", "busy", "is_jinja_supported", "is_llama_chat_supported")
 
 
 def _event_sink(loop: asyncio.AbstractEventLoop, callback: Callable[[TokenData], Any] | None):

@@ -38,6 +38,8 @@ class Core(Protocol):
     gpu: bool  # llama.rn's context attributes, of the process that holds the model
     reason_no_gpu: str
     devices: list[str]
+    system_info: str  # llama.rn's systemInfo (llama.cpp's llama_print_system_info on llama_cpp)
+    android_lib: str | None  # llama.rn's androidLib: the native library variant loaded on Android; None here
 
     @property
     def capabilities(self) -> dict[str, Any]: ...

@@ -61,7 +61,7 @@ def _raw_params(params: ContextParams | dict[str, Any] | None) -> dict[str, Any]
 def _context_params(raw: dict[str, Any]) -> tuple[type[Adapter], dict[str, Any]]:
     model_path = resolve_model(raw.get("model"))
     adapter_cls = select_backend(raw.get("backend", "auto"), model_path)
-    checked = P.validate(raw, P.CONTEXT_FIELDS, "init_llama", extra=adapter_cls.context_fields)
+    checked = P.init_params(raw, adapter_cls.context_fields)
     checked["model"] = model_path
     checked["lora_list"] = P.init_lora(checked)
     if "flash_attn" in raw and "flash_attn_type" not in raw:  # llama.rn's deprecated bool

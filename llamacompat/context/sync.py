@@ -51,6 +51,8 @@ class LlamaContext:
         self.gpu: bool = core.gpu
         self.reason_no_gpu: str = core.reason_no_gpu
         self.devices: list[str] = list(core.devices)
+        self.system_info: str = core.system_info
+        self.android_lib: str | None = core.android_lib
         self.model = core.model
 
     # -- state ---------------------------------------------------------------
@@ -58,6 +60,15 @@ class LlamaContext:
     def capabilities(self) -> dict[str, Any]:
         """What this backend does natively, emulates or lacks."""
         return self._core.capabilities
+
+    def is_llama_chat_supported(self) -> bool:
+        """llama.rn's isLlamaChatSupported: the model has a chat template."""
+        return bool(self.model["chat_templates"]["llama_chat"])
+
+    def is_jinja_supported(self) -> bool:
+        """llama.rn's isJinjaSupported: a Jinja template for chats (the default one, or a tool-use one)."""
+        jinja = self.model["chat_templates"]["jinja"]
+        return bool(jinja["tool_use"] or jinja["default"])
 
     @property
     def released(self) -> bool:

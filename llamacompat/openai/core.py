@@ -109,6 +109,8 @@ class OpenAICore:
         }
         self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
         self.devices: list[str] = []
+        self.system_info = f"the model runs in an OpenAI-compatible server ({facts.dialect.name}) that does not report its system"
+        self.android_lib = None
 
     @property
     def capabilities(self) -> dict[str, Any]:
@@ -120,7 +122,7 @@ class OpenAICore:
             vector = self._embed("probe")
         except (UnsupportedFeatureError, InvalidParamsError, GenerationError) as err:
             logger.info("openai: the server has no embeddings: %s", err)
-            self._embedding_error = str(err)
+            self._embedding_error = err.detail
             return
         self._features["embedding"] = "native"
         self.facts.n_embd = self.facts.n_embd or len(vector)

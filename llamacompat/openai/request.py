@@ -53,6 +53,11 @@ def plan_completion(params: Mapping[str, Any] | None, facts: ServerFacts, strict
     if p["chat_template"] is not None:
         raise UnsupportedFeatureError("completion: 'chat_template' cannot be honoured: an OpenAI-compatible server "
                                       "applies its own template to 'messages'")
+    for name, why in (("n_threads", "the server's own threads run the model"),
+                      ("prefill_text", "the server parses its reply itself"),
+                      ("force_pure_content", "the server parses its reply itself")):
+        if p[name]:
+            unsupported(strict, f"completion: '{name}' is not taken by an OpenAI-compatible server ({why}; ignored)")
     _sampling(p, body, dialect, strict)
     _constraint(p, body, dialect, strict, facts.n_vocab, tokenize)
     if p["logit_bias"]:
