@@ -153,7 +153,9 @@ class LocalCore:
         tokens = self.adapter.tokenize(P.check_unicode(text, "completion: the prompt") if p["messages"] else text, True)
         sampling = SamplingParams.from_params(p, logit_bias if p["logit_bias"] else ())
         self._check_bans(sampling)
-        request = CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format)
+        # prefill_text: the reply already began with it (llama.rn): parsed and accumulated with it, not in ``text``
+        request = CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format,
+                                    p["prefill_text"] or "")
         return request, p["n_threads"]
 
     def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:

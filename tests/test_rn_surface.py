@@ -227,7 +227,8 @@ def test_get_formatted_chat_force_pure_content(ctx):
     pure = ctx.get_formatted_chat(MESSAGES, hermes, {**params, "force_pure_content": True})
     assert parsed["chat_format"] != 0 and parsed["grammar"]
     assert pure["prompt"] == parsed["prompt"] and "get_weather" in pure["prompt"]  # the template still shows tools
-    assert pure["chat_format"] == 0 and pure["grammar"] == "" and pure["preserved_tokens"] == []
+    # llama.cpp answers force_pure_content with its PEG_NATIVE format (2) and a content-only parser
+    assert pure["chat_format"] == 2 and pure["grammar"] == "" and pure["preserved_tokens"] == []
     assert "thinking_start_tag" not in pure and pure["has_media"] is False
     assert pure["generation_prompt"] == parsed["generation_prompt"] == "<|im_start|>assistant\n"
 
