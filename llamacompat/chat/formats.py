@@ -303,7 +303,9 @@ class NamedJson(ToolFormat):
         sep = f" {_lit(self.separator)}" if self.separator else ""
         body = f"call (({sep or ' ws'}) call)*" if parallel else "call"
         block = f"{_lit(self.block[0])} {body} {_lit(self.block[1])}" if self.block[0] else body
-        return _merged(f"root ::= {block}\n{calls}\nws ::= [ \\t\\n]*", *rules)
+        # the schema grammars' bounded ws (one newline, then up to 20 blanks): an unbounded one lets a model
+        # fill its whole budget with newlines inside the arguments (seen with SmolLM2 and DeepSeek V3.1's template)
+        return _merged(f"root ::= {block}\n{calls}\nws ::= \"\" | \" \" | \"\\n\" [ \\t]{{0,20}}", *rules)
 
     def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
         content, rest = _split(text, self.trigger, partial)
