@@ -37,6 +37,30 @@ MODELS = {
     "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True),
     "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": ("<|begin_of_text|>", "<|im_end|>", True),
     "ibm-granite-granite-3.3-2B-Instruct": ("<|end_of_text|>", "<|end_of_text|>", False),
+    # the tool-call / reasoning families of llama.cpp's common/chat (its models/templates copies)
+    "ByteDance-Seed-OSS": ("<seed:bos>", "<seed:eos>", False),
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", True),
+    "deepseek-ai-DeepSeek-V3.1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True),
+    "glm_4_5": ("", "<|endoftext|>", False),
+    "GLM-4.6": ("", "<|endoftext|>", False),
+    "llama-cpp-lfm2": ("<|startoftext|>", "<|im_end|>", True),
+    "meetkai-functionary-medium-v3.1": ("<|begin_of_text|>", "<|eot_id|>", True),
+    "meetkai-functionary-medium-v3.2": ("<|begin_of_text|>", "<|eot_id|>", True),
+    "mistralai-Mistral-Small-3.1-24B-Instruct-2503": ("<s>", "</s>", True),
+    "moonshotai-Kimi-K2": ("", "<|im_end|>", False),
+    "moonshotai-Kimi-K2-Thinking": ("", "<|im_end|>", False),
+    "NVIDIA-Nemotron-Nano-v2": ("<s>", "<SPECIAL_12>", False),
+    "Qwen3-Coder": ("", "<|im_end|>", False),
+    "unsloth-MiniMax-M2": ("", "[e~[", False),
+}
+# Templates that get tool-call arguments as objects (llama.cpp's workaround::func_args_not_string, by the
+# template's caps): they write the arguments out as JSON themselves or take the object apart key by key.
+OBJECT_ARGUMENTS = {
+    "Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B", "meta-llama-Llama-3.1-8B-Instruct", "meta-llama-Llama-3.2-3B-Instruct",
+    "mistralai-Mistral-Nemo-Instruct-2407", "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use", "ByteDance-Seed-OSS",
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use", "glm_4_5", "GLM-4.6", "llama-cpp-lfm2",
+    "mistralai-Mistral-Small-3.1-24B-Instruct-2503", "moonshotai-Kimi-K2-Thinking", "NVIDIA-Nemotron-Nano-v2", "Qwen3-Coder",
+    "unsloth-MiniMax-M2",
 }
 
 SYSTEM = {"role": "system", "content": "You are terse. Ünïcödé is fine: ✓"}
@@ -70,13 +94,12 @@ def _source(name: str) -> str:
 
 def _as_llama_cpp_shapes(name: str, messages: list[dict], source: str) -> list[dict]:
     """The messages as llama.cpp's Jinja path hands them over, written out by hand per case."""
-    caps = template_caps(source)
     out = []
     for m in messages:
         m = dict(m)
         if isinstance(m["content"], list):
             m["content"] = "\n".join(p["text"] for p in m["content"])
-        if "tool_calls" in m and caps.object_arguments:
+        if "tool_calls" in m and name in OBJECT_ARGUMENTS:
             m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
                                for c in m["tool_calls"]]
         out.append(m)
@@ -98,9 +121,10 @@ def _reference(name: str, messages: list[dict], tools: list[dict] | None = None,
     return prompt[len(bos):] if add_bos and bos and prompt.startswith(bos) else prompt
 
 
-def _ours(name: str, messages: list[dict], tools: list[dict] | None = None, generation: bool = True) -> str:
+def _ours(name: str, messages: list[dict], tools: list[dict] | None = None, generation: bool = True,
+          tool_choice: str = "none") -> str:
     bos, eos, add_bos = MODELS[name]
-    options = ChatOptions(tools=tools, tool_choice="none" if tools else "auto", add_generation_prompt=generation, now=NOW)
+    options = ChatOptions(tools=tools, tool_choice=tool_choice if tools else "auto", add_generation_prompt=generation, now=NOW)
     return format_chat(_source(name), messages, TemplateTokens(bos, eos, add_bos), options).prompt
 
 
@@ -132,6 +156,41 @@ def test_tools_calls_and_results_render_as_llama_cpp(name):
     ours = _ours(name, TOOL_TURNS, tools=[WEATHER])
     assert ours == _reference(name, TOOL_TURNS, tools=[WEATHER])
     assert "get_weather" in ours and "sunny" in ours
+
+
+# The families' templates that describe tools or write calls: the same prompt whether tools are only described
+# (tool_choice "none") or a call is asked for (the forcing grammar does not change the prompt of these families).
+FAMILY_TOOL_TEMPLATES = ["ByteDance-Seed-OSS", "CohereForAI-c4ai-command-r7b-12-2024-tool_use",
+                         "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai-DeepSeek-V3.1", "glm_4_5", "GLM-4.6",
+                         "ibm-granite-granite-3.3-2B-Instruct", "llama-cpp-lfm2", "meetkai-functionary-medium-v3.1",
+                         "meetkai-functionary-medium-v3.2", "mistralai-Mistral-Small-3.1-24B-Instruct-2503",
+                         "moonshotai-Kimi-K2-Thinking", "NVIDIA-Nemotron-Nano-v2", "Qwen3-Coder", "unsloth-MiniMax-M2"]
+
+
+@pytest.mark.parametrize("tool_choice", ["none", "required"])
+@pytest.mark.parametrize("name", FAMILY_TOOL_TEMPLATES)
+def test_each_familys_template_renders_tools_calls_and_results_as_llama_cpp(name, tool_choice):
+    ours = _ours(name, TOOL_TURNS, tools=[WEATHER], tool_choice=tool_choice)
+    assert ours == _reference(name, TOOL_TURNS, tools=[WEATHER])
+    assert "get_weather" in ours and "sunny" in ours
+
+
+def test_a_template_that_drops_calls_gets_them_as_they_are_unless_the_generic_format_writes_them():
+    """Kimi K2's first template describes tools but writes no calls: llama.cpp hands the turn over unchanged (an
+    empty assistant turn), not as generic JSON; Phi 3.5 (no tools in its template) gets the generic JSON when calling."""
+    ours = _ours("moonshotai-Kimi-K2", TOOL_TURNS, tools=[WEATHER])
+    assert ours == _reference("moonshotai-Kimi-K2", TOOL_TURNS, tools=[WEATHER])
+    assert "<|im_assistant|>assistant<|im_middle|><|im_end|>" in ours
+    generic = _ours("microsoft-Phi-3.5-mini-instruct", TOOL_TURNS, tools=[WEATHER], tool_choice="required")
+    assert '{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}' in generic
+
+
+def test_template_caps_find_object_arguments_and_call_ids():
+    for name in MODELS:
+        assert template_caps(_source(name)).object_arguments == (name in OBJECT_ARGUMENTS), name
+    # writes each call by its id only: still a template that renders calls
+    assert template_caps(_source("moonshotai-Kimi-K2-Thinking")).tool_calls
+    assert not template_caps(_source("moonshotai-Kimi-K2")).tool_calls
 
 
 def test_template_caps_match_what_the_templates_do():

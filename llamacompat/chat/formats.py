@@ -157,6 +157,8 @@ class ToolFormat:
     #: call ids written in the call's marker (Kimi K2), so complete as soon as the call shows
     ids_in_marker = False
     tools: tuple[dict[str, Any], ...] = ()
+    #: the messages as llama.cpp's handler for the family rewrites them (``_REWRITES``), with or without tools
+    rewrite: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
     def detect(self, source: str, caps: Caps) -> bool:
         return False
@@ -301,7 +303,9 @@ class NamedJson(ToolFormat):
         sep = f" {_lit(self.separator)}" if self.separator else ""
         body = f"call (({sep or ' ws'}) call)*" if parallel else "call"
         block = f"{_lit(self.block[0])} {body} {_lit(self.block[1])}" if self.block[0] else body
-        return _merged(f"root ::= {block}\n{calls}\nws ::= [ \\t\\n]*", *rules)
+        # the schema grammars' bounded ws (one newline, then up to 20 blanks): an unbounded one lets a model
+        # fill its whole budget with newlines inside the arguments (seen with SmolLM2 and DeepSeek V3.1's template)
+        return _merged(f"root ::= {block}\n{calls}\nws ::= \"\" | \" \" | \"\\n\" [ \\t]{{0,20}}", *rules)
 
     def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
         content, rest = _split(text, self.trigger, partial)
@@ -711,6 +715,29 @@ FORMATS: tuple[ToolFormat, ...] = (
     Generic(),
 )
 
+
+def _reasoning_as_thinking(drop_call_content: bool) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """GPT-OSS and LFM2 templates read a turn's reasoning as ``thinking`` (GPT-OSS: a call turn with reasoning
+    then has no content)."""
+    def rewrite(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for message in messages:
+            if isinstance(message.get("reasoning_content"), str):
+                message = {**message, "thinking": message["reasoning_content"]}
+                if drop_call_content and message.get("tool_calls"):
+                    message.pop("content", None)
+            out.append(message)
+        return out
+    return rewrite
+
+
+# The prompt side of llama.rn 0.12.9's per-family handlers (common_chat_params_init_gpt_oss / _lfm2): the
+# messages as they rewrite them. Every other family's template gets the messages as the shared path shapes them.
+_REWRITES = {"gpt-oss": _reasoning_as_thinking(True), "lfm2": _reasoning_as_thinking(False)}
+for _format in FORMATS:
+    _format.rewrite = _REWRITES.get(_format.name)
+
+
 #: llama.rn 0.12.9's common_chat_format numbers (llama.cpp's PEG parsers): every Jinja chat is "peg-native"
 #: except Gemma 4 and MiniMax-M3, which have their own; raw prompts and the legacy path are "content only".
 CHAT_FORMAT_CONTENT_ONLY, CHAT_FORMAT_PEG_NATIVE, CHAT_FORMAT_PEG_GEMMA4, CHAT_FORMAT_PEG_MINIMAX_M3 = 0, 2, 3, 4
@@ -739,6 +766,11 @@ def always_format(source: str) -> ToolFormat | None:
         if candidate.always and candidate.detect(source, Caps()):
             return candidate
     return None
+
+
+def family_format(source: str, caps: Caps) -> ToolFormat | None:
+    """The format of the template's model family, if llama.cpp has a handler for it (no error otherwise)."""
+    return next((candidate for candidate in FORMATS if candidate.detect(source, caps)), None)
 
 
 def pick_format(source: str, caps: Caps) -> ToolFormat:

@@ -30,6 +30,7 @@ from .formats import (
     ToolFormat,
     always_format,
     chat_format_number,
+    family_format,
     pick_format,
     reasoning_markers,
 )
@@ -226,7 +227,11 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
                                      "drop one, or pass tool_choice: 'none'")
         tool_format = pick_format(source, caps).with_tools(tools)
         checked = tool_format.prepare(checked, tools, options.tool_choice, options.parallel_tool_calls, caps)
-    shaped = shape_for_template(checked, caps)
+    family = family_format(source, caps)
+    if family is not None and family.rewrite is not None:
+        checked = family.rewrite(checked)
+    shaped = shape_for_template(checked, caps, write_out=calling and isinstance(tool_format, Generic),
+                                map_developer=not isinstance(family, GptOss))
     variables = _context(options, tokens)
     prompt = _render(source, shaped, variables, options.add_generation_prompt, tokens, options.now)
     generation = ""

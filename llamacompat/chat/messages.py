@@ -5,6 +5,9 @@ Jinja path: content is always present, tool-call arguments are JSON strings
 (objects for templates that write them out themselves), text parts are joined
 for templates that only take strings, ``developer`` becomes ``system``, and a
 system message is folded into the next one for templates without a system role.
+Calls and results that the template would drop are written out as JSON only on
+the generic tool path (llama.cpp's generic handler); otherwise the template
+gets them as they are, as llama.cpp hands them over.
 """
 
 from __future__ import annotations
@@ -140,21 +143,26 @@ def joined_text(content: str | list[dict[str, str]]) -> str:
     return "\n".join(part["text"] for part in content)
 
 
-def shape_for_template(messages: list[dict[str, Any]], caps: Caps) -> list[dict[str, Any]]:
-    """The messages as llama.cpp hands them to this template (see the module docstring)."""
+def shape_for_template(messages: list[dict[str, Any]], caps: Caps, *, write_out: bool = False,
+                       map_developer: bool = True) -> list[dict[str, Any]]:
+    """The messages as llama.cpp hands them to this template (see the module docstring).
+
+    ``write_out``: the generic tool path, where calls and results the template drops are written out as JSON;
+    ``map_developer``: ``developer`` becomes ``system`` (all templates but GPT-OSS, whose template has the role).
+    """
     shaped = []
     for i, message in enumerate(messages):
         message = dict(message)
-        content = message["content"]
+        content = message.get("content")  # GPT-OSS's handler drops it from call turns with reasoning
         if caps.typed_content and not caps.string_content and isinstance(content, str):
             message["content"] = [{"type": "text", "text": content}]
         elif not (caps.typed_content and caps.string_content) and isinstance(content, list):
             message["content"] = joined_text(content)
-        if message["role"] == "developer":
+        if message["role"] == "developer" and map_developer:
             message["role"] = "system"
         if caps.object_arguments and "tool_calls" in message:
             message["tool_calls"] = [_with_object_arguments(call, i) for call in message["tool_calls"]]
-        shaped.append(_written_out(message, caps))
+        shaped.append(_written_out(message, caps) if write_out else message)
     if not caps.system_role and shaped and shaped[0]["role"] == "system":
         system = shaped.pop(0)
         if shaped:
@@ -167,10 +175,12 @@ def _written_out(message: dict[str, Any], caps: Caps) -> dict[str, Any]:
     if message.get("tool_calls") and not caps.tool_calls:
         calls = []
         for call in message["tool_calls"]:
-            try:
-                arguments = json.loads(call["function"]["arguments"] or "{}")
-            except json.JSONDecodeError:
-                arguments = call["function"]["arguments"]
+            arguments = call["function"]["arguments"]
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments or "{}")
+                except json.JSONDecodeError:
+                    pass
             calls.append({"name": call["function"]["name"], "arguments": arguments})
         reply = {"tool_call": calls[0]} if len(calls) == 1 else {"tool_calls": calls}
         text = json.dumps(reply, ensure_ascii=False)

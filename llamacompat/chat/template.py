@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import functools
 import json
+import re
 import sys
 import threading
 import time
@@ -276,7 +277,8 @@ def _probe(source: str) -> Caps:
 
     object_call = _try(source, call({"arg": "value_" + marker}), tools=[tool])
     string_call = _try(source, call(json.dumps({"arg": "value_" + marker})), tools=[tool])
-    calls = [out for out in (object_call, string_call) if out is not None and "called_" + marker in out]
+    # A call shows by its name or, in templates that write only the call's id (Kimi K2 Thinking), by its id.
+    calls = [out for out in (object_call, string_call) if out is not None and ("called_" + marker in out or "call00001" in out)]
     two = ("called_" + marker, "second_" + marker)
     arguments: Any = {"arg": "value_" + marker} if object_call in calls else json.dumps({"arg": "value_" + marker})
     parallel = _try(source, call(arguments, two), tools=[tool]) if calls else None
@@ -291,7 +293,16 @@ def _probe(source: str) -> Caps:
         tool_calls=bool(calls),
         parallel_tool_calls=parallel is not None and all(name in parallel for name in two),
         tool_responses=any("response_" + marker in out for out in responses),
-        # A template that writes the arguments out as JSON itself wants an object, not a string.
-        object_arguments=object_call is not None and f'"value_{marker}"' in object_call
-        and "'value_" + marker not in object_call,
+        object_arguments=_wants_objects(object_call, string_call, "value_" + marker),
     )
+
+
+def _wants_objects(object_call: str | None, string_call: str | None, value: str) -> bool:
+    """Whether a template takes tool-call arguments as an object: it writes them out as JSON itself, or it
+    takes the object apart (the value shows bare) where a JSON string would fail or show only quoted."""
+    if object_call is None or value not in object_call or "'" + value in object_call:
+        return False
+    if f'"{value}"' in object_call:
+        return True
+    bare = re.compile(r"(?<![\'\"\\])" + re.escape(value))
+    return bool(bare.search(object_call)) and (string_call is None or not bare.search(string_call))
