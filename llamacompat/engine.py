@@ -21,7 +21,64 @@ from .errors import ContextFullError, GrammarError
 from .text_stream import Parse, TextStream
 from .types import CompletionProbability, CompletionResult, TokenData
 
-__all__ = ["CompletionRequest", "TokenText", "generate"]
+__all__ = ["CompletionRequest", "ThinkingBudget", "TokenText", "generate"]
+
+
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """llama.cpp's reasoning budget, as token sequences: after ``budget`` tokens inside a thinking block
+    (opened by ``start``, or at once when ``open``), ``forced`` (the budget message and the end tag) is
+    generated instead of what the model would write; ``end`` written by the model closes the block first."""
+
+    start: tuple[int, ...]
+    end: tuple[int, ...]
+    forced: tuple[int, ...]
+    budget: int
+    open: bool = False
+
+
+class _Budget:
+    """One completion's walk through a ``ThinkingBudget``: outside a block, counting inside one, forcing."""
+
+    __slots__ = ("_spec", "_recent", "_state", "_left", "_at")
+
+    def __init__(self, spec: ThinkingBudget) -> None:
+        self._spec, self._at = spec, 0
+        self._recent: list[int] = []
+        self._state, self._left = ("counting", spec.budget) if spec.open else ("outside", 0)
+        if self._state == "counting" and self._left <= 0:
+            self._state = "forcing"
+
+    def forced(self) -> int | None:
+        """The token to force next, or None to let the model draw."""
+        return self._spec.forced[self._at] if self._state == "forcing" else None
+
+    def accept(self, token: int, complete: bool) -> None:
+        """``token`` was generated; ``complete``: the text so far ends on a whole UTF-8 character."""
+        spec, state = self._spec, self._state
+        self._recent.append(token)
+        del self._recent[: -max(len(spec.start), len(spec.end))]
+        if state == "forcing":
+            self._at += 1
+            if self._at == len(spec.forced):
+                self._state, self._at = "outside", 0
+                self._recent.clear()
+        elif state == "outside":
+            if spec.start and self._ends_with(spec.start):  # a new block (some models think more than once)
+                self._state, self._left = "counting", spec.budget
+                self._recent.clear()
+                if self._left <= 0:
+                    self._state = "forcing"
+        elif self._ends_with(spec.end):  # the model closed the block itself
+            self._state = "outside"
+            self._recent.clear()
+        else:
+            self._left -= 1
+            if self._left <= 0 and complete:  # never cut a character in two
+                self._state = "forcing"
+
+    def _ends_with(self, seq: tuple[int, ...]) -> bool:
+        return len(self._recent) >= len(seq) and tuple(self._recent[-len(seq):]) == seq
 
 
 @dataclass(frozen=True)
@@ -34,6 +91,7 @@ class CompletionRequest:
     parse: Parse | None = None  # None: the text is the content
     chat_format: int = 0
     prefill: str = ""  # llama.rn's prefill_text: the reply began with it
+    thinking_budget: ThinkingBudget | None = None
 
     def text_stream(self) -> TextStream:
         return TextStream(self.stop, self.n_probs, self.parse, self.chat_format, self.prefill)
@@ -43,14 +101,20 @@ class TokenText:
     """The token-to-text step of one sequence: each token's text, a UTF-8 character split over
     tokens waiting for its last byte; and the probabilities at its position."""
 
-    __slots__ = ("_adapter", "_decode")
+    __slots__ = ("_adapter", "_decoder", "_decode")
 
     def __init__(self, adapter: Adapter) -> None:
         self._adapter = adapter
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decode = self._decoder.decode
 
     def piece(self, token: int) -> str:
         return self._decode(self._adapter.token_to_piece(token))
+
+    @property
+    def complete(self) -> bool:
+        """Whether the text so far ends on a whole character (no byte of a split one is waiting)."""
+        return not self._decoder.getstate()[0]
 
     def probabilities(self, piece: str, n_probs: int) -> CompletionProbability:
         """The model's top-``n_probs`` distribution at this position (softmax of the raw logits)."""
@@ -90,6 +154,7 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
         n_probs, n_ctx = request.n_probs, adapter.n_ctx
         limit = request.n_predict if request.n_predict >= 0 else float("inf")
         next_token, is_eog, push = adapter.next_token, adapter.is_eog, stream.push
+        budget = _Budget(request.thinking_budget) if request.thinking_budget is not None else None
         while not interrupted and n_generated < limit:
             if stop_event.is_set():
                 interrupted = True
@@ -98,7 +163,8 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
                 context_full = True
                 break
             try:
-                token = next_token()
+                forced = budget.forced() if budget is not None else None
+                token = next_token() if forced is None else adapter.force_token(forced)
             except Interrupted:
                 interrupted = True
                 break
@@ -115,6 +181,8 @@ def generate(adapter: Adapter, request: CompletionRequest, stop_event: threading
                 stopped_eos = True
                 break
             piece = text.piece(token)
+            if budget is not None:
+                budget.accept(token, text.complete)
             event = push(piece, (text.probabilities(piece, n_probs),) if n_probs else ())
             if event is not None:
                 yield event

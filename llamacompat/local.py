@@ -21,7 +21,7 @@ from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, forma
 from .chat.formats import CONTENT
 from .chat.template import RenderStopped, render_stop, template_caps
 from .embeddings import normalize_embedding
-from .engine import CompletionRequest, generate
+from .engine import CompletionRequest, ThinkingBudget, generate
 from .errors import InvalidParamsError, SessionError, TemplateError, UnsupportedFeatureError, unsupported
 from .grammars.builtin import checked_grammar
 from .grammars.gbnf import check_tokens, parse_gbnf
@@ -146,7 +146,7 @@ class LocalCore:
                 check_tokens(parse_gbnf(p["grammar"]), self.n_vocab, lambda text: len(self.adapter.tokenize(text, False)) == 1)
         elif schema is not None:
             p["grammar"] = convert_json_schema_to_grammar(schema, strict=strict)
-        text, stops, chat_format, parse = self._prompt(p)
+        text, stops, chat_format, parse, chat = self._prompt(p)
         p["grammar_triggers"] = parse_triggers(p["grammar_triggers"], self.n_vocab)
         logit_bias = self._resolve_logit_bias(p["logit_bias"])  # a bad token id is bad input on every backend
         self._check_features(p, strict)  # resets what the backend lacks (logit_bias included)
@@ -155,7 +155,7 @@ class LocalCore:
         self._check_bans(sampling)
         # prefill_text: the reply already began with it (llama.rn): parsed and accumulated with it, not in ``text``
         request = CompletionRequest(tokens, sampling, p["n_predict"], tuple(stops), p["n_probs"], parse, chat_format,
-                                    p["prefill_text"] or "")
+                                    p["prefill_text"] or "", self._thinking_budget(p, chat, strict))
         return request, p["n_threads"]
 
     def _chat(self, messages: Any, template: str | None, p: dict[str, Any], has_grammar: bool) -> FormattedChat:
@@ -166,17 +166,32 @@ class LocalCore:
         tokens = TemplateTokens(adapter.bos_text, adapter.eos_text, adapter.add_bos)
         return format_chat(source, messages, tokens, ChatOptions.from_params(p), has_grammar=has_grammar)
 
-    def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, Parse | None]:
-        """Prompt text, stop strings, chat format and reply parser; a chat's tool grammar goes into ``p``."""
+    def _prompt(self, p: dict[str, Any]) -> tuple[str, list[str], int, Parse | None, FormattedChat | None]:
+        """Prompt text, stop strings, chat format, reply parser and the chat (None for a raw prompt); a chat's
+        tool grammar goes into ``p``."""
         if p["messages"] is None:  # completion_params checked that it is one or the other
             parse = ReplyParser(CONTENT, p["reasoning_format"]) if p["reasoning_format"] != "none" else None
-            return p["prompt"], p["stop"], 0, parse
+            return p["prompt"], p["stop"], 0, parse, None
         chat = self._chat(p["messages"], p["chat_template"], p, has_grammar=p["grammar"] is not None)
         if chat.grammar:
             p["grammar"] = chat.grammar
             if chat.grammar_lazy:  # tools in auto mode: free text, or a schema-valid call once one starts
                 p["grammar_lazy"], p["grammar_triggers"] = True, list(chat.grammar_triggers)
-        return chat.prompt, p["stop"] + chat.additional_stops, chat.chat_format, chat.parser()
+        return chat.prompt, p["stop"] + chat.additional_stops, chat.chat_format, chat.parser(), chat
+
+    def _thinking_budget(self, p: dict[str, Any], chat: FormattedChat | None, strict: bool) -> ThinkingBudget | None:
+        """llama.rn's thinking_budget_tokens, as token sequences of the chat template's thinking tags."""
+        if p["thinking_budget_tokens"] < 0:
+            return None
+        if chat is None:
+            unsupported(strict, "completion: 'thinking_budget_tokens' needs 'messages' (the chat template names the "
+                                "thinking tags; ignored)")
+            return None
+        start, end = chat.think
+        tokenize = self.adapter.tokenize
+        return ThinkingBudget(tuple(tokenize(start, False)), tuple(tokenize(end, False)),
+                              tuple(tokenize((p["thinking_budget_message"] or "") + end, False)),
+                              p["thinking_budget_tokens"], chat.thinking_forced_open)
 
     def _check_features(self, p: dict[str, Any], strict: bool) -> None:
         """Refuse or warn about what the backend lacks, and reset those params so it never sees them."""

@@ -127,6 +127,10 @@ COMPLETION_FIELDS: dict[str, Field] = {
     # Text the assistant's reply already starts with (the last assistant message of a prefill): llama.rn parses
     # prefill_text + the generated text into content / reasoning_content / tool_calls; 'text' is what was generated.
     "prefill_text": Field((str,), None, nullable=True),
+    # After this many tokens of reasoning, thinking_budget_message + the template's end tag are forced (llama.cpp's
+    # reasoning budget); -1: no budget. Chats only: the template names the thinking tags.
+    "thinking_budget_tokens": _int(-1, lambda v: -1 <= v <= _INT32_MAX, f"-1 (no budget) or 0..{_INT32_MAX}"),
+    "thinking_budget_message": Field((str,), "", nullable=True),
     # Per completion, where the backend can (llama_cpp: llama_set_n_threads, the context's own restored after).
     "n_threads": _int(0, lambda v: 0 <= v <= MAX_THREADS, f"between 0 and {MAX_THREADS} (0 = the context's)"),
     # llama.rn sends this; the native default is what llamacompat does.
@@ -144,6 +148,7 @@ CHAT_FIELDS = ("chat_template", "add_generation_prompt", "tools", "tool_choice",
 FEATURE_PARAMS: dict[str, tuple[str, ...]] = {
     "grammar": ("grammar", "json_schema", "response_format"),
     "lazy_grammar": ("grammar_lazy",),
+    "thinking_budget": ("thinking_budget_tokens",),
     "temperature": ("temperature",),
     "top_k": ("top_k",),
     "top_p": ("top_p",),
@@ -213,8 +218,6 @@ COMPLETION_IGNORED = {
     "thinking_forced_open": "it is derived from the template's generation prompt",
     "generation_prompt": _FROM_TEMPLATE,
     "chat_parser": _FROM_TEMPLATE + " (llama.cpp's PEG parsers are not used)",
-    "thinking_budget_tokens": "thinking budgets are not implemented yet; the reasoning runs to its own end",
-    "thinking_budget_message": "it goes with thinking_budget_tokens, not implemented yet",
     "embedding": "a completion returns no per-token embeddings; call ctx.embedding",
     "speaker": "text-to-speech is not supported",
     "speculative": _SPECULATIVE,

@@ -231,6 +231,8 @@ class CompletionParams(FormattedChatParams, total=False):
     chatTemplate: Union[str, None]  # llama.rn's deprecated alias of chat_template
     prefill_text: Union[str, None]
     n_threads: int
+    thinking_budget_tokens: int
+    thinking_budget_message: Union[str, None]
 
 
 class TokenizeParams(TypedDict, total=False):

@@ -121,8 +121,7 @@ def test_llama_rn_init_keys_without_an_effect_warn_and_strict_refuses():
 
 
 def test_llama_rn_completion_keys_without_an_effect_warn_and_strict_refuses(ctx):
-    keys = {"generation_prompt": "<|im_start|>assistant\n", "chat_parser": "{}", "thinking_budget_tokens": 16,
-            "thinking_budget_message": "Enough.", "embedding": True, "speaker": "alice", "spec_type": "mtp",
+    keys = {"generation_prompt": "<|im_start|>assistant\n", "chat_parser": "{}", "embedding": True, "speaker": "alice", "spec_type": "mtp",
             "spec_draft_n_max": 4, "spec_draft_n_min": 1, "spec_draft_p_min": 0.5, "spec_draft_p_split": 0.1,
             "speculative": True}
     said = _warnings(lambda: ctx.completion({"prompt": "Hi", "n_predict": 2, **keys}))
@@ -242,3 +241,27 @@ def test_prefill_text_is_where_the_parsed_reply_starts(ctx):
     streamed = []
     ctx.completion({**request, "prefill_text": "Sure! "}, streamed.append)
     assert all(event["content"].startswith("Sure! ") for event in streamed)
+
+
+def test_a_thinking_budget_closes_the_reasoning_after_that_many_tokens(ctx):
+    """llama.cpp's reasoning budget: after thinking_budget_tokens inside the template's thinking block, the budget
+    message and the end tag are generated instead, and the reply goes on after them."""
+    r1 = open(os.path.join(TEMPLATES, "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja")).read()  # opens <think>
+    request = {"messages": MESSAGES, "chat_template": r1, "reasoning_format": "deepseek", "temperature": 0}
+    first_four = ctx.completion({**request, "n_predict": 4})["text"]
+    budgeted = ctx.completion({**request, "n_predict": 24, "thinking_budget_tokens": 4,
+                               "thinking_budget_message": " Out of time."})
+    assert budgeted["text"].startswith(first_four + " Out of time.</think>")
+    assert budgeted["reasoning_content"] == (first_four + " Out of time.").strip()
+    assert "</think>" not in budgeted.get("content", "") and budgeted["tokens_predicted"] == 24
+    at_once = ctx.completion({**request, "n_predict": 12, "thinking_budget_tokens": 0})
+    assert at_once["text"].startswith("</think>")
+    # a template without a forced-open block: the model never writes <think>, so the budget never acts
+    plain = {"messages": MESSAGES, "n_predict": 12, "temperature": 0}
+    assert ctx.completion({**plain, "thinking_budget_tokens": 2})["text"] == ctx.completion(plain)["text"]
+
+
+def test_a_thinking_budget_warns_where_it_cannot_act(ctx):
+    said = _warnings(lambda: ctx.completion({"prompt": "Hi", "n_predict": 2, "thinking_budget_tokens": 3}))
+    assert said == ["completion: 'thinking_budget_tokens' needs 'messages' (the chat template names the thinking "
+                    "tags; ignored)"]

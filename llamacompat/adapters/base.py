@@ -79,6 +79,7 @@ Feature = Literal[
     "logit_bias",
     "ignore_eos",  # the end-of-generation tokens are banned
     "n_probs",  # top-n probabilities of each generated token
+    "thinking_budget",  # thinking_budget_tokens: the reasoning is closed after N tokens (Adapter.force_token)
     # -- other methods
     "tokenize",
     "detokenize",
@@ -352,6 +353,12 @@ class Adapter(ABC):
     @abstractmethod
     def end(self) -> None:
         """Free per-completion state (sampler). Called after every ``begin``."""
+
+    def force_token(self, token: int) -> int:
+        """Like ``next_token``, but hand out ``token`` instead of drawing one: the previous token is evaluated as
+        usual, and the sampler's state (penalties, a grammar) takes ``token`` as generated. The engine forces
+        tokens for a thinking budget; an adapter that cannot declares ``thinking_budget`` missing."""
+        raise UnsupportedFeatureError(f"forcing tokens (thinking budgets) is not supported by the {self.name} backend")
 
     def set_threads(self, n_threads: int) -> int | None:
         """Evaluate with ``n_threads`` CPU threads from now on (a completion's own ``n_threads``); return the count

@@ -337,6 +337,7 @@ class LlamaCppAdapter(Adapter):
             "typical_p": "native", "xtc": "native", "top_n_sigma": "native", "penalties": "native",
             "mirostat": "native", "dry": "native", "seed": "native", "logit_bias": "native",
             "ignore_eos": "native", "n_probs": "native", "tokenize": "native", "detokenize": "native",
+            "thinking_budget": "native",
             "embedding": "native" if self.embedding_enabled and not ranking else "missing", "bench": "native",
             "rerank": "native" if ranking else "emulated" if self.embedding_enabled else "missing",
             "lora": "native",
@@ -504,6 +505,23 @@ class LlamaCppAdapter(Adapter):
             token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
         else:
             token = self._sample_checked()
+        self._pending = [token]
+        return token
+
+    def force_token(self, token: int) -> int:
+        if self._guide is not None:  # the grammar takes it as it takes its own forced tokens
+            self._forced.insert(0, token)
+            return self.next_token()
+        if self._post is not None:  # llama.cpp's own grammar aborts the process on a token it refuses
+            raise UnsupportedFeatureError("completion: a thinking budget cannot force tokens past grammar_engine "
+                                          "'llama_cpp'; use grammar_engine 'auto' (llguidance)")
+        pending = self._pending
+        if pending:
+            one = self._one
+            one[0] = pending[0]
+            self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(one, 1)))
+            self._tokens.append(pending[0])
+        lc.llama_sampler_accept(self._sampler, token)  # penalties and DRY see it as generated
         self._pending = [token]
         return token
 
