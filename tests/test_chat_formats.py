@@ -58,6 +58,7 @@ CASES = {
     "mistral": ("[TOOL_CALLS]", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}, "id": "abcdefghi"}]'),
     "hermes": ("<tool_call>", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'),
     "gpt-oss": ("<|channel|>", '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "days": 3}'),
+    "gemma4": ("'<|tool_call>call:'", '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:3}<tool_call|>'),
     "llama3": ("<|start_header_id|>ipython<|end_header_id|><|python_tag|>",
                '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}'),
 }
@@ -168,6 +169,61 @@ def test_functionary_v3_2_all_is_the_answer():
     assert content == "Checking." and _calls(calls) == [("get_weather", {"city": "Paris"})]
 
 
+def test_gemma4_values_are_read_as_llama_cpp_reads_them():
+    fmt = FORMAT["gemma4"]
+    text = ('<|tool_call>call:plan{note:<|"|>say "hi"\nthen {go}<|"|>, tags:[<|"|>a<|"|>,<|"|>b<|"|>],where:{lat:48.5,lon:-2e1},'
+            "ok:true,none:null}<tool_call|>")
+    (call,) = fmt.parse(text, False)[1]
+    assert json.loads(call["function"]["arguments"]) == {
+        "note": 'say "hi"\nthen {go}', "tags": ["a", "b"], "where": {"lat": 48.5, "lon": -20.0}, "ok": True, "none": None}
+    # streamed: containers and strings show so far, a number waits until it cannot grow
+    assert _calls(fmt.parse(text[:text.index("lat:48") + 5], True)[1]) == [("plan", {
+        "note": 'say "hi"\nthen {go}', "tags": ["a", "b"], "where": {}})]
+
+
+def test_gemma4_parallel_calls_and_text_around_them():
+    fmt = FORMAT["gemma4"].with_tools([WEATHER])
+    one = CASES["gemma4"][1]
+    two = one + one.replace("Paris", "Rome")
+    content, calls = fmt.parse("Checking. " + two, False)
+    assert content == "Checking." and [args["city"] for _, args in _calls(calls)] == ["Paris", "Rome"]
+    assert accepts(fmt.grammar([WEATHER], "required", True), two)
+    assert not accepts(fmt.grammar([WEATHER], "required", False), two)
+    # the argument grammar follows the schema: required keys, declared types, no other keys
+    grammar = fmt.grammar([WEATHER], "required", False)
+    assert accepts(grammar, '<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}<tool_call|>')
+    assert not accepts(grammar, "<|tool_call>call:get_weather{days:3}<tool_call|>")
+    assert not accepts(grammar, '<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>,days:<|"|>3<|"|>}<tool_call|>')
+    assert not accepts(grammar, '<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>,wind:1}<tool_call|>')
+
+
+CALL_TURNS = [*USER, {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"}, {"role": "assistant", "content": "It is sunny."}]
+
+
+def test_gemma4_older_templates_get_results_in_the_model_turn_and_the_next_turn_opened():
+    """llama.cpp folds calls, results and the answer into one model turn for Gemma 4's first templates; the
+    template then ends the prompt closed and llama.cpp's handler opens the model's next turn."""
+    chat = format_chat(_real("gemma4"), CALL_TURNS, TemplateTokens("<bos>", "<eos>", True), ChatOptions())
+    assert chat.prompt.endswith("<|turn>model\n<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>"
+                                "<|tool_response>response:get_weather{value:<|\"|>sunny, 21 C<|\"|>}<tool_response|>"
+                                "It is sunny.<turn|>\n<|turn>model\n")
+    assert chat.generation_prompt == "<|turn>model\n" and chat.chat_format == 3
+    official = format_chat(_real("google-gemma-4-31B-it"), CALL_TURNS, TemplateTokens("<bos>", "<eos>", True), ChatOptions())
+    assert "response:get_weather{value:<|\"|>sunny, 21 C<|\"|>}" in official.prompt  # it reads the tool message itself
+
+
+def test_gpt_oss_real_template_renders_the_reasoning_of_a_call_turn_as_its_analysis():
+    turns = [*USER, {**CALL_TURNS[1], "reasoning_content": "look it up"},
+             {"role": "tool", "tool_call_id": "c1", "content": '{"sky": "sunny"}'}]
+    prompt = format_chat(_real("openai-gpt-oss-120b"), turns, TemplateTokens(), ChatOptions(tools=[WEATHER])).prompt
+    assert prompt.endswith("<|start|>assistant<|channel|>analysis<|message|>look it up<|end|><|start|>assistant "
+                           'to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>'
+                           '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>'
+                           '"{\\"sky\\": \\"sunny\\"}"<|end|><|start|>assistant')
+
+
 # -- reasoning markers of each family -----------------------------------------------------------------------
 @pytest.mark.parametrize("markers, text", [
     ("<seed:think>", "<seed:think>hmm</seed:think>Paris"),
@@ -176,6 +232,7 @@ def test_functionary_v3_2_all_is_the_answer():
     ("<|system_start|><|tools_prefix|>", "<|inner_prefix|>hmm<|inner_suffix|>Paris"),
     ("<tool_call><function=<parameter=", "<think>hmm</think>Paris"),
     ("<|channel|>", "<|channel|>analysis<|message|>hmm<|end|><|start|>assistant<|channel|>final<|message|>Paris"),
+    ("'<|tool_call>call:'", "<|channel>thought\nhmm<channel|>Paris"),
 ])
 def test_reasoning_markers_of_each_family(markers, text):
     chat = format_chat(_template(markers), USER, TemplateTokens(), ChatOptions(reasoning_format="auto"))
@@ -204,7 +261,7 @@ def test_completion_writes_and_parses_each_format(ctx, name):
     result = ctx.completion({"messages": USER, "chat_template": _template(CASES[name][0]), "tools": [FIXED],
                              "tool_choice": "required", "n_predict": 96, **GREEDY}, events.append)
     assert _calls(result["tool_calls"]) == [("get_weather", {"days": 3})], result["text"]
-    assert result["chat_format"] == 2 and "content" not in result
+    assert result["chat_format"] == (3 if name == "gemma4" else 2) and "content" not in result  # llama.rn's PEG_GEMMA4
     streamed = [e["tool_calls"] for e in events if "tool_calls" in e]
     assert streamed and streamed[-1] == result["tool_calls"]
     assert {calls[0]["id"] for calls in streamed} == {result["tool_calls"][0]["id"]}
@@ -214,6 +271,7 @@ def test_completion_writes_and_parses_each_format(ctx, name):
     ("<seed:think>", "<seed:think>cold</seed:think>Paris"),
     ("<|channel|>", "<|channel|>analysis<|message|>cold<|end|><|start|>assistant<|channel|>final<|message|>Paris"),
     ("<|END_THINKING|><|START_ACTION|>", "<|START_THINKING|>cold<|END_THINKING|>Paris"),
+    ("'<|tool_call>call:'", "<|channel>thought\ncold<channel|>Paris"),
 ])
 def test_completion_splits_each_familys_reasoning(ctx, markers, reply):
     grammar = "root ::= " + json.dumps(reply)
@@ -244,6 +302,10 @@ REAL = {
     "NVIDIA-Nemotron-Nano-v2": "nemotron-v2",
     "Qwen3-Coder": "qwen3-coder",
     "unsloth-MiniMax-M2": "minimax-m2",
+    "openai-gpt-oss-120b": "gpt-oss",
+    "gemma4": "gemma4",
+    "google-gemma-4-31B-it-interleaved": "gemma4",
+    "google-gemma-4-31B-it": "gemma4",
 }
 
 

@@ -52,6 +52,10 @@ MODELS = {
     "NVIDIA-Nemotron-Nano-v2": ("<s>", "<SPECIAL_12>", False),
     "Qwen3-Coder": ("", "<|im_end|>", False),
     "unsloth-MiniMax-M2": ("", "[e~[", False),
+    "openai-gpt-oss-120b": ("<|startoftext|>", "<|return|>", False),
+    "gemma4": ("<bos>", "<eos>", True),
+    "google-gemma-4-31B-it-interleaved": ("<bos>", "<eos>", True),
+    "google-gemma-4-31B-it": ("<bos>", "<eos>", True),
 }
 # Templates that get tool-call arguments as objects (llama.cpp's workaround::func_args_not_string, by the
 # template's caps): they write the arguments out as JSON themselves or take the object apart key by key.
@@ -60,8 +64,11 @@ OBJECT_ARGUMENTS = {
     "mistralai-Mistral-Nemo-Instruct-2407", "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use", "ByteDance-Seed-OSS",
     "CohereForAI-c4ai-command-r7b-12-2024-tool_use", "glm_4_5", "GLM-4.6", "llama-cpp-lfm2",
     "mistralai-Mistral-Small-3.1-24B-Instruct-2503", "moonshotai-Kimi-K2-Thinking", "NVIDIA-Nemotron-Nano-v2", "Qwen3-Coder",
-    "unsloth-MiniMax-M2",
+    "unsloth-MiniMax-M2", "openai-gpt-oss-120b", "gemma4", "google-gemma-4-31B-it-interleaved", "google-gemma-4-31B-it",
 }
+# Gemma 4's first templates read tool results from the model turn's 'tool_responses': llama.cpp folds a call turn
+# and its results into one message for them (the official template reads 'tool' messages itself).
+GEMMA4_FOLDED = {"gemma4", "google-gemma-4-31B-it-interleaved"}
 
 SYSTEM = {"role": "system", "content": "You are terse. Ünïcödé is fine: ✓"}
 TURNS = [
@@ -102,6 +109,10 @@ def _as_llama_cpp_shapes(name: str, messages: list[dict], source: str) -> list[d
         if "tool_calls" in m and name in OBJECT_ARGUMENTS:
             m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
                                for c in m["tool_calls"]]
+        if m["role"] == "tool" and name in GEMMA4_FOLDED:  # TOOL_TURNS' one call and its result, by hand
+            out[-1] = {"role": "assistant", "tool_calls": out[-1]["tool_calls"],
+                       "tool_responses": [{"name": "get_weather", "response": json.loads(m["content"])}]}
+            continue
         out.append(m)
     if name == "google-gemma-2-2b-it" and out[0]["role"] == "system":  # no system role: merged into the next turn
         system = out.pop(0)
@@ -164,7 +175,8 @@ FAMILY_TOOL_TEMPLATES = ["ByteDance-Seed-OSS", "CohereForAI-c4ai-command-r7b-12-
                          "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai-DeepSeek-V3.1", "glm_4_5", "GLM-4.6",
                          "ibm-granite-granite-3.3-2B-Instruct", "llama-cpp-lfm2", "meetkai-functionary-medium-v3.1",
                          "meetkai-functionary-medium-v3.2", "mistralai-Mistral-Small-3.1-24B-Instruct-2503",
-                         "moonshotai-Kimi-K2-Thinking", "NVIDIA-Nemotron-Nano-v2", "Qwen3-Coder", "unsloth-MiniMax-M2"]
+                         "moonshotai-Kimi-K2-Thinking", "NVIDIA-Nemotron-Nano-v2", "Qwen3-Coder", "unsloth-MiniMax-M2",
+                         "openai-gpt-oss-120b", "gemma4", "google-gemma-4-31B-it-interleaved", "google-gemma-4-31B-it"]
 
 
 @pytest.mark.parametrize("tool_choice", ["none", "required"])

@@ -13,7 +13,8 @@ of three shapes, so each is a small description of one shape:
   (Qwen3-Coder, Seed-OSS, MiniMax-M2, GLM 4.5).
 
 Llama 3.x (JSON or ``<|python_tag|>name.call(k=v)``), Functionary v3.2
-(``>>>recipient``), GPT-OSS (harmony channels) and ``generic`` (any template that
+(``>>>recipient``), GPT-OSS (harmony channels), Gemma 4 (``<|tool_call>call:name{key:value}``, its own
+value notation) and ``generic`` (any template that
 does not describe tools: the whole reply is JSON under a grammar) have their own.
 
 Each parser returns ``(content, tool_calls)`` for a whole reply or, with
@@ -158,7 +159,7 @@ class ToolFormat:
     ids_in_marker = False
     tools: tuple[dict[str, Any], ...] = ()
     #: the messages as llama.cpp's handler for the family rewrites them (``_REWRITES``), with or without tools
-    rewrite: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+    rewrite: Callable[[list[dict[str, Any]], str], list[dict[str, Any]]] | None = None
 
     def detect(self, source: str, caps: Caps) -> bool:
         return False
@@ -182,6 +183,10 @@ class ToolFormat:
 
     def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
         return text, []
+
+    def reopen(self, prompt: str) -> str:
+        """What the family's llama.cpp handler appends to a generation prompt the template left closed ('' here)."""
+        return ""
 
     @staticmethod
     def _embed(schema: dict[str, Any], root: str, name_key: str = "name") -> str:
@@ -617,6 +622,167 @@ class GptOss(ToolFormat):
         return content, calls
 
 
+_Q = '<|"|>'  # Gemma 4's string quote
+_G4_SCALAR = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null")
+_G4_KEY = re.compile(r"\s*([^:}]+):\s*")
+_G4_RULES = "\n".join([
+    'g4-value ::= g4-string | g4-dict | g4-array | g4-number | "true" | "false" | "null"',
+    'g4-dict ::= "{" (g4-key g4-value ("," g4-key g4-value)*)? "}"',
+    'g4-key ::= [^:{}<>,"]+ ":"',
+    'g4-array ::= "[" (g4-value ("," g4-value)*)? "]"',
+    'g4-number ::= "-"? [0-9]+ ("." [0-9]+)? ([eE] [-+]? [0-9]+)?',
+    f'g4-string ::= {_lit(_Q)} ([^<] | "<" [^|])* {_lit(_Q)}',
+])
+
+
+def _g4_read(text: str, at: int, partial: bool) -> tuple[Any, int, bool]:
+    """(value, end, finished) of the Gemma 4 value at ``text[at:]``, as llama.cpp's gemma4_to_json reads it: strings
+    between ``<|"|>`` quotes, bare keys; an unfinished dict or array has its members so far, an unfinished
+    scalar is MISSING."""
+    if text.startswith(_Q, at):
+        end = text.find(_Q, at + len(_Q))
+        if end < 0:
+            return (held_back(text[at + len(_Q):], _Q) if partial else MISSING), len(text), False
+        return text[at + len(_Q):end], end + len(_Q), True
+    if text.startswith(("{", "["), at):
+        is_dict, closer = text[at] == "{", "}" if text[at] == "{" else "]"
+        members: Any = {} if is_dict else []
+        i = at + 1
+        while True:
+            while i < len(text) and text[i] in " \t\n":
+                i += 1
+            if text.startswith(closer, i):
+                return members, i + 1, True
+            key = None
+            if is_dict:
+                match = _G4_KEY.match(text, i)
+                if match is None:
+                    return members, len(text), False
+                key, i = match.group(1), match.end()
+            value, i, done = _g4_read(text, i, partial)
+            if value is not MISSING:
+                if is_dict:
+                    members[key] = value
+                else:
+                    members.append(value)
+            if not done:
+                return members, len(text), False
+            while i < len(text) and text[i] in " \t\n":
+                i += 1
+            if text.startswith(",", i):
+                i += 1
+            elif not text.startswith(closer, i):
+                return members, len(text), False
+    match = _G4_SCALAR.match(text, at)
+    if match is None or (partial and match.end() == len(text)):  # a number may still grow
+        return MISSING, len(text), False
+    return json.loads(match.group()), match.end(), True
+
+
+def _g4_text(value: Any) -> str:
+    """A JSON value written as the Gemma 4 template writes arguments (its format_argument, keys bare)."""
+    if isinstance(value, str):
+        return _Q + value + _Q
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_g4_text(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(map(_g4_text, value)) + "]"
+    return json.dumps(value)
+
+
+class Gemma4(ToolFormat):
+    """Gemma 4: ``<|tool_call>call:name{key:value,...}<tool_call|>``, strings quoted with ``<|"|>``, keys bare;
+    thinking in ``<|channel>thought ... <channel|>``."""
+
+    name, trigger = "gemma4", "<|tool_call>"
+    think = ("<|channel>thought", "<channel|>")
+    preserved = ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|turn>")
+    triggers = (Trigger("word", "<|tool_call>"),)
+    _open = re.compile(r"call:([^{\s<]+)\{")
+
+    def detect(self, source: str, caps: Caps) -> bool:
+        return "'<|tool_call>call:'" in source
+
+    def reopen(self, prompt: str) -> str:
+        # a model turn that ends with an answer after tool results: the template does not open the next turn
+        return "<|turn>model\n" if prompt.endswith("<turn|>\n") else ""
+
+    def _rule(self, schema: Any, rules: dict[str, str], *name: str) -> str:
+        """The GBNF rule of a value of ``schema`` in Gemma 4's notation (declared types; anything else: any value)."""
+        if not isinstance(schema, dict):
+            return "g4-value"
+        rule = _rule_name("g4", *name)
+        kind = schema.get("type")
+        if "enum" in schema or "const" in schema:
+            rules[rule] = " | ".join(_lit(_g4_text(v)) for v in schema.get("enum", [schema.get("const")]))
+        elif kind == "string":
+            return "g4-string"
+        elif kind in ("integer", "number", "boolean", "null"):  # written as in JSON
+            inner, text = _schema_rule(schema, "json", *name)
+            for line in text.splitlines():
+                head, sep, body = line.partition(" ::= ")
+                if sep:
+                    rules.setdefault(head, body)
+            return inner
+        elif kind == "array":
+            item = self._rule(schema.get("items"), rules, *name, "item")
+            rules[rule] = f'"[" ({item} ("," {item})*)? "]"'
+        elif kind == "object" and isinstance(schema.get("properties"), dict) and schema["properties"]:
+            required = set(schema.get("required") or [])
+            keys = sorted(schema["properties"])  # in the template's order (dictsort)
+            pairs = [f"{_lit(key + ':')} {self._rule(schema['properties'][key], rules, *name, key)}" for key in keys]
+            # rest-i: the members from i on after one was written; first-i: from i on, none written yet
+            rules[f"{rule}-rest-{len(keys)}"] = rules[f"{rule}-first-{len(keys)}"] = '""'
+            for i in range(len(keys) - 1, -1, -1):
+                rest, first = f"{rule}-rest-{i + 1}", f"{rule}-first-{i + 1}"
+                if keys[i] in required:
+                    rules[f"{rule}-rest-{i}"] = f'"," {pairs[i]} {rest}'
+                    rules[f"{rule}-first-{i}"] = f"{pairs[i]} {rest}"
+                else:
+                    rules[f"{rule}-rest-{i}"] = f'("," {pairs[i]})? {rest}'
+                    rules[f"{rule}-first-{i}"] = f"{pairs[i]} {rest} | {first}"
+            rules[rule] = f'"{{" {rule}-first-0 "}}"'
+        elif kind == "object":
+            return "g4-dict"
+        else:
+            return "g4-value"
+        return rule
+
+    def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
+        rules: dict[str, str] = {}
+        alternatives = []
+        for tool in tools:
+            function = tool["function"]
+            args = self._rule(function.get("parameters") or {"type": "object"}, rules, "args", function["name"])
+            alternatives.append(f"{_lit(function['name'])} {args}")
+        call = '"<|tool_call>call:" (' + " | ".join(alternatives) + ') "<tool_call|>"'
+        body = "\n".join(f"{head} ::= {text}" for head, text in rules.items())
+        return f"root ::= call{'+' if parallel else ''}\ncall ::= {call}\n{body}\n{_G4_RULES}\n"
+
+    def parse(self, text: str, partial: bool) -> tuple[str, list[Call]]:
+        content, rest = _split(text, self.trigger, partial)
+        calls: list[Call] = []
+        tail = ""
+        while rest is not None:
+            match = self._open.match(rest)
+            if match is None:  # the call's name is still being written
+                break
+            value, end, done = _g4_read(rest, match.end() - 1, partial)
+            calls.append(_make_call(match.group(1), value if isinstance(value, dict) else {}))
+            after = rest[end:] if done else ""
+            if after.startswith("<tool_call|>"):
+                after = after[len("<tool_call|>"):]
+            tail_part, found, rest_after = after.partition(self.trigger)
+            tail += tail_part
+            rest = rest_after if found else None
+        tail = tail.strip()
+        if partial:
+            tail = held_back(held_back(tail, "<tool_call|>"), self.trigger)
+        if calls and tail:
+            content = content.rstrip() + ("\n" if content.strip() else "") + tail
+        return (content.rstrip() if calls else content), calls
+
+
 class Generic(ToolFormat):
     name = "generic"
 
@@ -679,6 +845,7 @@ _MISTRAL_ID = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
 
 # In llama.cpp's order of detection (common_chat_templates_apply_jinja): the first that matches wins.
 FORMATS: tuple[ToolFormat, ...] = (
+    Gemma4(),  # a marker no other family's template has; llama.cpp checks it among its specialised templates
     NamedJson("deepseek-v3.1", _markers("message['prefix'] is defined and message['prefix'] and thinking"),
               "<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>", "<｜tool▁call▁end｜>", block=_DS),
     NamedJson("deepseek-r1", _markers(_DS[0]), "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
@@ -716,10 +883,10 @@ FORMATS: tuple[ToolFormat, ...] = (
 )
 
 
-def _reasoning_as_thinking(drop_call_content: bool) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+def _reasoning_as_thinking(drop_call_content: bool) -> Callable[[list[dict[str, Any]], str], list[dict[str, Any]]]:
     """GPT-OSS and LFM2 templates read a turn's reasoning as ``thinking`` (GPT-OSS: a call turn with reasoning
     then has no content)."""
-    def rewrite(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def rewrite(messages: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
         out = []
         for message in messages:
             if isinstance(message.get("reasoning_content"), str):
@@ -731,9 +898,53 @@ def _reasoning_as_thinking(drop_call_content: bool) -> Callable[[list[dict[str, 
     return rewrite
 
 
-# The prompt side of llama.rn 0.12.9's per-family handlers (common_chat_params_init_gpt_oss / _lfm2): the
-# messages as they rewrite them. Every other family's template gets the messages as the shared path shapes them.
-_REWRITES = {"gpt-oss": _reasoning_as_thinking(True), "lfm2": _reasoning_as_thinking(False)}
+def _has_content(message: dict[str, Any]) -> bool:
+    return bool(message.get("content"))
+
+
+def _gemma4_tool_responses(messages: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """Gemma 4's first templates read tool results from the model turn's ``tool_responses``, not from ``tool``
+    messages: llama.cpp (workaround::convert_tool_responses_gemma4) folds each ``assistant(calls) -> tool+ ->
+    assistant(answer)`` run into one assistant message. The official template (it reads ``tool`` messages, under
+    its "OpenAI Chat Completions" comment) gets them as they are."""
+    if "{#- OpenAI Chat Completions:" in source:
+        return messages
+    out, i = [], 0
+    while i < len(messages):
+        message = messages[i]
+        if message["role"] != "assistant" or not message.get("tool_calls"):
+            out.append(message)
+            i += 1
+            continue
+        calls = list(message["tool_calls"])
+        folded: dict[str, Any] = {"role": "assistant", "tool_calls": calls}
+        responses: list[dict[str, Any]] = []
+        i += 1
+        while i < len(messages) and messages[i]["role"] == "tool":
+            result = messages[i].get("content")
+            if isinstance(result, str):  # JSON text is read as its value, anything else stays text
+                try:
+                    result = json.loads(result)
+                except ValueError:
+                    pass
+            name = calls[len(responses)]["function"]["name"] if len(responses) < len(calls) else ""
+            responses.append({"name": name or messages[i].get("tool_call_id", ""), "response": result})
+            i += 1
+        if responses:
+            folded["tool_responses"] = responses
+        if i < len(messages) and messages[i]["role"] == "assistant" and not messages[i].get("tool_calls") \
+                and _has_content(messages[i]):
+            folded["content"] = messages[i]["content"]
+            i += 1
+        if isinstance(message.get("reasoning_content"), str):
+            folded["reasoning_content"] = message["reasoning_content"]
+        out.append(folded)
+    return out
+
+
+# The prompt side of llama.rn 0.12.9's per-family handlers (common_chat_params_init_gpt_oss / _lfm2, Gemma 4's
+# workaround): the messages as they rewrite them. Every other family's template gets them as the shared path shapes them.
+_REWRITES = {"gpt-oss": _reasoning_as_thinking(True), "lfm2": _reasoning_as_thinking(False), "gemma4": _gemma4_tool_responses}
 for _format in FORMATS:
     _format.rewrite = _REWRITES.get(_format.name)
 

@@ -228,8 +228,8 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
         tool_format = pick_format(source, caps).with_tools(tools)
         checked = tool_format.prepare(checked, tools, options.tool_choice, options.parallel_tool_calls, caps)
     family = family_format(source, caps)
-    if family is not None and family.rewrite is not None:
-        checked = family.rewrite(checked)
+    if family is not None and family.rewrite is not None and not pure:  # llama.cpp rewrites in the family's handler
+        checked = family.rewrite(checked, source)
     shaped = shape_for_template(checked, caps, write_out=calling and isinstance(tool_format, Generic),
                                 map_developer=not isinstance(family, GptOss))
     variables = _context(options, tokens)
@@ -238,6 +238,9 @@ def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: C
     if options.add_generation_prompt:
         without = _render(source, shaped, variables, False, tokens, options.now)
         generation = prompt[len(os.path.commonprefix([prompt, without])):]
+        reopened = family.reopen(prompt) if family is not None and not pure else ""
+        if reopened:
+            prompt, generation = prompt + reopened, reopened
     grammar, lazy = "", False
     if calling and (options.tool_choice == "required" or isinstance(tool_format, Generic)):
         grammar = tool_format.grammar(tools, options.tool_choice, options.parallel_tool_calls)
