@@ -27,7 +27,7 @@ def convert(case: Case) -> tuple[str | None, list[str], str | None]:
         try:
             grammar = convert_json_schema_to_grammar(case.schema, list(case.prop_order) or None)
         except GrammarError as err:
-            return None, [], str(err)
+            return None, [], err.detail  # the whole message (str is llama.rn's fixed text)
     return grammar, [str(w.message) for w in caught if issubclass(w.category, LlamaCompatWarning)], None
 
 
