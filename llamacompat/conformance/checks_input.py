@@ -144,6 +144,8 @@ PROBES: dict[str, dict[str, Any]] = {
     "logit_bias": {"logit_bias": [[0, -1.0]]},
     "ignore_eos": {"ignore_eos": True},
     "n_probs": {"n_probs": 2},
+    # a chat (the template names the thinking tags); SmolLM2's template opens none, so the text stays free
+    "thinking_budget": {"prompt": None, "messages": [{"role": "user", "content": PROMPT}], "thinking_budget_tokens": 4},
 }
 
 
