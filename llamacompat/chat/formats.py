@@ -133,6 +133,18 @@ def _schema_rule(schema: Any, *name: str) -> tuple[str, str]:
     return rule, convert_json_schema_to_grammar(schema, root_name=rule)
 
 
+def _call_alternatives(tools: list[dict[str, Any]], alternative: Callable[[str, str], str]) -> tuple[list[str], list[str]]:
+    """One grammar alternative per tool, ``alternative(function name, its arguments' rule)``, and the grammars of
+    those argument rules (to ``_merged`` in)."""
+    alternatives, rules = [], []
+    for tool in tools:
+        function = tool["function"]
+        rule, text = _schema_rule(_closed_object(function.get("parameters")), "args", function["name"])
+        rules.append(text)
+        alternatives.append(alternative(function["name"], rule))
+    return alternatives, rules
+
+
 def _split(text: str, marker: str, partial: bool) -> tuple[str, str | None]:
     """(content before ``marker``, the rest after it) or, without it, (content, None) with a half marker held back."""
     if marker in text:
@@ -298,12 +310,7 @@ class NamedJson(ToolFormat):
         return self._detect(source, caps)
 
     def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
-        rules, alternatives = [], []
-        for tool in tools:
-            function = tool["function"]
-            rule, text = _schema_rule(_closed_object(function.get("parameters")), "args", function["name"])
-            rules.append(text)
-            alternatives.append(f"{_gbnf(self.open, function['name'])} {rule} {_lit(self.close)}")
+        alternatives, rules = _call_alternatives(tools, lambda name, rule: f"{_gbnf(self.open, name)} {rule} {_lit(self.close)}")
         calls = "call ::= " + " | ".join(alternatives)
         sep = f" {_lit(self.separator)}" if self.separator else ""
         body = f"call (({sep or ' ws'}) call)*" if parallel else "call"
@@ -523,12 +530,7 @@ class FunctionaryV32(ToolFormat):
         return ">>>all" in source
 
     def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
-        rules, alternatives = [], []
-        for tool in tools:
-            function = tool["function"]
-            rule, text = _schema_rule(_closed_object(function.get("parameters")), "args", function["name"])
-            rules.append(text)
-            alternatives.append(f"{_lit(function['name'] + chr(10))} {rule}")
+        alternatives, rules = _call_alternatives(tools, lambda name, rule: f"{_lit(name + chr(10))} {rule}")
         more = ' (">>>" call)*' if parallel else ""
         return _merged(f"root ::= call{more}\ncall ::= " + " | ".join(alternatives), *rules)
 
@@ -570,12 +572,7 @@ class GptOss(ToolFormat):
         return "<|channel|>" in source
 
     def _calls_grammar(self, tools: list[dict[str, Any]]) -> tuple[str, list[str]]:
-        rules, alternatives = [], []
-        for tool in tools:
-            function = tool["function"]
-            rule, text = _schema_rule(_closed_object(function.get("parameters")), "args", function["name"])
-            rules.append(text)
-            alternatives.append(f"{_lit(function['name'])} header-tail {rule}")
+        alternatives, rules = _call_alternatives(tools, lambda name, rule: f"{_lit(name)} header-tail {rule}")
         return " | ".join(alternatives), rules
 
     def grammar(self, tools: list[dict[str, Any]], choice: str, parallel: bool) -> str:
