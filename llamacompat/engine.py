@@ -57,7 +57,7 @@ class _Budget:
         """``token`` was generated; ``complete``: the text so far ends on a whole UTF-8 character."""
         spec, state = self._spec, self._state
         self._recent.append(token)
-        del self._recent[: -max(len(spec.start), len(spec.end))]
+        del self._recent[: -max(len(spec.start), len(spec.end), 1)]  # the longest tag is all a match needs
         if state == "forcing":
             self._at += 1
             if self._at == len(spec.forced):

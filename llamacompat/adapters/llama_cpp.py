@@ -495,12 +495,7 @@ class LlamaCppAdapter(Adapter):
             with map_exceptions(RUNTIME_FAILURES, "the llama_cpp backend failed while generating (llguidance)",
                                 reset=self._drop_pending):
                 return self._next_guided()
-        pending = self._pending
-        if pending:
-            one = self._one
-            one[0] = pending[0]
-            self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(one, 1)))
-            self._tokens.append(pending[0])
+        self._evaluate_pending()
         if self._post is None:
             token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
         else:
@@ -515,15 +510,19 @@ class LlamaCppAdapter(Adapter):
         if self._post is not None:  # llama.cpp's own grammar aborts the process on a token it refuses
             raise UnsupportedFeatureError("completion: a thinking budget cannot force tokens past grammar_engine "
                                           "'llama_cpp'; use grammar_engine 'auto' (llguidance)")
+        self._evaluate_pending()
+        lc.llama_sampler_accept(self._sampler, token)  # penalties and DRY see it as generated
+        self._pending = [token]
+        return token
+
+    def _evaluate_pending(self) -> None:
+        """Without a guide, the one token handed out last is evaluated at the next step."""
         pending = self._pending
         if pending:
             one = self._one
             one[0] = pending[0]
             self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(one, 1)))
             self._tokens.append(pending[0])
-        lc.llama_sampler_accept(self._sampler, token)  # penalties and DRY see it as generated
-        self._pending = [token]
-        return token
 
     def _drop_pending(self) -> None:
         """After a failure amid ``_next_guided``: what was decoded is in ``_tokens``; the rest is dropped, never
