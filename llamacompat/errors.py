@@ -24,6 +24,8 @@ __all__ = [
     "ContextReleasedError",
     "ContextFullError",
     "ContextLimitError",
+    "RequestCancelledError",
+    "ParallelModeError",
     "InvalidParamsError",
     "GrammarError",
     "TemplateError",
@@ -198,6 +200,21 @@ class RequestTimeoutError(LlamaError, TimeoutError):
 
     code = "timeout"
     default_message = "The server did not answer in time"
+
+
+class ParallelModeError(LlamaError, RuntimeError):
+    """A call that does not fit the context's parallel mode: a parallel request while it is off, a session
+    load or save while it is on (llama.rn's messages)."""
+
+    code = "parallel_mode"
+    default_message = "Parallel mode not enabled"
+
+
+class RequestCancelledError(LlamaError, RuntimeError):
+    """A parallel request was cancelled before it ran (``ctx.parallel.disable()``, ``release()``)."""
+
+    code = "request_cancelled"
+    default_message = "The request was cancelled before it ran"
 
 
 class DownloadError(LlamaError, OSError):

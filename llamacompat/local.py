@@ -28,6 +28,7 @@ from .grammars.gbnf import check_tokens, parse_gbnf
 from .grammars.schema import convert_json_schema_to_grammar
 from .grammars.triggers import parse_triggers
 from .models import local_path
+from .parallel.slots import CoreSlots, Progress, Slots
 from .sessions import check_identity, read_sidecar, save_with_sidecar
 from .text_stream import Parse, stopped_before_prompt
 from .types import (
@@ -40,7 +41,7 @@ from .types import (
     TokenizeResult,
 )
 
-__all__ = ["LocalCore", "session_path", "file_name"]
+__all__ = ["LocalCore", "BatchSlots", "session_path", "file_name"]
 
 
 def _caps(source: str | None) -> dict[str, bool] | None:
@@ -114,26 +115,41 @@ class LocalCore:
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         """Validate ``params`` (at the first ``next``), then yield TokenData and return the result."""
+        return self.completion_on(self.adapter, params, stop, strict)
+
+    def completion_on(self, adapter: Adapter, params: Mapping[str, Any] | None, stop: threading.Event,
+                      strict: bool, progress: Progress | None = None) -> Generator[TokenData, None, CompletionResult]:
+        """``completion`` generated on ``adapter``: the context's own, or one sequence of its parallel batch."""
         self.require("completion", "completion")
         try:
             with render_stop(stop):  # stop_completion also ends a long chat template render
                 request, n_threads = self._request(params, strict)
         except RenderStopped:
-            return stopped_before_prompt(self.adapter.n_past)
-        restore = self._use_threads(n_threads, strict)
+            return stopped_before_prompt(adapter.n_past)
+        if progress is not None:
+            progress.prompt(len(request.prompt_tokens))
+        restore = self._use_threads(adapter, n_threads, strict)
         try:
-            return (yield from generate(self.adapter, request, stop))
+            return (yield from generate(adapter, request, stop))
         finally:
             if restore is not None:
-                self.adapter.set_threads(restore)
+                adapter.set_threads(restore)
 
-    def _use_threads(self, n_threads: int, strict: bool) -> int | None:
+    def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
+        """Parallel mode: the runtime's own batch where the adapter has one, else requests take turns."""
+        batch = self.adapter.open_batch(n_parallel, n_batch)
+        if batch is None:
+            return CoreSlots(self, n_parallel, 1, "emulated")
+        return BatchSlots(self, batch, n_parallel)
+
+    def _use_threads(self, adapter: Adapter, n_threads: int, strict: bool) -> int | None:
         """A completion's own ``n_threads`` (0: the context's): the count to restore afterwards, or None."""
         if not n_threads:
             return None
-        previous = self.adapter.set_threads(n_threads)
+        previous = adapter.set_threads(n_threads)
         if previous is None:
-            unsupported(strict, f"completion: 'n_threads' is fixed when a {self.backend} context is created (ignored)")
+            unsupported(strict, f"completion: 'n_threads' is fixed when a {self.backend} context is created, and "
+                                "shared by every slot in parallel mode (ignored)")
         return previous
 
     def _request(self, params: Mapping[str, Any] | None, strict: bool) -> tuple[CompletionRequest, int]:
@@ -246,19 +262,20 @@ class LocalCore:
     def detokenize(self, tokens: list[int]) -> str:
         return self.adapter.detokenize(P.token_ids(tokens, self.n_vocab, "detokenize"))
 
-    def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
+    def embedding(self, text: str, params: Mapping[str, Any] | None, on: Adapter | None = None) -> EmbeddingResult:
         text = P.text_argument(text, "embedding")
         normalize = P.embedding_normalize(params, self.params)
         self.require("embedding", "embedding")
-        return self._embed(text, normalize)
+        return self._embed(text, normalize, on or self.adapter)
 
-    def _embed(self, text: str, normalize: int) -> EmbeddingResult:
+    def _embed(self, text: str, normalize: int, on: Adapter) -> EmbeddingResult:
         tokens = self.adapter.tokenize(text, True)
         if not tokens:  # the engines fail on an empty batch ("llama_decode failed ... n_tokens == 0")
             raise InvalidParamsError("embedding: the text has no tokens (it is empty); pass some text to embed")
-        return {"embedding": normalize_embedding(self.adapter.embedding(tokens), normalize)}
+        return {"embedding": normalize_embedding(on.embedding(tokens), normalize)}
 
-    def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None) -> list[RerankResult]:
+    def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None,
+               on: Adapter | None = None) -> list[RerankResult]:
         query = P.text_argument(query, "rerank", "query")
         if not isinstance(documents, (list, tuple)):
             raise InvalidParamsError("rerank: documents must be a list of strings")
@@ -266,13 +283,13 @@ class LocalCore:
         P.validate(params, P.RERANK_FIELDS, "rerank")
         P.require_embedding(self.params, "rerank")
         self.require("rerank", "rerank")
-        adapter = self.adapter
+        adapter, on = self.adapter, on or self.adapter
         if adapter.capabilities.features.get("rerank") == "native":
             query_tokens = adapter.tokenize(query, False)
-            scores = [adapter.rank(query_tokens, adapter.tokenize(doc, False)) for doc in documents]
+            scores = [on.rank(query_tokens, adapter.tokenize(doc, False)) for doc in documents]
         else:  # an embedding model ranks by cosine similarity (dot products of L2-normalised embeddings)
-            target = np.asarray(self._embed(query, 2)["embedding"])
-            scores = [float(target @ np.asarray(self._embed(doc, 2)["embedding"])) for doc in documents]
+            target = np.asarray(self._embed(query, 2, on)["embedding"])
+            scores = [float(target @ np.asarray(self._embed(doc, 2, on)["embedding"])) for doc in documents]
         ranked = [RerankResult(score=float(score), index=i, document=doc)
                   for i, (score, doc) in enumerate(zip(scores, documents, strict=True))]
         return sorted(ranked, key=lambda r: -r["score"])
@@ -354,3 +371,28 @@ class LocalCore:
     def close(self) -> None:
         self.adapter.close()
 
+
+
+class BatchSlots:
+    """Parallel mode on a runtime that decodes several sequences in one batch (llama_cpp's ``open_batch``):
+    each request runs the same ``LocalCore`` request building and engine loop, on a sequence of the batch."""
+
+    support = "native"
+
+    def __init__(self, core: LocalCore, batch: Any, n_parallel: int) -> None:
+        self._core, self._batch = core, batch
+        self.n_parallel = self.concurrency = n_parallel
+
+    def completion(self, params: Mapping[str, Any] | None, stop: threading.Event, strict: bool,
+                   progress: Progress) -> Generator[TokenData, None, CompletionResult]:
+        return self._core.completion_on(self._batch.sequence(progress), params, stop, strict, progress)
+
+    def embedding(self, text: str, params: Mapping[str, Any] | None, progress: Progress) -> EmbeddingResult:
+        return self._core.embedding(text, params, self._batch.sequence(progress))
+
+    def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None,
+               progress: Progress) -> list[RerankResult]:
+        return self._core.rerank(query, documents, params, self._batch.sequence(progress))
+
+    def close(self) -> None:
+        self._batch.close()

@@ -360,6 +360,13 @@ class Adapter(ABC):
         tokens for a thinking budget; an adapter that cannot declares ``thinking_budget`` missing."""
         raise UnsupportedFeatureError(f"forcing tokens (thinking budgets) is not supported by the {self.name} backend")
 
+    def open_batch(self, n_parallel: int, n_batch: int) -> Any:
+        """Parallel mode: an object whose ``sequence(progress)`` gives a fresh ``Adapter`` for one request on one
+        of ``n_parallel`` sequences decoded together (``n_batch`` tokens a step), and whose ``close()`` ends it;
+        None (the default) where the runtime runs one sequence, so parallel requests take turns on this adapter.
+        While it is open, the context calls nothing else of this adapter that needs the model."""
+        return None
+
     def set_threads(self, n_threads: int) -> int | None:
         """Evaluate with ``n_threads`` CPU threads from now on (a completion's own ``n_threads``); return the count
         in use before, which the caller restores afterwards, or None where the runtime fixes its threads at load."""

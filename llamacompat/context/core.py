@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Generator, Literal, Mapping, Protocol
 
+from ..parallel.slots import Slots
 from ..types import (
     CompletionResult,
     EmbeddingResult,
@@ -58,6 +59,9 @@ class Core(Protocol):
     def clear_cache(self, clear_data: bool) -> None: ...
     def load_session(self, path: str) -> SessionLoadResult: ...
     def save_session(self, path: str, token_size: int) -> int: ...
+    def open_slots(self, n_parallel: int, n_batch: int) -> "Slots":
+        """Parallel mode (``ctx.parallel.enable``): up to ``n_parallel`` requests at once, ``n_batch`` tokens a step."""
+        ...
     def close(self) -> None: ...
 
 

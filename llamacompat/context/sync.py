@@ -12,7 +12,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Generator
 
-from ..errors import ContextBusyError, ContextReleasedError, InvalidParamsError
+from ..errors import ContextBusyError, ContextReleasedError, InvalidParamsError, ParallelModeError
+from ..parallel.api import Parallel
+from ..parallel.pool import ParallelRequest
+from ..parallel.slots import Slots
 from ..text_stream import drain
 from ..types import (
     CompletionParams,
@@ -54,6 +57,8 @@ class LlamaContext:
         self.system_info: str = core.system_info
         self.android_lib: str | None = core.android_lib
         self.model = core.model
+        self._plain: set[ParallelRequest] = set()  # plain calls queued in parallel mode (stop_completion stops them)
+        self.parallel = Parallel(self)
 
     # -- state ---------------------------------------------------------------
     @property
@@ -83,6 +88,36 @@ class LlamaContext:
         if self._released:
             raise ContextReleasedError()
 
+    check_alive = _check_alive
+
+    @property
+    def strict(self) -> bool:
+        return self._strict
+
+    # -- parallel mode (``self.parallel``; llamacompat.parallel) ---------------------------------------
+    @property
+    def n_parallel_max(self) -> int:
+        """The most slots ``parallel.enable`` may ask for (the ``n_parallel`` init param)."""
+        return int(self._core.params.get("n_parallel") or 1)
+
+    def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
+        """The core's parallel mode (the caller, ``Parallel.enable``, holds the claim)."""
+        return self._core.open_slots(n_parallel, n_batch)
+
+    def _through_slots(self, kind: str, *args: Any, callback: TokenCallback | None = None) -> Any:
+        """A plain call while parallel mode is on: queued as a parallel request, waited for."""
+        on_token = None if callback is None else (lambda _request_id, event: callback(event))
+        parallel = self.parallel
+        if kind == "completion":
+            request = parallel.completion(args[0], on_token)
+        else:
+            request = getattr(parallel, kind)(*args)
+        self._plain.add(request)
+        try:
+            return request.promise.result()
+        finally:
+            self._plain.discard(request)
+
     # -- the seam for wrappers (AsyncLlamaContext): claim the model here, run the call elsewhere ---------
     def claim(self) -> None:
         """Take the model for one call, or raise ``ContextBusyError`` / ``ContextReleasedError`` at once.
@@ -91,6 +126,9 @@ class LlamaContext:
         """
         self._check_alive()
         if not self._busy.acquire(blocking=False):
+            if self.parallel.enabled:
+                raise ContextBusyError("Context is busy: parallel mode holds the model (call ctx.parallel.disable() "
+                                       "first)")
             raise ContextBusyError()
         if self._released:
             self._busy.release()
@@ -131,6 +169,11 @@ class LlamaContext:
     def _call(self, name: str, *args: Any) -> Any:
         if CALLS[name].runs == "beside":
             return self.beside(name, *args)
+        if self.parallel.enabled:
+            if name in ("embedding", "rerank"):
+                return self._through_slots(name, *args)
+            if name in ("load_session", "save_session"):
+                raise ParallelModeError(f"Session {name.split('_')[0]} is not supported while parallel mode is enabled")
         self.claim()
         return self.run_claimed(name, *args)
 
@@ -148,11 +191,16 @@ class LlamaContext:
         """Generate from ``prompt`` or ``messages``; ``callback`` gets each TokenData."""
         if callback is not None and not callable(callback):
             raise InvalidParamsError("completion: callback must be callable")
+        if self.parallel.enabled:
+            return self._through_slots("completion", params, callback=callback)
         self.claim()
         return self.completion_claimed(params, callback)
 
     def stream(self, params: CompletionParams | dict[str, Any] | None = None) -> CompletionStream:
         """Iterate TokenData; the final result is ``stream.result`` once exhausted."""
+        if self.parallel.enabled:
+            raise ParallelModeError("stream() is not available while parallel mode is enabled; use "
+                                    "ctx.parallel.completion(params, on_token) or completion(params, callback)")
         self.claim()
         try:
             gen = self._generation(params)
@@ -172,6 +220,8 @@ class LlamaContext:
         """Ask the running completion (or bench) to stop; it returns with ``interrupted: True``."""
         self._check_alive()
         self._stop.set()
+        for request in list(self._plain):  # plain completions queued in parallel mode
+            request.stop()
 
     # -- tokens --------------------------------------------------------------
     def tokenize(self, text: str, params: TokenizeParams | dict[str, Any] | None = None) -> TokenizeResult:
@@ -251,6 +301,7 @@ class LlamaContext:
             return
         self._released = True
         self._stop.set()
+        self.parallel.release()  # every parallel promise settles, with context_released
         while not self._busy.acquire(timeout=0.05):
             stream = self._stream
             if stream is not None and not stream.running:

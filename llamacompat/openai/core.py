@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..parallel.slots import CoreSlots, Slots
 from .. import params as P
 from ..embeddings import normalize_embedding
 from ..errors import (
@@ -211,6 +212,10 @@ class OpenAICore:
 
     def save_session(self, path: str, token_size: int) -> int:
         raise UnsupportedFeatureError("save_session: an OpenAI-compatible server keeps its KV cache to itself")
+
+    def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
+        """Parallel mode: concurrent streams; the server batches them (``n_batch`` is the server's own)."""
+        return CoreSlots(self, n_parallel, n_parallel, "native")
 
     def close(self) -> None:
         self._session.close()
