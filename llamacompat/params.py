@@ -252,11 +252,14 @@ CONTEXT_FIELDS: dict[str, Field] = {
     "flash_attn": _bool(False),
     "rope_freq_base": _number(0.0, lambda v: v >= 0, ">= 0 (0 = from the model)"),
     "rope_freq_scale": _number(0.0, lambda v: v >= 0, ">= 0 (0 = from the model)"),
-    "kv_unified": _bool(False),
+    # llama_cpp: one KV cache for every sequence; None (auto): unified when n_parallel > 1, so a plain
+    # completion keeps all of n_ctx (without it, llama.cpp gives each sequence n_ctx / n_parallel)
+    "kv_unified": Field((bool,), None, nullable=True),
     "swa_full": _bool(False),
     "no_extra_bufts": _bool(False),
     "is_model_asset": _bool(False),  # iOS's app-bundle lookup: a warning says 'model' is used as given
-    "n_parallel": _int(1, lambda v: v >= 1, ">= 1"),  # accepted; one sequence per context today
+    # the most slots ctx.parallel.enable may ask for (llama.rn's default 8; llama.cpp's n_seq_max)
+    "n_parallel": _int(8, lambda v: 1 <= v <= 256, "1..256"),
     # llama_cpp: backend device names (get_backend_devices_info's deviceName) the model may use
     "devices": Field((list, tuple), None, lambda v: _is_str_list(v) and all(v), "a list of device names", nullable=True),
     "no_gpu_devices": _bool(False),  # llama.rn's deprecated switch: n_gpu_layers 0

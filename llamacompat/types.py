@@ -78,7 +78,7 @@ class ContextParams(TypedDict, total=False):
     flash_attn: bool  # llama.rn's deprecated bool, read when flash_attn_type is not given
     rope_freq_base: float
     rope_freq_scale: float
-    kv_unified: bool
+    kv_unified: bool | None
     swa_full: bool
     no_extra_bufts: bool
     is_model_asset: bool

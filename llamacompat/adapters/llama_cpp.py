@@ -259,7 +259,7 @@ class LlamaCppAdapter(Adapter):
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.n_embd = lc.llama_model_n_embd(model)
         n_ctx_train = lc.llama_model_n_ctx_train(model)
-        self.n_ctx = params["n_ctx"] or n_ctx_train
+        self.n_ctx = self.n_ctx_context = params["n_ctx"] or n_ctx_train  # n_ctx: one sequence's room (below)
         self._n_batch = min(params["n_batch"], self.n_ctx)
         # Pooled embeddings need the whole input in one physical batch (llama.rn does the same).
         n_ubatch = self._n_batch if params["embedding"] else min(params["n_ubatch"], self._n_batch)
@@ -271,7 +271,10 @@ class LlamaCppAdapter(Adapter):
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = self._n_batch
         cparams.n_ubatch = n_ubatch
-        cparams.n_seq_max = 1
+        # Parallel mode's slots are llama.cpp sequences: as many as the most slots asked for (llama.rn's n_parallel).
+        # One KV cache shared by them (kv_unified) unless asked otherwise: a plain completion then keeps all n_ctx.
+        n_seq = cparams.n_seq_max = params["n_parallel"]
+        unified = params["kv_unified"] if params["kv_unified"] is not None else n_seq > 1
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         pooling = params.get("pooling_type")
         # A generative model has no pooling of its own; mean pooling gives a usable sentence vector.
@@ -281,7 +284,7 @@ class LlamaCppAdapter(Adapter):
         cparams.type_v = _CACHE_TYPES[params["cache_type_v"]]
         cparams.rope_freq_base = params["rope_freq_base"]
         cparams.rope_freq_scale = params["rope_freq_scale"]
-        cparams.kv_unified = params["kv_unified"]
+        cparams.kv_unified = unified
         cparams.swa_full = params["swa_full"]
         cparams.embeddings = False  # switched on only inside embedding()
         cparams.no_perf = True
@@ -305,6 +308,7 @@ class LlamaCppAdapter(Adapter):
                 raise err(f"Failed to load model: cannot create a context of {self.n_ctx} tokens" + (f" ({detail})" if detail else ""))
             self._mem = lc.llama_get_memory(self._ctx)
             self.pooling = lc.llama_pooling_type(self._ctx)
+            self.n_ctx = int(lc.llama_n_ctx_seq(self._ctx)) or self.n_ctx  # each sequence's share without kv_unified
 
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
@@ -314,21 +318,10 @@ class LlamaCppAdapter(Adapter):
         self._metadata = self._read_metadata()
         self.chat_template = self._metadata.get("tokenizer.chat_template")
         self._eog_ids: list[int] | None = None
-        self._tokens: list[int] = []  # what the KV cache holds, in order
-        self._pending: list[int] = []  # sampled (or forced) but not yet evaluated
-        self._forced: list[int] = []  # what the grammar forces next, handed out before any more sampling
-        self._guide: Guide | None = None
-        self.last_guide: Guide | None = None  # the last completion's, for bench/bench_grammar.py's figures
+        self._tokens: list[int] = []  # what the KV cache holds for sequence 0, in order
         self._table: Any = None  # llguidance's tokenizer (grammar_table)
         self._masker: concurrent.futures.ThreadPoolExecutor | None = None  # computes masks beside llama_decode
-        self._usable: np.ndarray | None = None  # tokens sampling may draw (None: all)
-        self._raw: np.ndarray | None = None  # the unmasked logits, kept when n_probs asks for them
-        self._sampler = None
-        self._post = None  # with a grammar, the chain after it (see _sample_checked)
-        self._grammar = None
-        self._candidates: Any = None  # a llama_token_data[n_vocab] buffer and views of it (_fill_candidates)
-        self._one = (lc.llama_token * 1)()
-        self._abort_cb: Any = None  # the ggml_abort_callback installed while a prompt is evaluated (kept alive here)
+        self._gen = _Generation(self, _Solo(self))  # plain completions: sequence 0, evaluated at once
         self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
         ranking = self._ctx is not None and self.embedding_enabled and self.pooling == _POOLING["rank"]
         self.capabilities = Capabilities(self.name, {
@@ -340,8 +333,8 @@ class LlamaCppAdapter(Adapter):
             "thinking_budget": "native",
             "embedding": "native" if self.embedding_enabled and not ranking else "missing", "bench": "native",
             "rerank": "native" if ranking else "emulated" if self.embedding_enabled else "missing",
-            "lora": "native",
-            **({"completion": "missing", "embedding": "missing", "bench": "missing", "rerank": "missing",
+            "lora": "native", "parallel": "native",
+            **({"completion": "missing", "parallel": "missing", "embedding": "missing", "bench": "missing", "rerank": "missing",
                 "lora": "missing"} if self._ctx is None else {}),
             "interrupt_prompt": "native", "chat_template": "emulated",
             "session": "native" if self._ctx is not None else "missing",
@@ -464,70 +457,29 @@ class LlamaCppAdapter(Adapter):
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         # (a vocab_only context lists completion, embedding, bench and session as "missing":
         # LlamaContext refuses those calls before they reach the adapter)
-        self._guide = self._guide_for(sampling)  # grammar errors before any work
-        native = sampling if self._guide is None else dataclasses.replace(sampling, grammar=None)
-        self._sampler, self._grammar, self._post = self._build_sampler(native, prompt)
-        self._usable = None
-        if self._guide is not None:
-            banned = sampling.banned(self._eog_tokens())
-            if banned:
-                self._usable = np.ones(self.n_vocab, dtype=np.bool_)
-                self._usable[list(banned)] = False
-            self._raw = np.empty(self.n_vocab, dtype=np.float32) if sampling.n_probs else None
-        reuse = reusable_prefix(self._tokens, prompt)
-        self._rewind(reuse)
-        cached = len(self._tokens)
-        self._pending, self._forced = [], []
-        # The abort callback runs per graph node with the GIL: install it only for prompt evaluation.
-        self._abort_cb = lc.ggml_abort_callback(lambda _data: stop.is_set())
-        lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
-        try:
-            self._decode(prompt[cached:])
-        except Interrupted as err:
-            err.cache_n = cached
-            raise
-        finally:
-            lc.llama_set_abort_callback(self._ctx, _NULL_ABORT, None)
-        return cached
+        return self._gen.begin(prompt, sampling, stop)
 
     def next_token(self) -> int:
-        if self._guide is not None:  # llama.cpp reports by return codes (_check); llguidance raises
-            with map_exceptions(RUNTIME_FAILURES, "the llama_cpp backend failed while generating (llguidance)",
-                                reset=self._drop_pending):
-                return self._next_guided()
-        self._evaluate_pending()
-        if self._post is None:
-            token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
-        else:
-            token = self._sample_checked()
-        self._pending = [token]
-        return token
+        return self._gen.next_token()
 
     def force_token(self, token: int) -> int:
-        if self._guide is not None:  # the grammar takes it as it takes its own forced tokens
-            self._forced.insert(0, token)
-            return self.next_token()
-        if self._post is not None:  # llama.cpp's own grammar aborts the process on a token it refuses
-            raise UnsupportedFeatureError("completion: a thinking budget cannot force tokens past grammar_engine "
-                                          "'llama_cpp'; use grammar_engine 'auto' (llguidance)")
-        self._evaluate_pending()
-        lc.llama_sampler_accept(self._sampler, token)  # penalties and DRY see it as generated
-        self._pending = [token]
-        return token
+        return self._gen.force_token(token)
 
-    def _evaluate_pending(self) -> None:
-        """Without a guide, the one token handed out last is evaluated at the next step."""
-        pending = self._pending
-        if pending:
-            one = self._one
-            one[0] = pending[0]
-            self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(one, 1)))
-            self._tokens.append(pending[0])
+    def top_probs(self, n: int) -> list[tuple[int, float]]:
+        return self._gen.top_probs(n)
 
-    def _drop_pending(self) -> None:
-        """After a failure amid ``_next_guided``: what was decoded is in ``_tokens``; the rest is dropped, never
-        decoded twice (``end`` would decode what is left pending)."""
-        self._pending, self._forced = [], []
+    def end(self) -> None:
+        self._gen.end()
+
+    @property
+    def n_past(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def last_guide(self) -> Guide | None:
+        """The last completion's llguidance guide, for bench/bench_grammar.py's figures."""
+        return self._gen.last_guide
+
 
     # -- llguidance: the grammar as a mask on the logits, llama.cpp's chain for the rest ---------------------
     def grammar_table(self) -> Any:
@@ -567,95 +519,10 @@ class LlamaCppAdapter(Adapter):
         n = lc.llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, False)
         return buf[:n]
 
-    def _next_guided(self) -> int:
-        """One token under the guide: a forced one as it is (evaluated later, in one batch with the others),
-        else evaluate what is pending, mask the logits in place and let llama.cpp's chain draw."""
-        guide = self._guide
-        assert guide is not None, "_next_guided without a guide"
-        if self._forced:
-            token = self._forced.pop(0)
-            lc.llama_sampler_accept(self._sampler, token)  # penalties and DRY see it as generated
-            guide.accept(token)
-            guide.forced_tokens += 1
-            self._pending.append(token)
-            return token
-        if self._pending:
-            # The mask depends only on the tokens accepted so far: llguidance computes it on the helper thread
-            # while llama_decode runs (both without the GIL).
-            masked = self._mask_thread().submit(guide.compute)
-            try:
-                self._decode(self._pending)
-            finally:
-                masked.result()
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
-        if self._raw is not None:
-            self._raw[:] = logits  # n_probs reports the model's own distribution
-        allowed = guide.apply(logits)
-        usable = allowed if self._usable is None else allowed & self._usable
-        if not usable.any():
-            raise NoTokenAllowed.judge(allowed, self._eog_mask())
-        token = lc.llama_sampler_sample(self._sampler, self._ctx, -1)
-        guide.accept(token)
-        self._pending = [token]
-        if self._raw is None and not guide.stopped:
-            forced = guide.forced()
-            usable_mask = self._usable
-            if usable_mask is not None:  # a banned token is never forced: the next draw finds the dead end
-                forced = list(itertools.takewhile(lambda t: bool(usable_mask[t]), forced))
-            self._forced = forced
-        return token
+    def open_batch(self, n_parallel: int, n_batch: int) -> Any:
+        from .llama_cpp_batch import BatchEngine  # parallel mode only
 
-    def _sample_checked(self) -> int:
-        """llama_sampler_sample for a chain with a grammar, which llama.cpp cannot end safely.
-
-        Sampling a token the grammar refuses aborts the process (GGML_ABORT, or an uncaught "Unexpected empty
-        grammar stack"), and that is what llama_sampler_sample does when nothing survives the grammar and the
-        bans. So the chain is split after the grammar: the first half runs on the candidates, and only when
-        a token survives does the second half draw and both accept it; otherwise NoTokenAllowed says why.
-        The extra cost is copying the logits into the candidate array and one argmax, per token.
-        """
-        view, cur_p = self._fill_candidates()
-        lc.llama_sampler_apply(self._sampler, ctypes.byref(cur_p))  # bias, penalties, dry, grammar: in place
-        best = int(np.argmax(view["logit"]))
-        if view["logit"][best] == -math.inf:
-            raise self._dead_end()
-        lc.llama_sampler_apply(self._post, ctypes.byref(cur_p))
-        chosen = cur_p.selected
-        token = best  # the draw found no finite candidate (NaN weights): take the best allowed one
-        if 0 <= chosen < cur_p.size and math.isfinite(cur_p.data[chosen].logit):
-            token = cur_p.data[chosen].id
-        lc.llama_sampler_accept(self._sampler, token)
-        lc.llama_sampler_accept(self._post, token)
-        return token
-
-    def _fill_candidates(self) -> tuple[np.ndarray, Any]:
-        """The candidate array in token order with the last logits (the second chain reorders and shortens it):
-        its numpy view and the llama_token_data_array over it."""
-        if self._candidates is None:
-            data = (lc.llama_token_data * self.n_vocab)()
-            self._candidates = (np.ctypeslib.as_array(data), np.arange(self.n_vocab, dtype=np.int32),
-                                ctypes.cast(data, lc.llama_token_data_p), lc.llama_token_data_array(), data)
-        view, ids, pointer, cur_p, _data = self._candidates
-        view["id"] = ids
-        view["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
-        cur_p.data, cur_p.size, cur_p.selected, cur_p.sorted = pointer, self.n_vocab, -1, False
-        return view, cur_p
-
-    def _dead_end(self) -> NoTokenAllowed:
-        """Why no candidate survived: what the grammar alone allows (the bans took the rest)."""
-        view, cur_p = self._fill_candidates()
-        lc.llama_sampler_apply(self._grammar, ctypes.byref(cur_p))
-        return NoTokenAllowed.judge(view["logit"] != -math.inf, self._eog_mask())
-
-    def top_probs(self, n: int) -> list[tuple[int, float]]:
-        logits = (self._raw if self._guide is not None and self._raw is not None
-                  else np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,)))
-        n = min(n, self.n_vocab)
-        top = np.argpartition(logits, -n)[-n:]
-        top = top[np.argsort(logits[top])[::-1]]
-        shifted = np.exp(logits - logits.max(), dtype=np.float64)
-        probs = shifted[top] / shifted.sum()
-        return [(int(t), float(p)) for t, p in zip(top, probs, strict=True)]
+        return BatchEngine(self, n_parallel, n_batch)
 
     def set_threads(self, n_threads: int) -> int | None:
         previous = self._threads_now
@@ -666,24 +533,6 @@ class LlamaCppAdapter(Adapter):
 
     def system_info(self) -> str:
         return lc.llama_print_system_info().decode("utf-8", "replace")
-
-    def end(self) -> None:
-        if len(self._pending) > 1:  # forced tokens the completion ended among: all but the last are in the cache
-            try:
-                self._decode(self._pending[:-1])
-            except (Interrupted, LlamaError):
-                pass  # the cache keeps what it holds; the next prompt re-evaluates the rest
-        self._pending, self._forced = [], []
-        for chain in (self._sampler, self._post):  # the grammar belongs to the first chain
-            if chain is not None:
-                lc.llama_sampler_free(chain)
-        self._sampler = self._grammar = self._post = None
-        if self._guide is not None:
-            self.last_guide, self._guide = self._guide, None
-
-    @property
-    def n_past(self) -> int:
-        return len(self._tokens)
 
     # -- sampling -----------------------------------------------------------
     def _build_sampler(self, s: SamplingParams, prompt: list[int]) -> tuple[Any, Any, Any]:
@@ -776,28 +625,38 @@ class LlamaCppAdapter(Adapter):
             tokens.append(sep)
         return tokens + document + ([end] if end >= 0 else [])
 
-    def _pooled(self, tokens: list[int], width: int, what: str) -> list[float]:
-        """One pooled output of ``tokens`` (``width`` floats: n_embd, or the rank head's score)."""
+    def _pooled(self, tokens: list[int], width: int, what: str, seq: int | None = None) -> list[float]:
+        """One pooled output of ``tokens`` (``width`` floats: n_embd, or the rank head's score).
+
+        ``seq`` None: the whole cache is cleared before and after (llama.rn clears it too); a sequence number (a
+        parallel slot, emptied by the caller): only that sequence is used."""
         if len(tokens) > self._n_batch:
             raise ContextFullError(f"Context is full: {len(tokens)} tokens to {what}, n_batch is {self._n_batch}")
-        lc.llama_memory_clear(self._mem, True)  # llama.rn clears the KV cache too
-        self._tokens.clear()
+        if seq is None:
+            lc.llama_memory_clear(self._mem, True)
+            self._tokens.clear()
         lc.llama_set_embeddings(self._ctx, True)
+        batch = lc.llama_batch_init(len(tokens), 0, 1)
         try:
-            arr = (lc.llama_token * len(tokens))(*tokens)
-            rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(tokens)))
+            for i, token in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+                batch.seq_id[i][0] = seq or 0
+            batch.n_tokens = len(tokens)
+            rc = lc.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise GenerationError(f"llama_decode failed with code {rc} while trying to {what} ({_native_detail()})")
             if self.pooling == _POOLING["none"]:
                 data = lc.llama_get_embeddings_ith(self._ctx, -1)
             else:
-                data = lc.llama_get_embeddings_seq(self._ctx, 0)
+                data = lc.llama_get_embeddings_seq(self._ctx, seq or 0)
             if not data:
                 raise GenerationError("llama.cpp returned no embedding")
             return data[:width]
         finally:
+            lc.llama_batch_free(batch)
             lc.llama_set_embeddings(self._ctx, False)
-            lc.llama_memory_clear(self._mem, True)
+            if seq is None:
+                lc.llama_memory_clear(self._mem, True)
 
     # -- LoRA adapters and the cache ----------------------------------------
     def set_lora(self, adapters: list[tuple[str, float]]) -> None:
@@ -817,7 +676,6 @@ class LlamaCppAdapter(Adapter):
         self.clear_cache(False)
 
     def clear_cache(self, clear_data: bool) -> None:
-        self._pending = []
         self._tokens.clear()
         if self._ctx is not None:
             lc.llama_memory_clear(self._mem, clear_data)
@@ -877,7 +735,6 @@ class LlamaCppAdapter(Adapter):
         if cached > len(tokens):  # saved with token_size: keep only the listed tokens
             lc.llama_memory_seq_rm(self._mem, -1, len(tokens), -1)
         self._tokens = list(tokens)
-        self._pending = []
         return list(tokens)
 
     def _snapshot(self) -> tuple[Any, list[int]] | None:
@@ -891,7 +748,7 @@ class LlamaCppAdapter(Adapter):
 
     def _restore(self, snapshot: tuple[Any, list[int]] | None) -> None:
         lc.llama_memory_clear(self._mem, True)
-        self._tokens, self._pending = [], []
+        self._tokens = []
         if snapshot is not None:
             data, tokens = snapshot
             if lc.llama_state_set_data(self._ctx, data, len(data)) == len(data):
@@ -911,3 +768,294 @@ class LlamaCppAdapter(Adapter):
         if self._model is not None:
             lc.llama_model_free(self._model)
             self._model = None
+
+
+class _Draw:
+    """One completion's sampling on one sequence: llama.cpp's chain in llama.rn's order (split after a native
+    grammar, see ``sample_checked``), or llguidance's mask ahead of it, and the tokens a grammar forces next.
+
+    It reads one output row (``row``: -1 for the last, or a batch index) of the latest decode; whoever owns the
+    sequence makes sure that row is current. With ``n_probs`` it copies the row before anything changes it, so
+    ``top_probs`` never reads a row a later decode (another sequence's step) has overwritten.
+    """
+
+    def __init__(self, adapter: LlamaCppAdapter, sampling: SamplingParams, prompt: list[int]) -> None:
+        self._a = adapter
+        self.guide = adapter._guide_for(sampling)  # grammar errors before any work
+        native = sampling if self.guide is None else dataclasses.replace(sampling, grammar=None)
+        self.chain, self.grammar, self.post = adapter._build_sampler(native, prompt)
+        self.usable: np.ndarray | None = None  # tokens sampling may draw (None: all), with a guide
+        if self.guide is not None:
+            banned = sampling.banned(adapter._eog_tokens())
+            if banned:
+                self.usable = np.ones(adapter.n_vocab, dtype=np.bool_)
+                self.usable[list(banned)] = False
+        self.raw = np.empty(adapter.n_vocab, dtype=np.float32) if sampling.n_probs else None  # the model's own logits
+        self.forced: list[int] = []  # what the grammar forces next, handed out before any more sampling
+        self._candidates: Any = None  # a llama_token_data[n_vocab] buffer and views of it (_fill_candidates)
+
+    def _logits(self, row: int) -> np.ndarray:
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self._a._ctx, row), shape=(self._a.n_vocab,))
+
+    def take_forced(self) -> int | None:
+        """The next token the grammar forces (handed out without evaluating the ones before), or None."""
+        if not self.forced:
+            return None
+        token = self.forced.pop(0)
+        lc.llama_sampler_accept(self.chain, token)  # penalties and DRY see it as generated
+        guide = self.guide
+        assert guide is not None, "forced tokens come from a guide"
+        guide.accept(token)
+        guide.forced_tokens += 1
+        return token
+
+    def force(self, token: int, row: int) -> None:
+        """A thinking budget hands out ``token`` at ``row`` instead of a draw (without a guide)."""
+        if self.post is not None:  # llama.cpp's own grammar aborts the process on a token it refuses
+            raise UnsupportedFeatureError("completion: a thinking budget cannot force tokens past grammar_engine "
+                                          "'llama_cpp'; use grammar_engine 'auto' (llguidance)")
+        if self.raw is not None:
+            self.raw[:] = self._logits(row)
+        lc.llama_sampler_accept(self.chain, token)
+
+    def sample(self, row: int) -> int:
+        """Draw the token at ``row``."""
+        ctx = self._a._ctx
+        if self.raw is not None and self.guide is None:
+            self.raw[:] = self._logits(row)
+        if self.guide is not None:
+            return self._sample_guided(row)
+        if self.post is None:
+            return lc.llama_sampler_sample(self.chain, ctx, row)
+        return self._sample_checked(row)
+
+    def _sample_guided(self, row: int) -> int:
+        """Mask the logits in place with the guide's mask (computed beside the decode), let the chain draw,
+        and note what the grammar forces next."""
+        guide = self.guide
+        assert guide is not None
+        logits = self._logits(row)
+        if self.raw is not None:
+            self.raw[:] = logits  # n_probs reports the model's own distribution
+        allowed = guide.apply(logits)
+        usable = allowed if self.usable is None else allowed & self.usable
+        if not usable.any():
+            raise NoTokenAllowed.judge(allowed, self._a._eog_mask())
+        token = lc.llama_sampler_sample(self.chain, self._a._ctx, row)
+        guide.accept(token)
+        if self.raw is None and not guide.stopped:
+            forced = guide.forced()
+            usable_mask = self.usable
+            if usable_mask is not None:  # a banned token is never forced: the next draw finds the dead end
+                forced = list(itertools.takewhile(lambda t: bool(usable_mask[t]), forced))
+            self.forced = forced
+        return token
+
+    def _sample_checked(self, row: int) -> int:
+        """llama_sampler_sample for a chain with a grammar, which llama.cpp cannot end safely.
+
+        Sampling a token the grammar refuses aborts the process (GGML_ABORT, or an uncaught "Unexpected empty
+        grammar stack"), and that is what llama_sampler_sample does when nothing survives the grammar and the
+        bans. So the chain is split after the grammar: the first half runs on the candidates, and only when
+        a token survives does the second half draw and both accept it; otherwise NoTokenAllowed says why.
+        The extra cost is copying the logits into the candidate array and one argmax, per token.
+        """
+        view, cur_p = self._fill_candidates(row)
+        lc.llama_sampler_apply(self.chain, ctypes.byref(cur_p))  # bias, penalties, dry, grammar: in place
+        best = int(np.argmax(view["logit"]))
+        if view["logit"][best] == -math.inf:
+            view, cur_p = self._fill_candidates(row)  # why no candidate survived: what the grammar alone allows
+            lc.llama_sampler_apply(self.grammar, ctypes.byref(cur_p))
+            raise NoTokenAllowed.judge(view["logit"] != -math.inf, self._a._eog_mask())
+        lc.llama_sampler_apply(self.post, ctypes.byref(cur_p))
+        chosen = cur_p.selected
+        token = best  # the draw found no finite candidate (NaN weights): take the best allowed one
+        if 0 <= chosen < cur_p.size and math.isfinite(cur_p.data[chosen].logit):
+            token = cur_p.data[chosen].id
+        lc.llama_sampler_accept(self.chain, token)
+        lc.llama_sampler_accept(self.post, token)
+        return token
+
+    def _fill_candidates(self, row: int) -> tuple[np.ndarray, Any]:
+        """The candidate array in token order with the row's logits (the second chain reorders and shortens it):
+        its numpy view and the llama_token_data_array over it."""
+        n_vocab = self._a.n_vocab
+        if self._candidates is None:
+            data = (lc.llama_token_data * n_vocab)()
+            self._candidates = (np.ctypeslib.as_array(data), np.arange(n_vocab, dtype=np.int32),
+                                ctypes.cast(data, lc.llama_token_data_p), lc.llama_token_data_array(), data)
+        view, ids, pointer, cur_p, _data = self._candidates
+        view["id"] = ids
+        view["logit"] = self._logits(row)
+        cur_p.data, cur_p.size, cur_p.selected, cur_p.sorted = pointer, n_vocab, -1, False
+        return view, cur_p
+
+    def top_probs(self, row: int, n: int) -> list[tuple[int, float]]:
+        logits = self.raw if self.raw is not None else self._logits(row)
+        n = min(n, self._a.n_vocab)
+        top = np.argpartition(logits, -n)[-n:]
+        top = top[np.argsort(logits[top])[::-1]]
+        shifted = np.exp(logits - logits.max(), dtype=np.float64)
+        probs = shifted[top] / shifted.sum()
+        return [(int(t), float(p)) for t, p in zip(top, probs, strict=True)]
+
+    def free(self) -> None:
+        for chain in (self.chain, self.post):  # the grammar belongs to the first chain
+            if chain is not None:
+                lc.llama_sampler_free(chain)
+        self.chain = self.grammar = self.post = None
+
+
+class _Solo:
+    """Sequence 0 of the context, evaluated at once on the caller's thread: what a plain completion runs on.
+
+    The evaluator protocol ``_Generation`` uses (``llama_cpp_batch._Slot`` is the batched one): ``tokens``
+    (what the sequence's KV holds), ``claim``/``release`` around a completion, ``rewind``, ``evaluate`` (decode
+    tokens after the cached ones; the output row of the last), ``row_read`` (that row may be overwritten now).
+    """
+
+    def __init__(self, adapter: LlamaCppAdapter) -> None:
+        self._a = adapter
+        self._abort_cb: Any = None  # the ggml_abort_callback installed while a prompt is evaluated (kept alive here)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._a._tokens
+
+    def claim(self, prompt: list[int] | None) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def rewind(self, keep: int) -> None:
+        self._a._rewind(keep)
+
+    def evaluate(self, tokens: list[int], stop: threading.Event | None = None,
+                 beside: Callable[[], Any] | None = None) -> int:
+        """Decode ``tokens``; ``stop`` (a prompt's) aborts the decode, ``beside`` runs on the mask thread meanwhile."""
+        adapter = self._a
+        masked = adapter._mask_thread().submit(beside) if beside is not None else None
+        if stop is not None:  # the abort callback runs per graph node with the GIL: only for prompt evaluation
+            self._abort_cb = lc.ggml_abort_callback(lambda _data: stop.is_set())
+            lc.llama_set_abort_callback(adapter._ctx, self._abort_cb, None)
+        try:
+            adapter._decode(tokens)
+        finally:
+            if stop is not None:
+                lc.llama_set_abort_callback(adapter._ctx, _NULL_ABORT, None)
+            if masked is not None:
+                masked.result()
+        return -1
+
+    def row_read(self) -> None:
+        pass
+
+
+class _Generation:
+    """One sequence's completions: ``Adapter.begin`` / ``next_token`` / ``force_token`` / ``top_probs`` / ``end``
+    over an evaluator (``_Solo``, or a slot of ``llama_cpp_batch``), so a plain completion and a parallel one
+    run the same steps. A sampled token is evaluated when the next one is asked for; a guide's forced tokens
+    wait and are evaluated together, in one decode, before the next draw. Each evaluation's output row is
+    read once and then given back (``row_read``): a batch decodes its next step only when every row is read."""
+
+    def __init__(self, adapter: LlamaCppAdapter, evaluator: Any) -> None:
+        self._a, self.evaluator = adapter, evaluator
+        self._draw: _Draw | None = None
+        self._pending: list[int] = []  # handed out but not yet evaluated
+        self._row = -1  # the output row of the last evaluation
+        self._unread = False  # that row is still to be read
+        self.last_guide: Guide | None = None  # the last completion's (bench/bench_grammar.py's figures)
+
+    def _evaluate(self, tokens: list[int], stop: threading.Event | None = None,
+                  beside: Callable[[], Any] | None = None) -> None:
+        self._row = self.evaluator.evaluate(tokens, stop, beside)
+        self._unread = True
+
+    def _read(self) -> None:
+        if self._unread:
+            self._unread = False
+            self.evaluator.row_read()
+
+    def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
+        self._draw = _Draw(self._a, sampling, prompt)
+        evaluator = self.evaluator
+        evaluator.claim(prompt)
+        evaluator.rewind(reusable_prefix(evaluator.tokens, prompt))
+        cached = len(evaluator.tokens)
+        self._pending = []
+        try:
+            self._evaluate(prompt[cached:], stop)
+        except Interrupted as err:
+            err.cache_n = cached
+            raise
+        return cached
+
+    def next_token(self) -> int:
+        draw = self._draw
+        assert draw is not None, "next_token outside begin/end"
+        if draw.guide is None:  # llama.cpp reports by return codes (_check); llguidance raises
+            return self._next(draw)
+        with map_exceptions(RUNTIME_FAILURES, "the llama_cpp backend failed while generating (llguidance)",
+                            reset=self._drop_pending):
+            forced = draw.take_forced()
+            if forced is not None:
+                self._pending.append(forced)
+                return forced
+            return self._next(draw)
+
+    def _next(self, draw: _Draw) -> int:
+        if self._pending:
+            # A guide's mask depends only on the tokens accepted so far: llguidance computes it while llama_decode
+            # runs (both without the GIL).
+            self._evaluate(self._pending, None, draw.guide.compute if draw.guide else None)
+        try:
+            token = draw.sample(self._row)
+        finally:
+            self._read()
+        self._pending = [token]
+        return token
+
+    def force_token(self, token: int) -> int:
+        draw = self._draw
+        assert draw is not None, "force_token outside begin/end"
+        if draw.guide is not None:  # the grammar takes it as it takes its own forced tokens
+            draw.forced.insert(0, token)
+            return self.next_token()
+        if self._pending:
+            self._evaluate(self._pending)
+        try:
+            draw.force(token, self._row)  # penalties and DRY see it as generated
+        finally:
+            self._read()
+        self._pending = [token]
+        return token
+
+    def _drop_pending(self) -> None:
+        """After a failure amid a guided step: what was decoded is in the cache; the rest is dropped, never
+        decoded twice (``end`` would decode what is left pending)."""
+        self._pending = []
+        if self._draw is not None:
+            self._draw.forced = []
+
+    def top_probs(self, n: int) -> list[tuple[int, float]]:
+        assert self._draw is not None, "top_probs outside begin/end"
+        return self._draw.top_probs(self._row, n)
+
+    def end(self) -> None:
+        try:
+            self._read()  # a completion that ended before its first draw (n_predict 0, a stop)
+            if len(self._pending) > 1:  # forced tokens the completion ended among: all but the last are in the cache
+                try:
+                    self._evaluate(self._pending[:-1])
+                    self._read()
+                except (Interrupted, LlamaError):
+                    pass  # the cache keeps what it holds; the next prompt re-evaluates the rest
+        finally:
+            self._pending = []
+            draw, self._draw = self._draw, None
+            if draw is not None:
+                draw.free()
+                if draw.guide is not None:
+                    self.last_guide = draw.guide
+            self.evaluator.release()

@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..parallel.slots import CoreSlots, Slots
 from .. import params as P
 from ..embeddings import normalize_embedding
 from ..errors import (
@@ -32,6 +31,7 @@ from ..errors import (
     LlamaError,
     UnsupportedFeatureError,
 )
+from ..parallel.slots import CoreSlots, Slots
 from ..text_stream import TextStream
 from ..types import (
     CompletionProbability,
