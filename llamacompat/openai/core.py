@@ -107,6 +107,7 @@ class OpenAICore:
             **dialect.features(), "embedding": "missing", "bench": "missing", "session": "missing",
             "interrupt_prompt": "emulated", "chat_template": "native", "formatted_chat": "missing",
             "rerank": "missing", "lora": "missing",
+            "parallel": "native",  # concurrent streams (open_slots); the server batches them
         }
         self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
         self.devices: list[str] = []
