@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..parallel.slots import CoreSlots, Slots
 from .. import params as P
 from ..embeddings import normalize_embedding
 from ..errors import (
@@ -32,6 +31,7 @@ from ..errors import (
     LlamaError,
     UnsupportedFeatureError,
 )
+from ..parallel.slots import CoreSlots, Slots
 from ..text_stream import TextStream
 from ..types import (
     CompletionProbability,
@@ -107,7 +107,6 @@ class OpenAICore:
             **dialect.features(), "embedding": "missing", "bench": "missing", "session": "missing",
             "interrupt_prompt": "emulated", "chat_template": "native", "formatted_chat": "missing",
             "rerank": "missing", "lora": "missing",
-            "parallel": "native",  # concurrent streams (open_slots); the server batches them
         }
         self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
         self.devices: list[str] = []
@@ -215,8 +214,11 @@ class OpenAICore:
         raise UnsupportedFeatureError("save_session: an OpenAI-compatible server keeps its KV cache to itself")
 
     def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
-        """Parallel mode: concurrent streams; the server batches them (``n_batch`` is the server's own)."""
-        return CoreSlots(self, n_parallel, n_parallel, "native")
+        """Parallel mode: concurrent streams, which the server batches (``n_batch`` is the server's own); one at a
+        time to a server that cuts a stream when the next request comes (``Dialect.concurrent``)."""
+        if self.facts.dialect.concurrent:
+            return CoreSlots(self, n_parallel, n_parallel, "native")
+        return CoreSlots(self, n_parallel, 1, "emulated")
 
     def close(self) -> None:
         self._session.close()
