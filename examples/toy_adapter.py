@@ -105,6 +105,7 @@ class ToyAdapter(Adapter):
             "embedding": on(embedding), "rerank": on(embedding, "emulated"),  # the context ranks by cosine
             "session": on(has_model), "prefix_cache": on(has_model), "interrupt_prompt": on(has_model),
             "lora": "missing", "bench": "missing",
+            "parallel": on(has_model, "emulated"),  # one sequence: parallel requests take turns
         })
 
     def _bigram_logprobs(self, corpus: str) -> np.ndarray:

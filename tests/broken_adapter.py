@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from llamacompat.adapters.base import NoTokenAllowed, SamplingParams
+from llamacompat.adapters.base import Interrupted, NoTokenAllowed, SamplingParams
 from llamacompat.adapters.llama_cpp import LlamaCppAdapter, lc
 from llamacompat.errors import GenerationError, GrammarError, SessionError, UnsupportedFeatureError
 from llamacompat.params import Field
@@ -38,6 +38,8 @@ FAULTS = {
     "random_embedding": "embeddings are random",
     "session_forgets": "load_session reports the tokens but does not restore the KV cache",
     "trusting_loader": "load_session hands any file to llama.cpp and loses the cache when it fails",
+    "stop_leaks": "an interrupted run's abort flag stays installed, so the next request (in parallel mode, with "
+                  "its own flag) aborts at once",
 }
 
 
@@ -50,7 +52,13 @@ class BrokenAdapter(LlamaCppAdapter):
         self.fault = params["fault"]
         self._poisoned = False
         self._stop_event: threading.Event | None = None
+        self._leaked: threading.Event | None = None  # stop_leaks: the flag of the last interrupted run
         self._counted = 0
+        # Parallel requests take turns on this adapter (not llama_cpp's batch), so that the faults apply to them.
+        self.capabilities.features["parallel"] = "emulated"
+
+    def open_batch(self, n_parallel: int, n_batch: int):
+        return None
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         if self._poisoned:
@@ -69,6 +77,8 @@ class BrokenAdapter(LlamaCppAdapter):
         if self.fault == "dry_unimplemented" and sampling.dry_multiplier > 0:
             raise UnsupportedFeatureError("dry is not implemented")
         cached = super().begin(prompt, sampling, stop)
+        if self.fault == "stop_leaks" and self._leaked is not None and self._leaked.is_set():
+            raise Interrupted(cached)  # the old flag aborts this run's decode
         return len(prompt) if self.fault == "claims_all_cached" else cached
 
     def _build_sampler(self, s: SamplingParams, prompt: list[int]):
@@ -115,6 +125,8 @@ class BrokenAdapter(LlamaCppAdapter):
 
     def end(self) -> None:
         self._counted = len(self._pending[-1:])  # the sampled token end() drops, counted anyway
+        if self.fault == "stop_leaks" and self._stop_event is not None and self._stop_event.is_set():
+            self._leaked = self._stop_event  # taken down only after runs that were not interrupted
         super().end()
 
     def top_probs(self, n: int):

@@ -97,6 +97,8 @@ def test_probe_finds_the_dialect_and_the_model_facts(ctx, server):
     assert features["grammar"] == features["top_k"] == features["min_p"] == features["mirostat"] == "native"
     assert features["typical_p"] == features["dry"] == features["ignore_eos"] == "missing"
     assert features["session"] == features["bench"] == features["prefix_cache"] == "missing"
+    # its server cuts the stream in progress when another request comes: parallel requests take turns
+    assert features["parallel"] == "emulated"
     assert ctx.model["n_vocab"] == 49152 and ctx.model["n_embd"] == 576  # read from the served GGUF file
     assert ctx._core.facts.model == server.model
 

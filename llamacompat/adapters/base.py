@@ -90,7 +90,7 @@ Feature = Literal[
     "bench",
     "lora",  # apply_lora_adapters() / remove_lora_adapters()
     "session",  # save_session() / load_session()
-    "parallel",  # ctx.parallel: native = requests decoded together; emulated = they take turns on one sequence
+    "parallel",  # ctx.parallel: native = requests decoded together (one batch); emulated = they take turns
 ]
 FEATURES: frozenset[str] = frozenset(get_args(Feature))
 

@@ -13,7 +13,7 @@ that raises AssertionError on a contract violation, and NotApplicable after
 verifying that a feature the backend lacks is refused as documented.
 """
 
-from . import checks_generation, checks_input, checks_state  # noqa: F401  (they register the checks)
+from . import checks_generation, checks_input, checks_parallel, checks_state  # noqa: F401  (they register the checks)
 from .kit import CHECKS, Check, Kit, NotApplicable
 from .report import CheckOutcome, run_checks
 

@@ -8,6 +8,10 @@ run on the context's own worker thread; the calls that run beside a completion
 round trips on the bridge and openai backends) run on the loop's default executor. A cancelled
 await stops the completion it waited for. Callbacks (``on_progress``, a completion's
 ``callback``) run on the event loop and may be coroutines.
+
+``ctx.parallel`` is ``AsyncParallel``: llama.rn's parallel namespace as coroutines. While parallel
+mode is on, a plain ``completion`` / ``embedding`` / ``rerank`` is queued through it (as in the sync
+context) and waited for on the default executor, so several of them can wait at once.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from ..errors import InvalidParamsError
+from ..errors import InvalidParamsError, ParallelModeError
+from ..parallel.pool import ParallelRequest, Subscription
 from ..types import (
     CompletionParams,
     CompletionResult,
@@ -35,7 +40,7 @@ from .core import CALLS
 from .streams import AsyncCompletionStream
 from .sync import LlamaContext
 
-__all__ = ["AsyncLlamaContext"]
+__all__ = ["AsyncLlamaContext", "AsyncParallel", "AsyncParallelRequest"]
 
 _SHOWN = ("id", "model", "capabilities", "backend", "gpu", "reason_no_gpu", "devices", "system_info", "android_lib",
           "released", "busy", "is_jinja_supported", "is_llama_chat_supported")
@@ -54,12 +59,136 @@ def _event_sink(loop: asyncio.AbstractEventLoop, callback: Callable[[TokenData],
     return lambda event: loop.call_soon_threadsafe(invoke, event)
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any]) -> Callable[..., None]:
+    """A pool-thread callback that runs ``callback(*args)`` (sync or async) on the event loop instead."""
+
+    def invoke(*args: Any) -> None:
+        outcome = callback(*args)
+        if inspect.isawaitable(outcome):
+            asyncio.ensure_future(outcome)
+
+    def post(*args: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(invoke, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to call
+            pass
+
+    return post
+
+
+def _awaitable(loop: asyncio.AbstractEventLoop, source: "concurrent.futures.Future[Any]",
+               stop: Callable[[], None]) -> "asyncio.Future[Any]":
+    """An asyncio future that settles with ``source`` (the pool's promise). Cancelling it stops the request and
+    leaves ``source`` to the pool, which settles it (``asyncio.wrap_future`` would cancel ``source`` instead)."""
+    target: asyncio.Future[Any] = loop.create_future()
+
+    def copy() -> None:
+        if target.done():  # cancelled by its awaiter
+            return
+        error = source.exception()
+        if error is not None:
+            target.set_exception(error)
+        else:
+            target.set_result(source.result())
+
+    def settled(_source: "concurrent.futures.Future[Any]") -> None:
+        try:
+            loop.call_soon_threadsafe(copy)
+        except RuntimeError:  # the loop is closed: nobody awaits it any more
+            pass
+
+    target.add_done_callback(lambda done: stop() if done.cancelled() else None)
+    source.add_done_callback(settled)
+    return target
+
+
+class AsyncParallelRequest:
+    """What ``AsyncParallel.completion`` (and embedding, rerank) return: ``request_id``, ``promise`` (an asyncio
+    future: ``await req.promise``; cancelling it stops the request) and ``stop()``."""
+
+    __slots__ = ("request_id", "promise", "_request")
+
+    def __init__(self, request: ParallelRequest, promise: "asyncio.Future[Any]") -> None:
+        self.request_id, self.promise, self._request = request.request_id, promise, request
+
+    def stop(self) -> None:
+        """Stop this request: a queued one never runs, a running one ends with ``interrupted: True``."""
+        self._request.stop()
+
+    def __repr__(self) -> str:
+        return repr(self._request).replace("<ParallelRequest", "<AsyncParallelRequest", 1)
+
+
+class AsyncParallel:
+    """llama.rn's ``context.parallel`` for an ``AsyncLlamaContext``: the sync ``Parallel`` as coroutines.
+
+    ``enable`` / ``disable`` / ``configure`` run on the loop's default executor (``disable`` waits until every
+    promise has settled); ``on_token`` and status callbacks run on the event loop and may be coroutines.
+    """
+
+    def __init__(self, ctx: LlamaContext) -> None:
+        self._ctx = ctx
+
+    @property
+    def enabled(self) -> bool:
+        return self._ctx.parallel.enabled
+
+    async def _off_loop(self, call: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, call, *args)
+
+    async def enable(self, config: Mapping[str, Any] | None = None) -> bool:
+        """``Parallel.enable``: ``n_parallel`` slots (default 2), ``n_batch`` tokens a step (512)."""
+        return await self._off_loop(self._ctx.parallel.enable, config)
+
+    async def disable(self) -> bool:
+        """``Parallel.disable``: running requests end interrupted, queued ones are cancelled; returns once every
+        promise has settled."""
+        return await self._off_loop(self._ctx.parallel.disable)
+
+    async def configure(self, config: Mapping[str, Any] | None = None) -> bool:
+        """``Parallel.configure``: ``enable`` with a new config."""
+        return await self._off_loop(self._ctx.parallel.configure, config)
+
+    async def get_status(self) -> dict[str, Any]:
+        """llama.rn's ParallelStatus: ``n_parallel``, ``active_slots``, ``queued_requests``, ``requests``."""
+        return self._ctx.parallel.get_status()
+
+    async def subscribe_to_status(self, callback: Callable[[dict[str, Any]], Any]) -> Subscription:
+        """Call ``callback(status)`` (sync or async, on the event loop) now and on every change; ``remove()``
+        on the returned object stops it."""
+        if not callable(callback):
+            raise InvalidParamsError("parallel.subscribe_to_status: callback must be callable")
+        return self._ctx.parallel.subscribe_to_status(_on_loop(asyncio.get_running_loop(), callback))
+
+    def _handle(self, request: ParallelRequest) -> AsyncParallelRequest:
+        return AsyncParallelRequest(request, _awaitable(asyncio.get_running_loop(), request.promise, request.stop))
+
+    async def completion(self, params: CompletionParams | dict[str, Any] | None = None,
+                         on_token: Callable[[int, TokenData], Any] | None = None) -> AsyncParallelRequest:
+        """Queue a completion; returns at once, without waiting for a slot. ``await req.promise`` gives the same
+        result as ``completion``; ``on_token(request_id, data)`` (sync or async) runs on the event loop."""
+        if on_token is not None and not callable(on_token):
+            raise InvalidParamsError("parallel.completion: on_token must be callable")
+        sink = None if on_token is None else _on_loop(asyncio.get_running_loop(), on_token)
+        return self._handle(self._ctx.parallel.completion(params, sink))
+
+    async def embedding(self, text: str, params: EmbeddingParams | dict[str, Any] | None = None) -> AsyncParallelRequest:
+        """Queue an embedding; ``await req.promise`` gives ``{"embedding": [...]}``."""
+        return self._handle(self._ctx.parallel.embedding(text, params))
+
+    async def rerank(self, query: str, documents: list[str],
+                     params: RerankParams | dict[str, Any] | None = None) -> AsyncParallelRequest:
+        """Queue a rerank; ``await req.promise`` gives ``[{score, index, document}]``, best first."""
+        return self._handle(self._ctx.parallel.rerank(query, documents, params))
+
+
 class AsyncLlamaContext:
     """Awaitable twin of ``LlamaContext`` (``init_llama_async`` makes one)."""
 
     def __init__(self, ctx: LlamaContext, executor: concurrent.futures.ThreadPoolExecutor) -> None:
         self._ctx = ctx
         self._executor = executor  # one worker: the calls that hold the model
+        self.parallel = AsyncParallel(ctx)
 
     def __getattr__(self, name: str) -> Any:  # id, model, capabilities, backend, gpu, ...
         if name in _SHOWN:
@@ -70,6 +199,8 @@ class AsyncLlamaContext:
         loop = asyncio.get_running_loop()
         if CALLS[name].runs == "beside":
             return await loop.run_in_executor(None, self._ctx.beside, name, *args)
+        if self._ctx.parallel.enabled:  # the sync call queues it through the slots, or refuses as llama.rn does
+            return await self._await(loop.run_in_executor(None, getattr(self._ctx, name), *args))
         self._ctx.claim()  # busy/released raise here, at once
         try:
             future = loop.run_in_executor(self._executor, self._ctx.run_claimed, name, *args)
@@ -95,6 +226,9 @@ class AsyncLlamaContext:
         if callback is not None and not callable(callback):
             raise InvalidParamsError("completion: callback must be callable")
         loop = asyncio.get_running_loop()
+        if self._ctx.parallel.enabled:  # queued as a parallel request; waited for beside the others
+            return await self._await(loop.run_in_executor(None, self._ctx.completion, params,
+                                                          _event_sink(loop, callback)))
         self._ctx.claim()
         try:
             future = loop.run_in_executor(self._executor, self._ctx.completion_claimed, params,
@@ -107,6 +241,9 @@ class AsyncLlamaContext:
     def stream(self, params: CompletionParams | dict[str, Any] | None = None) -> AsyncCompletionStream:
         """``async for event in ctx.stream(params)``; ``stream.result`` once exhausted."""
         ctx = self._ctx
+        if ctx.parallel.enabled:
+            raise ParallelModeError("stream() is not available while parallel mode is enabled; use "
+                                    "ctx.parallel.completion(params, on_token) or completion(params, callback)")
         ctx.claim()
         try:
             return AsyncCompletionStream(self._executor, lambda sink: ctx.completion_claimed(params, sink), self._stop)

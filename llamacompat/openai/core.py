@@ -214,8 +214,11 @@ class OpenAICore:
         raise UnsupportedFeatureError("save_session: an OpenAI-compatible server keeps its KV cache to itself")
 
     def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
-        """Parallel mode: concurrent streams; the server batches them (``n_batch`` is the server's own)."""
-        return CoreSlots(self, n_parallel, n_parallel, "native")
+        """Parallel mode: concurrent streams, which the server batches (``n_batch`` is the server's own); one at a
+        time to a server that cuts a stream when the next request comes (``Dialect.concurrent``)."""
+        if self.facts.dialect.concurrent:
+            return CoreSlots(self, n_parallel, n_parallel, "native")
+        return CoreSlots(self, n_parallel, 1, "emulated")
 
     def close(self) -> None:
         self._session.close()

@@ -58,6 +58,9 @@ class Dialect:
     top_k_off: int = 0  # its top_k for "disabled" (llama.rn's 0)
     # values the server refuses although they are its own default: left out
     unsent: Mapping[str, Any] = field(default_factory=dict)
+    # serves concurrent requests side by side (batched, or queued); False: a new request cuts the one it streams,
+    # so parallel mode sends one at a time
+    concurrent: bool = True
 
     def field_for(self, param: str) -> str | None:
         return STANDARD_FIELDS.get(param) or self.sampling.get(param)
@@ -76,6 +79,7 @@ class Dialect:
         out["json_schema"] = "native"  # as a GBNF grammar where the server takes one, else response_format
         out["tokenize"] = out["detokenize"] = "native" if self.tokenize else "missing"
         out["prefix_cache"] = "native" if self.reports_cache else "missing"
+        out["parallel"] = "native" if self.concurrent else "emulated"
         return out
 
 
@@ -89,7 +93,10 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
             tokenize=Endpoint("/extras/tokenize", "input", "tokens"),
             detokenize=Endpoint("/extras/detokenize", "tokens", "text"),
             unlimited=(None,),  # its max_tokens defaults to 16; null is "until the context ends"
-            grammar_tokens=False),  # the process aborts on them (std::runtime_error in the grammar sampler)
+            grammar_tokens=False,  # the process aborts on them (std::runtime_error in the grammar sampler)
+            # a second request interrupts the stream in progress (its interrupt_requests setting, on by default):
+            # two parallel requests each ended after one token, without a finish_reason
+            concurrent=False),
     # llama.cpp's llama-server: it takes every llama.rn sampling param under llama.cpp's names.
     Dialect("llama-server",
             {"top_k": "top_k", "min_p": "min_p", "typical_p": "typical_p", "xtc_probability": "xtc_probability",

@@ -129,6 +129,7 @@ class MlxAdapter(Adapter):
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
             "rerank": "emulated" if self.embedding_enabled else "missing", "lora": "emulated",
             "interrupt_prompt": "native", "chat_template": "emulated", "session": "native", "prefix_cache": "native",
+            "parallel": "emulated",  # requests take turns on the one sequence (no BatchGenerator here yet)
         })
 
     def _warm_up(self) -> None:

@@ -200,6 +200,7 @@ class RkllmAdapter(Adapter):
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "missing",
             "interrupt_prompt": "native", "session": "native", "prefix_cache": "missing",
             "lora": "native", "rerank": "emulated" if self.embedding_enabled else "missing",
+            "parallel": "emulated",  # the runtime runs one sequence: parallel requests take turns
         })
 
     # -- runtime set-up ---------------------------------------------------------
