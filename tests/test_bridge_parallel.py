@@ -24,12 +24,15 @@ N_SLOTS = 2
 # Long enough to hold a slot for the whole test (n_ctx / N_SLOTS tokens at most): each test stops it itself.
 LONG = {"prompt": "Write a long story about a dragon.", "n_predict": -1, "ignore_eos": True}
 SHORT = {"prompt": "The capital of France is", "n_predict": 4, "temperature": 0}
+# With two threads, ggml's threads wait on each other, and a busy neighbour core made one token take seconds
+# (SIGTERM's 3 s grace ran out); on one thread a stop lands within a token.
+ONE_THREAD = ("--param", "n_threads=1")
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("bridge-parallel"))
-    server = Served(folder, "--parallel", str(N_SLOTS), "--n-ctx", "8192", "--embedding", "--n-predict", "8")
+    server = Served(folder, "--parallel", str(N_SLOTS), "--n-ctx", "8192", "--embedding", "--n-predict", "8", *ONE_THREAD)
     assert server.started, server.log()
     yield server
     assert server.stop() == 0, server.log()
@@ -178,30 +181,26 @@ def test_both_slots_generate_in_one_status(served, batched):
 
 
 def test_clients_beyond_the_slots_wait_in_fifo_order(served, slots):
-    """Every slot held: C then D queue; a freed slot takes C, the next one D."""
+    """Every slot held: C then D queue; the first freed slot takes C (D still waits), the next one D."""
     holders = _hold_every_slot(served, slots)
-    c, d = Raw(served.socket), Raw(served.socket)
     try:
-        c.send({"id": 1, "method": "completion", "params": {"params": {**SHORT, "prompt": "C:"}}})
+        holders.append(Holder(served, wait_for_token=False))  # C
         _slots_are(served, slots["concurrency"], 1)
-        d.send({"id": 1, "method": "completion", "params": {"params": {**SHORT, "prompt": "D:"}}})
+        holders.append(Holder(served, wait_for_token=False))  # D
         queued = [r["request_id"] for r in _slots_are(served, slots["concurrency"], 2)["parallel"]["requests"]
                   if r["state"] == "queued"]
         assert queued == sorted(queued), "the queue is in arrival order"
         assert holders.pop(0).stop()["interrupted"] is True
-        assert c.until(1)[1]["result"]["tokens_predicted"] == 4, "C came first"
-        if holders:  # D still waits: every other slot is held
-            status = _slots_are(served, slots["concurrency"], 1)["parallel"]
-            assert [r["request_id"] for r in status["requests"] if r["state"] == "queued"] == queued[1:]
-        for holder in holders:
-            assert holder.stop()["interrupted"] is True
-        holders = []
-        assert d.until(1)[1]["result"]["tokens_predicted"] == 4
+        c, d = holders[-2], holders[-1]
+        c.first_event()  # C runs ...
+        status = _slots_are(served, slots["concurrency"], 1)["parallel"]
+        assert [r["request_id"] for r in status["requests"] if r["state"] == "queued"] == queued[1:], "... D waits"
+        assert holders.pop(-2).stop()["interrupted"] is True
+        d.first_event()  # C's slot went to D
+        _slots_are(served, slots["concurrency"], 0)
     finally:
         for holder in holders:
-            holder.stop()
-        c.close()
-        d.close()
+            assert holder.stop()["interrupted"] is True
 
 
 def test_each_client_stops_only_its_own_request(served, slots):
@@ -353,7 +352,7 @@ def test_load_and_free_replace_the_pool(tmp_path, model_path):
     models.mkdir()
     shutil.copy(model_path, models / "copy.gguf")
     server = Served(str(tmp_path), "--parallel", "2", "--n-ctx", "4096", "--models-dir", str(models),
-                    "--n-predict", "4")
+                    "--n-predict", "4", *ONE_THREAD)
     assert server.started, server.log()
     try:
         holder = Holder(server)
@@ -380,7 +379,7 @@ def test_load_and_free_replace_the_pool(tmp_path, model_path):
 
 
 def test_sigterm_settles_running_and_queued_requests(tmp_path):
-    server = Served(str(tmp_path), "--parallel", "1", "--n-ctx", "4096")
+    server = Served(str(tmp_path), "--parallel", "1", "--n-ctx", "4096", *ONE_THREAD)
     assert server.started, server.log()
     holder = Holder(server)
     waiting = Raw(server.socket)
