@@ -329,7 +329,8 @@ def init_params(raw: Mapping[str, Any], extra: Mapping[str, Field]) -> dict[str,
 
 
 # Init params a remote core (bridge, openai) uses itself; the others describe a model the server already loaded.
-_REMOTE_CLIENT_FIELDS = frozenset({"backend", "strict", "embedding", "embd_normalize", "model"})
+# n_parallel: the most slots this client's ctx.parallel may ask for (the server's own slots are its business)
+_REMOTE_CLIENT_FIELDS = frozenset({"backend", "strict", "embedding", "embd_normalize", "model", "n_parallel"})
 
 
 def validate_remote(raw: Mapping[str, Any], fields: Mapping[str, Field], backend: str) -> dict[str, Any]:

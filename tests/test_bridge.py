@@ -81,6 +81,7 @@ def test_text_commands_answer_one_json_line_each(raw, served):
     data = status["data"]
     assert data["model"].endswith(".gguf") and data["backend"] == "llama_cpp"
     assert {"queue", "busy", "served", "clients", "uptime_s", "abandoned"} <= set(data)
+    assert data["parallel"] is None, "no slots without --parallel"
     assert data["served"] >= 0 and data["uptime_s"] > 0
     reply = raw.ask("INFER The capital of France is")
     assert reply["status"] == "ok" and reply["message"] == "Inference completed"
@@ -176,6 +177,8 @@ def test_server_errors_and_warnings_arrive_as_the_same_classes(served):
         with pytest.raises(EmbeddingDisabledError):
             ctx.embedding("needs embedding: True on the client context")
         assert ctx.capabilities["server_backend"] == "llama_cpp"
+        assert ctx.capabilities["server_parallel"] is None
+        assert ctx._core.open_slots(2, 512).support == "emulated", "a FIFO server takes parallel requests in turn"
     with init_llama({"backend": "bridge", "socket": served.socket, "strict": True}) as ctx:
         with pytest.raises(UnsupportedFeatureError, match="chat_format"):  # strict: no leniency for ignored keys
             ctx.completion({"prompt": "Hi", "n_predict": 2, "chat_format": 3})

@@ -304,8 +304,10 @@ def test_one_table_drives_the_contexts_the_cores_and_the_bridge():
     from llamacompat.openai.core import OpenAICore
 
     protocol = {name for name, value in vars(Core).items() if inspect.isfunction(value) and not name.startswith("_")}
-    protocol -= {"close"}
+    protocol -= {"close", "open_slots"}  # not calls of a context: its lifetime, and its parallel mode's slots
     assert protocol == set(CALLS)
+    for core in (LocalCore, OpenAICore, BridgeCore):
+        assert list(inspect.signature(core.open_slots).parameters)[1:] == ["n_parallel", "n_batch"], core.__name__
     for name, call in CALLS.items():
         expected = [*call.args, *(["stop"] if call.stop else []), *(["strict"] if call.strict else [])]
         for core in (Core, LocalCore, OpenAICore):

@@ -4,8 +4,11 @@
 a ``llamacompat serve`` process: the context's own busy/released rules apply
 here, validation and generation happen in the server, and the server's errors
 and warnings arrive as the same exception and warning classes. One reader
-thread routes reply lines to the call waiting for them, so a ``tokenize`` can
-run while a completion streams.
+thread routes reply lines to the call waiting for them (by request id), so a
+``tokenize`` can run while a completion streams, and several threads' calls can
+run at once over the one connection: that is how ``ctx.parallel`` works here
+(``open_slots``), the server's slots decoding them (``serve --parallel N``) or
+its FIFO queue taking them in turn.
 
 Before it sends anything on a Unix socket, the client checks that the socket and
 the process listening on it belong to this user (or root): another user's server
@@ -25,7 +28,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Generator, Mapping
+from typing import Any, Callable, Generator, Literal, Mapping
 
 from .. import params as P
 from ..context.core import CALLS, Call
@@ -41,9 +44,10 @@ from ..errors import (
     error_from_code,
 )
 from ..models import local_path, resolve_model
+from ..parallel.slots import CoreSlots, Slots
 from ..text_stream import drain
-from ..types import EmbeddingResult, RerankResult, SessionLoadResult
-from .protocol import MAX_LINE, EventText, default_socket, encode
+from ..types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData
+from .protocol import MAX_LINE, STATE_FILE_PARAMS, EventText, default_socket, encode
 
 __all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
 
@@ -152,6 +156,7 @@ class BridgeCore:
         self.devices: list[str] = []
         self.system_info, self.android_lib = "", None  # the server's, from the handshake
         self._capabilities: dict[str, Any] = {"backend": self.backend, "features": {}}
+        self.server_parallel: dict[str, Any] | None = None  # the server's slots (serve --parallel), from the handshake
         self._reader = threading.Thread(target=self._read_replies, name="llamacompat-bridge-client", daemon=True)
         self._reader.start()
 
@@ -167,8 +172,9 @@ class BridgeCore:
         self._max_line = info.get("max_line", MAX_LINE)
         self.gpu, self.reason_no_gpu, self.devices = info["gpu"], info["reason_no_gpu"], info["devices"]
         self.system_info, self.android_lib = info.get("system_info", ""), info.get("android_lib")
+        self.server_parallel = info.get("parallel")
         self._capabilities = {"backend": self.backend, "features": info["capabilities"]["features"],
-                              "server_backend": info["backend"]}
+                              "server_backend": info["backend"], "server_parallel": self.server_parallel}
 
     @property
     def capabilities(self) -> dict[str, Any]:
@@ -322,6 +328,23 @@ class BridgeCore:
         prefill = params.get("prefill_text") if isinstance(params, Mapping) else None
         return self._request(call.name, wire, strict, stop, EventText(prefill if isinstance(prefill, str) else ""))
 
+    def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
+                   strict: bool) -> Generator[TokenData, None, CompletionResult]:
+        """``completion`` on the server's model; safe to call from several threads at once."""
+        return self._forward(CALLS["completion"], (_state_paths(params), stop, strict))
+
+    def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
+        """Parallel mode: ``n_parallel`` requests at once over this connection, each with its own id and stop.
+
+        The server decides how they run: ``native`` where its slots decode together (``serve --parallel N``
+        on a backend that batches), ``emulated`` where it takes them in turn. Asking more slots than the
+        server has is fine: the extra requests wait in its FIFO queue. ``n_batch`` is the server's own.
+        """
+        slots = self.server_parallel
+        support: Literal["native", "emulated"] = \
+            "native" if slots is not None and slots.get("support") == "native" else "emulated"
+        return CoreSlots(self, n_parallel, n_parallel, support)
+
     def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
         P.require_embedding(self.params, "embedding")  # this context's own init params decide, as they would locally
         if params is None or (isinstance(params, dict) and "embd_normalize" not in params):
@@ -355,6 +378,14 @@ class BridgeCore:
         self._shut()
         self._sock.close()
         self._reader.join(5)
+
+
+def _state_paths(params: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """A completion's per-sequence state files travel absolute, as session paths do (``_server_path``)."""
+    if not isinstance(params, Mapping) or not any(isinstance(params.get(k), str) for k in STATE_FILE_PARAMS):
+        return params
+    return {**params, **{key: os.path.abspath(local_path(value)) for key in STATE_FILE_PARAMS
+                         if isinstance(value := params.get(key), str) and value}}
 
 
 def _server_path(path: Any, action: str) -> Any:

@@ -17,23 +17,26 @@ from ..context.core import CALLS
 from ..errors import AuthenticationError, InvalidParamsError, LlamaError
 from ..types import TokenData
 
-__all__ = ["MAX_LINE", "MAX_DEPTH", "MAX_CLIENTS", "METHODS", "TEXT_COMMANDS", "encode", "decode", "error_body",
-           "default_socket", "private_folder", "wire_event", "EventText"]
+__all__ = ["MAX_LINE", "MAX_DEPTH", "MAX_CLIENTS", "METHODS", "TEXT_COMMANDS", "STATE_FILE_PARAMS", "encode", "decode",
+           "error_body", "default_socket", "private_folder", "wire_event", "EventText"]
 
 MAX_LINE = 1 << 20  # bytes in one request line, newline excluded
 MAX_DEPTH = 100  # nesting of arrays and objects in one JSON request
 MAX_CLIENTS = 256  # connections a server holds at once (fewer under a low open-file limit)
 
-# JSON methods -> where they run: "queue" (the model's FIFO worker, one at a time),
-# "side" (beside it, as tokenize runs beside a completion in a context) or "inline"
-# (answered by the event loop at once). The context's calls are those of context.core.CALLS,
-# with the arguments it names as their params.
+# JSON methods -> where they run: "queue" (the model's FIFO worker, one at a time; in parallel
+# mode completion, embedding and rerank go to the slots' pool instead), "side" (beside it, as
+# tokenize runs beside a completion in a context) or "inline" (answered by the event loop at once).
+# The context's calls are those of context.core.CALLS, with the arguments it names as their params.
 METHODS = {
     **{call.name: "queue" if call.runs == "model" else "side" for call in CALLS.values()},
     "load": "queue", "free": "queue",
     "model_info": "inline", "stop": "inline", "ping": "inline", "status": "inline", "auth": "inline",
 }
 TEXT_COMMANDS = ("PING", "STATUS", "LOAD", "INFER", "INFER_STREAM", "FREE", "QUIT", "AUTH")
+# Completion params that name a file (llama.rn's per-sequence state of parallel requests): the client sends
+# them absolute, the server opens them under its --sessions-dir only, as it does session files.
+STATE_FILE_PARAMS = ("load_state_path", "save_state_path", "save_prompt_state_path")
 
 
 def default_socket(create: bool = False) -> str:

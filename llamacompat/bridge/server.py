@@ -7,6 +7,12 @@ and chat formatting run beside it, as they do in a context. Each job has its
 own stop flag, so a client stops only its own requests, and a client whose
 connection breaks has its jobs stopped.
 
+With ``parallel`` (``serve --parallel N``) the model runs in parallel mode
+instead (``bridge.parallel``): completions, embeddings and reranks (and INFER,
+INFER_STREAM) are requests of one ``parallel.Pool``, up to N decoding at once
+and the rest waiting in FIFO order; calls that need the whole model are refused
+while it is on, and LOAD and FREE replace the pool with the model.
+
 Nothing a request does can hold the process: connections are capped (and those
 still to authenticate have a deadline and a cap of their own), and a shutdown
 that finds a job still running after a short grace leaves ``run_server`` to exit
@@ -20,6 +26,7 @@ import concurrent.futures
 import difflib
 import functools
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -31,13 +38,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from .. import params as P
 from ..context.core import CALLS, Call
 from ..context.loading import load_local
 from ..errors import (
     AuthenticationError,
+    ContextBusyError,
     ContextLimitError,
     ContextReleasedError,
     InvalidParamsError,
@@ -48,8 +56,23 @@ from ..errors import (
     warnings_to,
 )
 from ..local import LocalCore, file_name, session_path
+from ..parallel.pool import ParallelRequest, Pool
+from ..parallel.slots import RequestKind
 from ..text_stream import drain
-from .protocol import MAX_CLIENTS, MAX_LINE, METHODS, TEXT_COMMANDS, decode, default_socket, encode, error_body, wire_event
+from ..types import TokenData
+from . import parallel as par
+from .protocol import (
+    MAX_CLIENTS,
+    MAX_LINE,
+    METHODS,
+    STATE_FILE_PARAMS,
+    TEXT_COMMANDS,
+    decode,
+    default_socket,
+    encode,
+    error_body,
+    wire_event,
+)
 
 __all__ = ["BridgeServer", "bind_unix_socket", "run_server", "MAX_UNAUTHENTICATED", "AUTH_TIMEOUT_S", "SHUTDOWN_GRACE_S"]
 
@@ -66,6 +89,7 @@ _PRE_AUTH_LINE = 4096  # bytes in a line before AUTH
 _FD_RESERVE = 32  # open files kept for the model, logs and the listening sockets
 # After SIGTERM: how long running jobs may take to stop before the process exits without them.
 SHUTDOWN_GRACE_S = 3.0
+_NO_MODEL = "Failed to load model: the bridge server has no model loaded; send LOAD <path>"
 # The id of an over-long request, read from its first bytes so that the error reaches its caller.
 _LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(-?\d{1,19}|"(?:[^"\\\n]|\\.){0,256}")\s*[,}]')
 
@@ -123,6 +147,31 @@ class _Job:
     rid: Any
     method: str = ""
     stop: threading.Event = field(default_factory=threading.Event)
+    request: ParallelRequest | None = None  # in parallel mode: the pool's request that runs this job
+
+    def halt(self) -> None:
+        """Stop this job: its flag, and its pool request (a queued one is cancelled at once)."""
+        self.stop.set()
+        if self.request is not None:
+            self.request.stop()
+
+
+class _StreamLines:
+    """INFER_STREAM's lines: ``Streaming started`` at the first token (a request that fails sends none), a line
+    per token; ``start`` sends the first line at the end of a request that generated no token."""
+
+    def __init__(self, post: Callable[[bytes], None]) -> None:
+        self.post = post
+        self.started = False
+
+    def start(self, send: Callable[[bytes], None]) -> None:
+        if not self.started:
+            self.started = True
+            send(encode({"status": "ok", "message": "Streaming started"}))
+
+    def token(self, event: TokenData) -> None:
+        self.start(self.post)
+        self.post(encode({"type": "token", "token": event["token"], "final": False}))
 
 
 class _Client:
@@ -167,20 +216,29 @@ class _Client:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            for job in self.jobs.values():
-                job.stop.set()
+            for job in list(self.jobs.values()):
+                job.halt()
             if self.jobs:
                 self._on_abandoned(len(self.jobs))
             self.writer.close()
 
 
 class BridgeServer:
-    """Serves one model (loaded from ``model_params``) to every client of its sockets."""
+    """Serves one model (loaded from ``model_params``) to every client of its sockets.
+
+    ``parallel``: run the model in parallel mode with that many slots (``serve --parallel N``; see
+    ``bridge.parallel``); None keeps the single FIFO worker.
+    """
 
     def __init__(self, model_params: dict[str, Any], *, models_dir: str | None = None,
                  sessions_dir: str | None = None, token: str | None = None, n_predict: int = 512,
-                 max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS, auth_timeout: float = AUTH_TIMEOUT_S) -> None:
+                 max_line: int = MAX_LINE, max_clients: int = MAX_CLIENTS, auth_timeout: float = AUTH_TIMEOUT_S,
+                 parallel: int | None = None) -> None:
         self._params = dict(model_params)
+        self._parallel = _slot_count(parallel, self._params)
+        self._n_batch = int(self._params.get("n_batch") or par.DEFAULT_BATCH)
+        self._pool: Pool | None = None  # parallel mode's requests, on the loaded model
+        self._request_ids = itertools.count(1).__next__  # the pools' request ids, unique for the server's life
         self._models_dir = os.path.realpath(models_dir) if models_dir else None
         self._sessions_dir = os.path.realpath(sessions_dir) if sessions_dir else None
         self._token = token.encode() if token else None
@@ -212,7 +270,18 @@ class BridgeServer:
     # -- lifetime ------------------------------------------------------------
     def load(self) -> None:
         """Load the model named by the init params (before serving, so a bad model fails the start)."""
-        self.core = load_local(self._params)
+        core = load_local(self._params)
+        try:
+            self._pool = self._open_pool(core)
+        except BaseException:
+            core.close()
+            raise
+        self.core = core
+
+    def _open_pool(self, core: LocalCore) -> Pool | None:
+        if self._parallel is None:
+            return None
+        return par.open_pool(core, self._parallel, self._n_batch, self._request_ids)
 
     async def start_unix(self, path: str) -> None:
         sock = bind_unix_socket(path)
@@ -257,8 +326,8 @@ class BridgeServer:
         for server in self._servers:
             server.close()
         for client in list(self._clients):
-            for job in client.jobs.values():
-                job.stop.set()
+            for job in list(client.jobs.values()):
+                job.halt()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         self.clean = not self._tasks
@@ -282,6 +351,10 @@ class BridgeServer:
         if self._done is not None:
             self._done.set()
         return self.clean
+
+    def close(self) -> None:
+        """Free the model (and its pool) of a server that did not get to serve."""
+        self._free()
 
     # -- connections ---------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -397,12 +470,27 @@ class BridgeServer:
         if self._closing and METHODS[method] != "inline":  # the shutdown waits only for what it found running
             client.reply(rid, error=error_body(ContextReleasedError("Context not found: the bridge server is shutting down")))
             return
+        refused = par.refusal(method, self._parallel) if self._parallel is not None else None
+        if refused is not None:
+            client.reply(rid, error=error_body(refused))
+            return
         job = _Job(client, rid, method)
         client.jobs[rid] = job
         # Queued jobs are submitted here, before any await, so the FIFO order is the arrival order.
         run = functools.partial(self._context_call, call=CALLS[method]) if method in CALLS \
             else getattr(self, "_m_" + method)
-        future = self._submit(job, run, params, strict) if METHODS[method] == "queue" else None
+        future: concurrent.futures.Future[Any] | None = None
+        if self._parallel is not None and method in par.POOLED:
+            post, event_rid = self._poster(client), rid
+            emit = (lambda event: post(encode({"id": event_rid, "event": wire_event(event)}))) \
+                if method == "completion" else None
+            try:
+                future = self._pooled(job, method, params, strict, emit)
+            except Exception as err:  # answered by _answer, as a failure of the call would be
+                future = concurrent.futures.Future()
+                future.set_exception(err)
+        elif METHODS[method] == "queue":
+            future = self._submit(job, run, params, strict)
         self._track(client, self._answer(job, run, METHODS[method], params, strict, future))
 
     def _check_request(self, client: _Client, msg: Any) -> tuple[str, dict[str, Any], bool]:
@@ -455,6 +543,28 @@ class BridgeServer:
         finally:
             client.jobs.pop(job.rid, None)
 
+    def _pooled(self, job: _Job, method: str, params: dict[str, Any], strict: bool,
+                emit: Callable[[TokenData], None] | None) -> "concurrent.futures.Future[Any]":
+        """Parallel mode: ``job`` (a completion, embedding or rerank) as a request of the pool; its promise.
+
+        ``emit`` gets each TokenData on the pool's delivery thread, all of them before the promise settles.
+        """
+        call = CALLS[method]
+        args = [self._on_server(method, name, params.get(name, call.defaults.get(name))) for name in call.args]
+        ask = par.Ask(args.pop(), strict, self._warning_sink(job))  # each of the three takes its params last
+        on_token = None if emit is None else (lambda _request_id, event: emit(event))
+        while True:
+            pool = self._pool
+            if pool is None:
+                raise ModelLoadError(_NO_MODEL)
+            try:
+                job.request = pool.submit(cast(RequestKind, method), (*args, ask), on_token)
+                return job.request.promise
+            except ContextBusyError:
+                if self._pool is pool:  # its queue is full
+                    raise
+                # LOAD swapped the pool between our read and the submit: the new one takes it
+
     def _submit(self, job: _Job, run: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
         self._submitted += 1
         return self._worker.submit(self._queued_call, job, run, *args)
@@ -493,7 +603,7 @@ class BridgeServer:
 
     def _model(self) -> LocalCore:
         if self.core is None:
-            raise ModelLoadError("Failed to load model: the bridge server has no model loaded; send LOAD <path>")
+            raise ModelLoadError(_NO_MODEL)
         return self.core
 
     # -- methods: where each runs is protocol.METHODS ---------------------------
@@ -514,6 +624,9 @@ class BridgeServer:
         """A file named by a client, as the server may open it: under --sessions-dir or --models-dir only."""
         if name == "path":
             return self._session_file(value, method)
+        if method == "completion" and name == "params" and isinstance(value, dict):
+            named = [key for key in STATE_FILE_PARAMS if value.get(key) is not None]
+            return {**value, **{key: self._state_file(value[key], key) for key in named}} if named else value
         if name == "lora_list":
             return [{**entry, "path": self._model_file(entry["path"], "LoRA adapters")}
                     for entry in P.lora_entries(value, method)]
@@ -539,7 +652,7 @@ class BridgeServer:
                                      f"requests, got {_brief(params.get('id'))}")
         target = job.client.jobs.get(params.get("id"))
         if target is not None and target is not job:
-            target.stop.set()
+            target.halt()
         return {"stopped": target is not None and target is not job}
 
     def _m_ping(self, job: _Job, params: dict[str, Any], strict: bool) -> Any:
@@ -595,7 +708,10 @@ class BridgeServer:
         else:
             run, args, done = self._text_free, (), "Resources freed"
         try:
-            result = await asyncio.wrap_future(self._submit(job, run, *args))
+            if run == self._text_generate and self._parallel is not None:
+                result = await self._text_pooled(job, params, streaming)
+            else:
+                result = await asyncio.wrap_future(self._submit(job, run, *args))
         except Exception as err:
             client.status("error", error_body(err)["message"])
         else:
@@ -608,19 +724,19 @@ class BridgeServer:
 
     def _text_generate(self, job: _Job, params: dict[str, Any], streaming: bool) -> Any:
         """INFER's text; INFER_STREAM answers ok once the request is valid, then a line per token."""
-        post = self._poster(job.client)
-        started = False
+        lines = _StreamLines(self._poster(job.client))
+        result = self._generate(job, params, lines.token if streaming else None)
+        if streaming:
+            lines.start(lines.post)
+        return result["text"]
 
-        def token(event: Any) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                post(encode({"status": "ok", "message": "Streaming started"}))
-            post(encode({"type": "token", "token": event["token"], "final": False}))
-
-        result = self._generate(job, params, token if streaming else None)
-        if streaming and not started:
-            post(encode({"status": "ok", "message": "Streaming started"}))
+    async def _text_pooled(self, job: _Job, params: dict[str, Any], streaming: bool) -> Any:
+        """``_text_generate`` as a request of the pool (parallel mode)."""
+        lines = _StreamLines(self._poster(job.client))
+        result = await asyncio.wrap_future(self._pooled(job, "completion", {"params": params}, False,
+                                                        lines.token if streaming else None))
+        if streaming:  # every token line was posted before the promise settled, so this one comes after them
+            lines.start(job.client.send)
         return result["text"]
 
     def _text_load(self, job: _Job, path: str) -> None:
@@ -631,18 +747,44 @@ class BridgeServer:
 
     # -- model and files -----------------------------------------------------
     def _load_model(self, path: Any) -> None:
-        """Swap in another model; on failure the current one stays."""
+        """Swap in another model; on failure the current one stays.
+
+        In parallel mode the new model's pool opens before the swap, so a request that arrives meanwhile has
+        a pool to go to; then the old pool closes: its running requests end ``interrupted``, its queued ones
+        are cancelled (every promise settles, every client is answered), and the old model is freed.
+        """
         new = load_local({**self._params, "model": self._model_file(path)})
-        with self._use:
-            old, self.core = self.core, new
-        if old is not None:
-            old.close()
+        try:
+            pool = self._open_pool(new)
+        except BaseException:
+            new.close()
+            raise
+        self._swap(new, pool, "cancelled: the bridge server loaded another model")
 
     def _free(self) -> None:
+        self._swap(None, None, "cancelled: the bridge server freed its model")
+
+    def _swap(self, core: LocalCore | None, pool: Pool | None, why: str) -> None:
         with self._use:
-            old, self.core = self.core, None
-        if old is not None:
-            old.close()
+            old, self.core = self.core, core
+            old_pool, self._pool = self._pool, pool
+        try:
+            if old_pool is not None:
+                old_pool.close(why)
+        finally:
+            if old is not None:
+                old.close()
+
+    def _state_file(self, path: Any, key: str) -> str:
+        """A completion's per-sequence state file (llama.rn's ``load_state_path``, ...): under --sessions-dir only."""
+        where = f"completion: '{key}'"
+        if self._sessions_dir is None:
+            raise UnsupportedFeatureError(f"{where}: state files are disabled on this bridge server; start it with "
+                                          "--sessions-dir DIR")
+        real = _inside(self._sessions_dir, session_path(path, where), where)
+        if real is None:
+            raise SessionError(f"{where}: {path!r} is outside the server's --sessions-dir ({self._sessions_dir})")
+        return real
 
     def _model_file(self, path: Any, what: str = "LOAD") -> str:
         if self._models_dir is None:
@@ -676,20 +818,48 @@ class BridgeServer:
         return {"backend": core.backend, "model": core.model, "capabilities": caps,
                 "model_path": core.params["model"], "sessions_dir": self._sessions_dir, "max_line": self._max_line,
                 "gpu": core.gpu, "reason_no_gpu": core.reason_no_gpu, "devices": core.devices,
-                "system_info": core.system_info, "android_lib": core.android_lib}
+                "system_info": core.system_info, "android_lib": core.android_lib, "parallel": self._slots_info()}
+
+    def _slots_info(self) -> dict[str, Any] | None:
+        """Parallel mode as a client sees it: the slots, how many decode at once, whether the backend batches them."""
+        pool = self._pool
+        if pool is None:
+            return None
+        slots = pool.slots
+        return {"n_parallel": slots.n_parallel, "concurrency": slots.concurrency, "support": slots.support}
 
     def _status(self) -> dict[str, Any]:
-        core = self.core
+        """STATUS: the model, the queue, the clients; in parallel mode ``parallel`` is the pool's status (llama.rn's
+        ParallelStatus: n_parallel, active_slots, queued_requests, requests), and ``queue`` and ``busy`` count its
+        requests too."""
+        core, pool = self.core, self._pool
+        slots = pool.status() if pool is not None else par.idle_status(self._parallel) if self._parallel else None
         return {
             "model": core.params["model"] if core else None,
             "backend": core.backend if core else None,
-            "queue": max(0, self._submitted - self._started_jobs),
-            "busy": self._running,
+            "queue": max(0, self._submitted - self._started_jobs) + (slots["queued_requests"] if slots else 0),
+            "busy": self._running or bool(slots and slots["active_slots"]),
+            "parallel": slots,
             "abandoned": self._abandoned,
             "served": self._served,
             "clients": len(self._clients),
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
+
+
+def _slot_count(parallel: int | None, params: dict[str, Any]) -> int | None:
+    """``--parallel``'s slot count, checked; the model is then created for that many sequences (``n_parallel``)."""
+    if parallel is None:
+        return None
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise InvalidParamsError(f"serve: --parallel must be an int >= 1 (the slots decoding at once), got {parallel!r}")
+    given = params.get("n_parallel")
+    if given is None:
+        params["n_parallel"] = parallel
+    elif isinstance(given, int) and not isinstance(given, bool) and given < parallel:
+        raise InvalidParamsError(f"serve: --parallel {parallel} needs the model's n_parallel >= {parallel}, got "
+                                 f"--param n_parallel={given}; raise it or leave it out")
+    return parallel
 
 
 def _inside(root: str, path: str, what: str) -> str | None:
@@ -776,15 +946,17 @@ def bind_unix_socket(path: str) -> socket.socket:
 def run_server(model_params: dict[str, Any], *, socket_path: str | None = None, host: str = "127.0.0.1",
                port: int | None = None, token: str | None = None, models_dir: str | None = None,
                sessions_dir: str | None = None, n_predict: int = 512, max_line: int = MAX_LINE,
-               max_clients: int = MAX_CLIENTS, on_ready: Callable[[list[str]], None] | None = None) -> None:
+               max_clients: int = MAX_CLIENTS, on_ready: Callable[[list[str]], None] | None = None,
+               parallel: int | None = None) -> None:
     """Load the model and serve it until SIGTERM / SIGINT (blocking): a Unix socket unless only a port is given.
+    ``parallel``: that many slots decode at once (``serve --parallel N``; see ``BridgeServer``).
 
     If a job has not stopped ``SHUTDOWN_GRACE_S`` after the signal, the process exits at once with
     status 1 (``os._exit``: a thread stuck in native code would otherwise keep it alive), the socket
     file already removed and every request answered.
     """
     server = BridgeServer(model_params, models_dir=models_dir, sessions_dir=sessions_dir, token=token,
-                          n_predict=n_predict, max_line=max_line, max_clients=max_clients)
+                          n_predict=n_predict, max_line=max_line, max_clients=max_clients, parallel=parallel)
     server.load()
 
     async def main() -> None:
@@ -811,4 +983,4 @@ def run_server(model_params: dict[str, Any], *, socket_path: str | None = None, 
         asyncio.run(main())
     finally:
         if server.core is not None:  # a start that failed after loading
-            server.core.close()
+            server.close()

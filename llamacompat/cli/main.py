@@ -127,6 +127,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sessions-dir", help="folder session files may be saved to and loaded from "
                                               "(sessions are disabled without it)")
     serve.add_argument("--n-predict", type=int, default=512, help="tokens INFER / INFER_STREAM generate at most")
+    serve.add_argument("--parallel", type=int, metavar="N",
+                       help="parallel mode: up to N clients decode at once (each slot gets n_ctx / N tokens), "
+                            "the rest wait in FIFO order; without it, one request at a time")
     serve.add_argument("--max-line", type=int, default=MAX_LINE, help=f"bytes in one request line (default {MAX_LINE})")
     serve.add_argument("--max-clients", type=int, default=MAX_CLIENTS,
                        help=f"connections at once (default {MAX_CLIENTS}, fewer under a low open-file limit)")
@@ -249,7 +252,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     run_server(params, socket_path=args.socket, host=args.host, port=args.port, token=args.token,
                models_dir=args.models_dir, sessions_dir=args.sessions_dir, n_predict=args.n_predict,
-               max_line=args.max_line, max_clients=args.max_clients, on_ready=ready)
+               max_line=args.max_line, max_clients=args.max_clients, on_ready=ready, parallel=args.parallel)
     return 0
 
 
