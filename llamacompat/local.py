@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Generator, Mapping
+from typing import Any, Generator, Literal, Mapping
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from .grammars.gbnf import check_tokens, parse_gbnf
 from .grammars.schema import convert_json_schema_to_grammar
 from .grammars.triggers import parse_triggers
 from .models import local_path
-from .parallel.slots import CoreSlots, Progress, Slots
+from .parallel.slots import Progress, Slots
 from .sessions import check_identity, read_sidecar, save_with_sidecar
 from .text_stream import Parse, stopped_before_prompt
 from .types import (
@@ -41,7 +41,7 @@ from .types import (
     TokenizeResult,
 )
 
-__all__ = ["LocalCore", "BatchSlots", "session_path", "file_name"]
+__all__ = ["LocalCore", "LocalSlots", "session_path", "file_name"]
 
 
 def _caps(source: str | None) -> dict[str, bool] | None:
@@ -136,11 +136,9 @@ class LocalCore:
                 adapter.set_threads(restore)
 
     def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
-        """Parallel mode: the runtime's own batch where the adapter has one, else requests take turns."""
-        batch = self.adapter.open_batch(n_parallel, n_batch)
-        if batch is None:
-            return CoreSlots(self, n_parallel, 1, "emulated")
-        return BatchSlots(self, batch, n_parallel)
+        """Parallel mode: the runtime's own batch where the adapter has one, else requests take turns on it."""
+        self.require("parallel", "parallel mode")
+        return LocalSlots(self, n_parallel, self.adapter.open_batch(n_parallel, n_batch))
 
     def _use_threads(self, adapter: Adapter, n_threads: int, strict: bool) -> int | None:
         """A completion's own ``n_threads`` (0: the context's): the count to restore afterwards, or None."""
@@ -373,26 +371,34 @@ class LocalCore:
 
 
 
-class BatchSlots:
-    """Parallel mode on a runtime that decodes several sequences in one batch (llama_cpp's ``open_batch``):
-    each request runs the same ``LocalCore`` request building and engine loop, on a sequence of the batch."""
+class LocalSlots:
+    """Parallel mode on a model in this process: each request runs the same ``LocalCore`` request building
+    and engine loop, on the adapter ``sequence(progress)`` gives it: one sequence of the runtime's batch
+    (llama_cpp's ``open_batch``), or the adapter itself where requests take turns (``concurrency`` 1)."""
 
-    support = "native"
+    support: Literal["native", "emulated"]
 
-    def __init__(self, core: LocalCore, batch: Any, n_parallel: int) -> None:
-        self._core, self._batch = core, batch
-        self.n_parallel = self.concurrency = n_parallel
+    def __init__(self, core: LocalCore, n_parallel: int, batch: Any) -> None:
+        self._core, self.batch, self.n_parallel = core, batch, n_parallel
+        if batch is None:
+            self.concurrency, self.support = 1, "emulated"
+        else:
+            self.concurrency, self.support = n_parallel, "native"
+
+    def _sequence(self, progress: Progress | None) -> Adapter:
+        return self._core.adapter if self.batch is None else self.batch.sequence(progress)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
 
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event, strict: bool,
                    progress: Progress) -> Generator[TokenData, None, CompletionResult]:
-        return self._core.completion_on(self._batch.sequence(progress), params, stop, strict, progress)
+        return self._core.completion_on(self._sequence(progress), params, stop, strict, progress)
 
     def embedding(self, text: str, params: Mapping[str, Any] | None, progress: Progress) -> EmbeddingResult:
-        return self._core.embedding(text, params, self._batch.sequence(progress))
+        return self._core.embedding(text, params, self._sequence(progress))
 
     def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None,
                progress: Progress) -> list[RerankResult]:
-        return self._core.rerank(query, documents, params, self._batch.sequence(progress))
-
-    def close(self) -> None:
-        self._batch.close()
+        return self._core.rerank(query, documents, params, self._sequence(progress))

@@ -95,13 +95,6 @@ class BrokenAdapter(LlamaCppAdapter):
             self._poison()
             raise
 
-    def _next_guided(self) -> int:
-        try:
-            return super()._next_guided()
-        except NoTokenAllowed:  # a dead end the engine turns into a GrammarError
-            self._poison()
-            raise
-
     def _poison(self) -> None:
         if self.fault == "poisoned_after_error":
             self._poisoned = True
@@ -117,14 +110,18 @@ class BrokenAdapter(LlamaCppAdapter):
             time.sleep(0.05)  # a slow decode: stop_completion() lands inside it
             if self._stop_event is not None and self._stop_event.is_set():
                 raise GenerationError("llama_decode aborted")
-        return super().next_token()
+        try:
+            return super().next_token()
+        except NoTokenAllowed:  # a dead end the engine turns into a GrammarError
+            self._poison()
+            raise
 
     @property
     def n_past(self) -> int:
         return len(self._tokens) + (self._counted if self.fault == "counts_sampled" else 0)
 
     def end(self) -> None:
-        self._counted = len(self._pending[-1:])  # the sampled token end() drops, counted anyway
+        self._counted = len(self._gen._pending[-1:])  # the sampled token end() drops, counted anyway
         if self.fault == "stop_leaks" and self._stop_event is not None and self._stop_event.is_set():
             self._leaked = self._stop_event  # taken down only after runs that were not interrupted
         super().end()

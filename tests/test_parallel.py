@@ -45,10 +45,9 @@ def test_parallel_greedy_results_equal_one_by_one_and_come_from_shared_steps(pct
     alone = [pctx.completion(greedy(p)) for p in PROMPTS]
     pctx.parallel.enable({"n_parallel": 4})
     try:
-        engine = pctx._core.adapter  # the steps counter lives on the batch; reach it through the slots
         handles = [pctx.parallel.completion(greedy(p)) for p in PROMPTS]
         together = [h.promise.result(120) for h in handles]
-        batch = pctx.parallel._pool.slots._batch
+        batch = pctx.parallel._pool.slots.batch  # the BatchEngine counts its decodes
     finally:
         pctx.parallel.disable()
     assert [r["text"] for r in together] == [r["text"] for r in alone]
@@ -56,7 +55,6 @@ def test_parallel_greedy_results_equal_one_by_one_and_come_from_shared_steps(pct
     generated = sum(r["tokens_predicted"] for r in together)
     # 4 requests x 12 tokens one by one would be 48+ decodes; batched they share steps
     assert batch.steps < generated * 0.6, (batch.steps, generated)
-    assert engine is pctx._core.adapter
 
 
 def test_each_stream_carries_only_its_own_text(par):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import queue
@@ -155,9 +156,11 @@ class Pool:
             if request.kind == "completion":
                 result = self._complete(request)
             elif request.kind == "embedding":
-                result = slots.embedding(*request.args, progress)
+                text, params = request.args
+                result = slots.embedding(text, params, progress)
             else:
-                result = slots.rerank(*request.args, progress)
+                query, documents, params = request.args
+                result = slots.rerank(query, documents, params, progress)
         except BaseException as err:  # settles the promise; the pool and the other requests go on
             error = err
         finally:
@@ -174,7 +177,7 @@ class Pool:
                 event = next(generation)
                 event_seen()
                 if on_token is not None:
-                    post(lambda event=event: self._token(request, on_token, rid, event))
+                    post(functools.partial(self._token, request, on_token, rid, event))
         except StopIteration as done:
             result = done.value
         finally:
@@ -228,14 +231,17 @@ class Pool:
         self._subscribers[key] = callback
         snapshot = self.status()
         self._deliveries.put(lambda: callback(snapshot))
-        return Subscription(lambda: self._subscribers.pop(key, None))
+        return Subscription(functools.partial(self._unsubscribe, key))
+
+    def _unsubscribe(self, key: int) -> None:
+        self._subscribers.pop(key, None)
 
     def _changed(self) -> None:
         if not self._subscribers:
             return
         snapshot = self.status()
         for callback in list(self._subscribers.values()):
-            self._deliveries.put(lambda callback=callback: callback(snapshot))
+            self._deliveries.put(functools.partial(callback, snapshot))
 
     # -- lifetime -------------------------------------------------------------
     def close(self, why: str = "cancelled") -> None:
