@@ -320,6 +320,7 @@ class LlamaCppAdapter(Adapter):
         self._eog_ids: list[int] | None = None
         self._tokens: list[int] = []  # what the KV cache holds for sequence 0, in order
         self._table: Any = None  # llguidance's tokenizer (grammar_table)
+        self._table_lock = threading.Lock()
         self._masker: concurrent.futures.ThreadPoolExecutor | None = None  # computes masks beside llama_decode
         self._gen = _Generation(self, _Solo(self))  # plain completions: sequence 0, evaluated at once
         self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
@@ -484,12 +485,13 @@ class LlamaCppAdapter(Adapter):
     # -- llguidance: the grammar as a mask on the logits, llama.cpp's chain for the rest ---------------------
     def grammar_table(self) -> Any:
         """llguidance's view of this vocabulary (about a second to build: once per context)."""
-        if self._table is None:
-            from llguidance.llamacpp import lltokenizer_from_vocab
+        with self._table_lock:  # parallel slots may ask at once: build it once
+            if self._table is None:
+                from llguidance.llamacpp import lltokenizer_from_vocab
 
-            with warnings.catch_warnings():  # it reads token attributes through a name llama-cpp-python deprecates
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self._table = lltokenizer_from_vocab(self._vocab, eos_token=self._eog_tokens())
+                with warnings.catch_warnings():  # it reads token attributes through a name llama-cpp-python deprecates
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._table = lltokenizer_from_vocab(self._vocab, eos_token=self._eog_tokens())
         return self._table
 
     def _guide_for(self, s: SamplingParams) -> Guide | None:
