@@ -308,7 +308,9 @@ class LlamaCppAdapter(Adapter):
                 raise err(f"Failed to load model: cannot create a context of {self.n_ctx} tokens" + (f" ({detail})" if detail else ""))
             self._mem = lc.llama_get_memory(self._ctx)
             self.pooling = lc.llama_pooling_type(self._ctx)
-            self.n_ctx = int(lc.llama_n_ctx_seq(self._ctx)) or self.n_ctx  # each sequence's share without kv_unified
+            # Without kv_unified each sequence has n_ctx / n_seq_max cells (llama.cpp pads the total to 256)
+            share = self.n_ctx if unified else self.n_ctx // n_seq
+            self.n_ctx = min(share, int(lc.llama_n_ctx_seq(self._ctx)) or share)
 
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
