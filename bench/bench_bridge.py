@@ -28,10 +28,14 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived"
 THREADS = 2
 
 
-def start_server(folder: str) -> tuple[subprocess.Popen, str]:
+def start_server(folder: str, n_ctx: int = 2048, threads: int = THREADS, parallel: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``llamacompat serve`` on a socket in ``folder`` (the packaged model); with ``parallel``, ``--parallel N``."""
     path = os.path.join(folder, "bench.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "llamacompat.cli", "serve", "--socket", path, "--n-ctx", "2048",
-                             "--param", f"n_threads={THREADS}"], stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "llamacompat.cli", "serve", "--socket", path, "--n-ctx", str(n_ctx),
+               "--param", f"n_threads={threads}"]
+    if parallel is not None:
+        command += ["--parallel", str(parallel)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "serving on" not in line:
         raise SystemExit(f"the server did not start: {line!r}")
