@@ -394,11 +394,27 @@ class LocalSlots:
 
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event, strict: bool,
                    progress: Progress) -> Generator[TokenData, None, CompletionResult]:
-        return self._core.completion_on(self._sequence(progress), params, stop, strict, progress)
+        sequence = self._sequence(progress)
+        try:
+            return (yield from self._core.completion_on(sequence, params, stop, strict, progress))
+        finally:
+            self._done(sequence)
 
     def embedding(self, text: str, params: Mapping[str, Any] | None, progress: Progress) -> EmbeddingResult:
-        return self._core.embedding(text, params, self._sequence(progress))
+        sequence = self._sequence(progress)
+        try:
+            return self._core.embedding(text, params, sequence)
+        finally:
+            self._done(sequence)
 
     def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None,
                progress: Progress) -> list[RerankResult]:
-        return self._core.rerank(query, documents, params, self._sequence(progress))
+        sequence = self._sequence(progress)
+        try:
+            return self._core.rerank(query, documents, params, sequence)
+        finally:
+            self._done(sequence)
+
+    def _done(self, sequence: Adapter) -> None:
+        if self.batch is not None:  # a batch's sequence: the request is over, whether or not it ever ran
+            sequence.close()

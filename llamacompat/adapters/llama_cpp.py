@@ -319,10 +319,10 @@ class LlamaCppAdapter(Adapter):
         self.eos_text = self.token_to_piece(eos).decode("utf-8", "replace") if eos >= 0 else ""
         self._metadata = self._read_metadata()
         self.chat_template = self._metadata.get("tokenizer.chat_template")
+        self._table_lock = threading.Lock()  # the vocabulary scans below run once, even when slots ask at once
         self._eog_ids: list[int] | None = None
         self._tokens: list[int] = []  # what the KV cache holds for sequence 0, in order
         self._table: Any = None  # llguidance's tokenizer (grammar_table)
-        self._table_lock = threading.Lock()
         self._masker: concurrent.futures.ThreadPoolExecutor | None = None  # computes masks beside llama_decode
         self._gen = _Generation(self, _Solo(self))  # plain completions: sequence 0, evaluated at once
         self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
@@ -422,7 +422,9 @@ class LlamaCppAdapter(Adapter):
 
     def _eog_tokens(self) -> list[int]:
         if self._eog_ids is None:
-            self._eog_ids = [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
+            with self._table_lock:  # one scan of the vocabulary (~0.1 s), even when parallel slots ask at once
+                if self._eog_ids is None:
+                    self._eog_ids = [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
         return self._eog_ids
 
     # -- evaluation ---------------------------------------------------------
@@ -487,13 +489,14 @@ class LlamaCppAdapter(Adapter):
     # -- llguidance: the grammar as a mask on the logits, llama.cpp's chain for the rest ---------------------
     def grammar_table(self) -> Any:
         """llguidance's view of this vocabulary (about a second to build: once per context)."""
+        eog = self._eog_tokens()
         with self._table_lock:  # parallel slots may ask at once: build it once
             if self._table is None:
                 from llguidance.llamacpp import lltokenizer_from_vocab
 
                 with warnings.catch_warnings():  # it reads token attributes through a name llama-cpp-python deprecates
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    self._table = lltokenizer_from_vocab(self._vocab, eos_token=self._eog_tokens())
+                    self._table = lltokenizer_from_vocab(self._vocab, eos_token=eog)
         return self._table
 
     def _guide_for(self, s: SamplingParams) -> Guide | None:

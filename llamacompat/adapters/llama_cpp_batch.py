@@ -34,6 +34,9 @@ __all__ = ["BatchEngine", "SequenceAdapter"]
 #: them all), once the first submission is in. A slot resubmits within microseconds; this only bounds the wait
 #: for one that is held up (a long grammar mask), which then joins the next step.
 _GATHER_S = 0.004
+#: How long a step waits for requests that are still being built (chat template, tokens, sampler) before they
+#: claim a slot, so that prompts sent together are evaluated together (time to first token on a GPU).
+_ARRIVING_S = 0.025
 
 
 class _Job:
@@ -55,6 +58,7 @@ class _Slot:
     def __init__(self, engine: "BatchEngine") -> None:
         self._engine = engine
         self.seq: int | None = None  # claimed for one request
+        self._arrived = False
 
     @property
     def tokens(self) -> list[int]:
@@ -64,6 +68,13 @@ class _Slot:
     def claim(self, prompt: list[int] | None) -> None:
         if self.seq is None:
             self.seq = self._engine.claim(prompt)
+            self.arrived()
+
+    def arrived(self) -> None:
+        """Once per request: it has a slot now, or will never claim one."""
+        if not self._arrived:
+            self._arrived = True
+            self._engine.arrived()
 
     def release(self) -> None:
         if self.seq is not None:
@@ -112,6 +123,7 @@ class BatchEngine:
         self._lock = threading.Condition()
         self._jobs: list[_Job] = []  # submitted, in order
         self._claimed = 0  # slots serving a request now
+        self._arriving = 0  # requests given a SequenceAdapter that have not claimed a slot yet
         self._reading = 0  # slots reading their output row of the last decode (no decode until they are done)
         self._busy = False  # a thread is decoding (or running exclusive work) now
         self._closed = False
@@ -120,7 +132,16 @@ class BatchEngine:
 
     # -- what the pool's workers call (through SequenceAdapter) -----------------------------------------------
     def sequence(self, progress: Any = None) -> "SequenceAdapter":
+        """The adapter for one request; it counts as arriving until it claims a slot (or closes)."""
+        with self._lock:
+            self._arriving += 1
         return SequenceAdapter(self, progress)
+
+    def arrived(self) -> None:
+        """A request claimed its slot, or ended without one."""
+        with self._lock:
+            self._arriving = max(0, self._arriving - 1)
+            self._lock.notify_all()
 
     def claim(self, prompt: list[int] | None) -> int:
         """The free slot whose cache shares the longest prefix with ``prompt`` (the least recently used among
@@ -210,9 +231,9 @@ class BatchEngine:
         if self._busy or self._reading or not self._jobs:
             return None
         waiting = self._claimed - len({id(job.slot) for job in self._jobs})
-        if waiting > 0 and not self._closed:  # slots about to submit: let them join this step
+        if (waiting > 0 or self._arriving) and not self._closed:  # let those about to submit join this step
             now = time.monotonic()
-            gather_until = gather_until or now + _GATHER_S
+            gather_until = gather_until or now + (_ARRIVING_S if self._arriving else _GATHER_S)
             if now < gather_until:
                 return gather_until
         return self._plan()
@@ -423,4 +444,5 @@ class SequenceAdapter(Adapter):
         raise GenerationError("clear_cache is not a parallel request")
 
     def close(self) -> None:
-        self._gen.end()
+        """The request is over (LocalSlots closes every sequence it made, whether or not it ran)."""
+        self._slot.arrived()
