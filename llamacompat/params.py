@@ -17,7 +17,7 @@ from .errors import EmbeddingDisabledError, InvalidParamsError, UnsupportedFeatu
 from .models import local_path
 
 __all__ = ["Field", "parse_params", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora",
-           "COMPLETION_FIELDS", "CONTEXT_FIELDS", "CONTEXT_IGNORED", "COMPLETION_IGNORED",
+           "COMPLETION_FIELDS", "STATE_FIELDS", "state_used", "CONTEXT_FIELDS", "CONTEXT_IGNORED", "COMPLETION_IGNORED",
            "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET",
            "completion_params", "init_params", "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
 
@@ -66,6 +66,27 @@ MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: past it llama.cpp aborts, or fai
 REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
 _SEED_MAX = 2**32 - 1
 _INT32_MAX = 2**31 - 1  # llama.rn's native side holds n_predict in an int32
+
+# llama.rn's parallel-only params: one slot's KV cache (llama.cpp's per-sequence state file) loaded before the
+# prompt, saved after it and at the end. Only a parallel request on llama_cpp uses them (local.LocalSlots takes
+# them out first); anywhere else completion_params warns and drops them. Sizes <= 0: every token, as in llama.rn.
+STATE_FIELDS: dict[str, Field] = {
+    "load_state_path": Field((str,), None, nullable=True),
+    "save_state_path": Field((str,), None, nullable=True),
+    "save_prompt_state_path": Field((str,), None, nullable=True),
+    "load_state_size": _int(-1, lambda v: v <= _INT32_MAX, f"an int up to {_INT32_MAX} (<= 0: every token)"),
+    "save_state_size": _int(-1, lambda v: v <= _INT32_MAX, f"an int up to {_INT32_MAX} (<= 0: every token)"),
+}
+
+
+def state_used(p: Mapping[str, Any]) -> list[str]:
+    """The state params of validated completion params ``p`` that ask for something (a path, a size > 0)."""
+    def asks(name: str) -> bool:
+        value: Any = p.get(name)
+        return value > 0 if name.endswith("_size") and isinstance(value, int) else bool(value)
+
+    return [name for name in STATE_FIELDS if asks(name)]
+
 
 COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field((str,), None, nullable=True),
@@ -135,6 +156,7 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "n_threads": _int(0, lambda v: 0 <= v <= MAX_THREADS, f"between 0 and {MAX_THREADS} (0 = the context's)"),
     # llama.rn sends this; the native default is what llamacompat does.
     "emit_partial_completion": _bool(False),
+    **STATE_FIELDS,
 }
 
 # The completion params that also shape get_formatted_chat.
@@ -496,6 +518,14 @@ def completion_params(params: Mapping[str, Any] | None, strict: bool) -> dict[st
     if p["grammar_lazy"] and not p["grammar_triggers"]:
         raise InvalidParamsError("completion: 'grammar_lazy' needs 'grammar_triggers' (where the grammar starts)")
     p["logit_bias"] = normalize_logit_bias(p["logit_bias"])
+    used = state_used(p)
+    if used:  # a parallel slot on llama_cpp took them out before; anywhere else they have nothing to act on
+        names = ", ".join(f"'{name}'" for name in used)
+        verb = "work" if len(used) > 1 else "works"
+        unsupported(strict, f"completion: {names} (a slot's per-sequence state) {verb} in ctx.parallel.completion "
+                            "only, on a llama_cpp context (or a bridge server running one with --parallel); ignored")
+    for name in STATE_FIELDS:
+        p[name] = STATE_FIELDS[name].default
     return p
 
 

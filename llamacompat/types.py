@@ -233,6 +233,12 @@ class CompletionParams(FormattedChatParams, total=False):
     n_threads: int
     thinking_budget_tokens: int
     thinking_budget_message: Union[str, None]
+    # llama.rn's parallel-only params (ctx.parallel.completion on llama_cpp; warned about anywhere else)
+    load_state_path: Union[str, None]
+    save_state_path: Union[str, None]
+    save_prompt_state_path: Union[str, None]
+    load_state_size: int  # <= 0: every token of the file
+    save_state_size: int  # <= 0: every evaluated token
 
 
 class TokenizeParams(TypedDict, total=False):
