@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Generator, Literal, Mapping
 
 import numpy as np
@@ -30,6 +31,7 @@ from .grammars.triggers import parse_triggers
 from .models import local_path
 from .parallel.slots import Progress, Slots
 from .sessions import check_identity, read_sidecar, save_with_sidecar
+from .sessions.sidecar import SUFFIX as SIDECAR_SUFFIX
 from .text_stream import Parse, stopped_before_prompt
 from .types import (
     CompletionResult,
@@ -41,7 +43,7 @@ from .types import (
     TokenizeResult,
 )
 
-__all__ = ["LocalCore", "LocalSlots", "session_path", "file_name"]
+__all__ = ["LocalCore", "LocalSlots", "StateFiles", "take_state", "session_path", "file_name"]
 
 
 def _caps(source: str | None) -> dict[str, bool] | None:
@@ -82,6 +84,51 @@ def file_name(path: str, what: str) -> str:
         raise InvalidParamsError(f"{what}: the path {path!r} holds a lone surrogate, which no file name can hold "
                                  "(this file system takes UTF-8 names)") from None
     return path
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """llama.rn's per-sequence state params of one parallel request, checked: the paths as the OS takes them
+    (``file://`` stripped), None where none is named; sizes <= 0 mean every token."""
+
+    load_path: str | None = None
+    save_path: str | None = None
+    save_prompt_path: str | None = None
+    load_size: int = -1
+    save_size: int = -1
+
+
+def take_state(params: Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, StateFiles | None]:
+    """Split llama.rn's state params (``params.STATE_FIELDS``) off a parallel request's ``params``: the rest, and
+    the checked state files (None when no path is named). Bad values raise ``InvalidParamsError``; a save target
+    that cannot be written (a folder, a missing folder, a sidecar's name) raises ``SessionError`` now, before any
+    work is done."""
+    if not isinstance(params, Mapping) or not any(key in params for key in P.STATE_FIELDS):
+        return params, None  # (a params that is no dict is the core's to refuse)
+    p = P.validate({key: params[key] for key in P.STATE_FIELDS if key in params}, P.STATE_FIELDS, "completion")
+    rest = {key: value for key, value in params.items() if key not in P.STATE_FIELDS}
+    paths: dict[str, str | None] = {}
+    for key in ("load_state_path", "save_state_path", "save_prompt_state_path"):
+        value = p[key]
+        paths[key] = session_path(value, f"completion: '{key}'") if value else None  # "" names none (llama.rn)
+        if value and key != "load_state_path":
+            _check_save_target(paths[key] or "", key)
+    if not any(paths.values()):
+        return rest, None
+    return rest, StateFiles(paths["load_state_path"], paths["save_state_path"], paths["save_prompt_state_path"],
+                            p["load_state_size"], p["save_state_size"])
+
+
+def _check_save_target(path: str, key: str) -> None:
+    where = f"completion: '{key}'"
+    if path.lower().endswith(SIDECAR_SUFFIX):
+        raise SessionError(f"{where}: {path} ends in '{SIDECAR_SUFFIX}', the name of a state file's sidecar; "
+                           "pick another name")
+    if os.path.isdir(path):
+        raise SessionError(f"{where}: {path} is a folder; pass a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SessionError(f"{where}: the folder {folder} does not exist; create it first")
 
 
 class LocalCore:
@@ -394,11 +441,22 @@ class LocalSlots:
 
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event, strict: bool,
                    progress: Progress) -> Generator[TokenData, None, CompletionResult]:
-        sequence = self._sequence(progress)
+        if self.batch is None:  # requests take turns on one sequence: the state params warn (completion_params)
+            return (yield from self._core.completion_on(self._core.adapter, params, stop, strict, progress))
+        # a batch's sequence, with its state files (llama.rn's load/save_state_path): the slot loads and saves them,
+        # and keeps its sequence until ``finish`` has saved what the request asks
+        params, state = take_state(params)
+        sequence = self.batch.sequence(progress, state)
+        finished: CompletionResult | None = None  # stays None when the request fails or is closed
         try:
-            return (yield from self._core.completion_on(sequence, params, stop, strict, progress))
+            result = yield from self._core.completion_on(sequence, params, stop, strict, progress)
+            finished = result
         finally:
-            self._done(sequence)
+            try:
+                sequence.finish(finished)
+            finally:
+                self._done(sequence)
+        return result
 
     def embedding(self, text: str, params: Mapping[str, Any] | None, progress: Progress) -> EmbeddingResult:
         sequence = self._sequence(progress)

@@ -13,6 +13,8 @@ are about to submit (a moment, ``_GATHER_S``), so that one decode serves them al
 the set decodes it (there is no scheduler thread to hop through). A request goes to the free slot
 whose cached tokens share the longest prefix with its prompt (prefix reuse: ``cache_n``). A decode failure
 fails the requests in that batch alone; stopping or finishing one request touches no other slot's cache.
+A request may load its slot from a state file and save it (llama.rn's ``load_state_path`` and the others:
+``llama_cpp_state``), between steps, before its prompt, after it and at its end.
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..errors import ContextFullError, GenerationError, LlamaError
+from ..errors import ContextFullError, GenerationError, LlamaError, compat_warning
+from . import llama_cpp_state as state_files
 from .base import Adapter, Interrupted, SamplingParams
 from .llama_cpp import LlamaCppAdapter, _Generation, _native_detail, lc
+
+if TYPE_CHECKING:
+    from ..local import StateFiles
+    from ..types import CompletionResult
 
 __all__ = ["BatchEngine", "SequenceAdapter"]
 
@@ -94,6 +101,19 @@ class _Slot:
         self._engine.row_read()
 
 
+class _StateSlot(_Slot):
+    """A slot that, while ``held``, stays its request's after ``end`` until the request's state is saved
+    (``SequenceAdapter.finish``): no other request may claim the sequence before it is written."""
+
+    def __init__(self, engine: "BatchEngine") -> None:
+        super().__init__(engine)
+        self.held = False
+
+    def release(self) -> None:
+        if not self.held:
+            super().release()
+
+
 class BatchEngine:
     """The slots of one llama.cpp context in parallel mode, and the scheduler thread that decodes them."""
 
@@ -131,11 +151,12 @@ class BatchEngine:
         self.steps = 0  # decodes run
 
     # -- what the pool's workers call (through SequenceAdapter) -----------------------------------------------
-    def sequence(self, progress: Any = None) -> "SequenceAdapter":
-        """The adapter for one request; it counts as arriving until it claims a slot (or closes)."""
+    def sequence(self, progress: Any = None, state: "StateFiles | None" = None) -> "SequenceAdapter":
+        """The adapter for one request (``state``: the files it loads and saves, llama.rn's load_state_path and
+        the others); it counts as arriving until it claims a slot (or closes)."""
         with self._lock:
             self._arriving += 1
-        return SequenceAdapter(self, progress)
+        return SequenceAdapter(self, progress, state)
 
     def arrived(self) -> None:
         """A request claimed its slot, or ended without one."""
@@ -353,11 +374,16 @@ class SequenceAdapter(Adapter):
 
     name = "llama_cpp"
 
-    def __init__(self, engine: BatchEngine, progress: Any = None) -> None:
+    def __init__(self, engine: BatchEngine, progress: Any = None, state: "StateFiles | None" = None) -> None:
         parent = engine.adapter
         self._engine, self._parent, self._progress = engine, parent, progress
-        self._slot = _Slot(engine)
+        self._slot = _StateSlot(engine)
         self._gen = _Generation(parent, self._slot)
+        # llama.rn's per-sequence state: the slot is kept until finish() has saved what the request asks
+        self._state = state
+        self._slot.held = state is not None and bool(state.save_path or state.save_prompt_path)
+        self._prompt_pending = state is not None and bool(state.save_prompt_path)  # the prompt's state, to save
+        self._prompt: list[int] | None = None  # the prompt once it is evaluated
         self.n_ctx, self.n_vocab, self.n_embd = engine.n_ctx_slot, parent.n_vocab, parent.n_embd
         self.add_bos, self.bos_text, self.eos_text = parent.add_bos, parent.bos_text, parent.eos_text
         self.chat_template, self.capabilities = parent.chat_template, parent.capabilities
@@ -383,22 +409,79 @@ class SequenceAdapter(Adapter):
         return self._parent.is_eog(token)
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
+        state = self._state
+        if state is not None and state.load_path:
+            self._load(state.load_path, state.load_size, prompt)
         cached = self._gen.begin(prompt, sampling, stop)
+        self._prompt = list(prompt)
         if self._progress is not None:
             self._progress.generating()
         return cached
 
     def next_token(self) -> int:
         token = self._gen.next_token()
+        if self._prompt_pending:
+            self._save_prompt()
         if self._progress is not None:
             self._progress.token()
         return token
 
     def force_token(self, token: int) -> int:
         forced = self._gen.force_token(token)
+        if self._prompt_pending:
+            self._save_prompt()
         if self._progress is not None:
             self._progress.token()
         return forced
+
+    # -- llama.rn's per-sequence state (load_state_path, save_prompt_state_path, save_state_path) -------------
+    def _load(self, path: str, size: int, prompt: list[int]) -> None:
+        """Before the prompt: the checked file into this request's slot (the one whose cache is most like it),
+        whose tokens then count as cached, so the prompt's shared prefix is reused."""
+        engine, slot = self._engine, self._slot
+        state = state_files.read_checked(engine, path)  # no slot is touched by a file that fails its checks
+        slot.claim(state.tokens or prompt)
+        assert slot.seq is not None
+        state_files.load(engine, slot.seq, state, size)
+
+    def _save_prompt(self) -> None:
+        """Once the prompt is evaluated and before any generated token is (the first draw leaves it pending):
+        the slot's state with the prompt's tokens listed."""
+        self._prompt_pending = False
+        state, seq, prompt = self._state, self._slot.seq, self._prompt
+        if state is None or state.save_prompt_path is None or seq is None or prompt is None:
+            return  # (the prompt was not evaluated: stopped or failed before)
+        state_files.save(self._engine, seq, state.save_prompt_path, len(prompt), "completion: 'save_prompt_state_path'")
+
+    def finish(self, result: "CompletionResult | None") -> None:
+        """After the request, holding its slot still: the prompt's state if no token was drawn, and the final
+        state when the completion ended on its own (an end of generation, a stop word, n_predict; not when it
+        was interrupted, ran out of context or failed: ``result`` None), as llama.rn saves it. Then the slot is
+        free."""
+        slot, state = self._slot, self._state
+        try:
+            if slot.seq is not None and state is not None:
+                if self._prompt_pending:
+                    self._save_prompt()
+                if (state.save_path is not None and result is not None and not result["interrupted"]
+                        and not result["context_full"]):
+                    self._save_final(slot.seq, state.save_path, state.save_size)
+        finally:
+            slot.held = False
+            slot.release()
+
+    def _save_final(self, seq: int, path: str, size: int) -> None:
+        """The tokens the slot evaluated (the prompt and all generated tokens but the last, which is never
+        evaluated), the first ``size`` of them where it is > 0."""
+        engine = self._engine
+        n = len(engine.cached[seq])
+        if 0 < size < n:
+            if state_files.can_cut(engine):
+                n = size
+            else:  # llama.rn: a recurrent state holds every position, so the file lists them all
+                compat_warning(f"completion: 'save_state_size' {size} is ignored: this model's memory cannot be "
+                               f"cut (recurrent or hybrid); all {n} tokens are saved")
+        state_files.save(engine, seq, path, n, "completion: 'save_state_path'")
 
     def top_probs(self, n: int) -> list[tuple[int, float]]:
         return self._gen.top_probs(n)

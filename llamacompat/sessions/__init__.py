@@ -2,6 +2,7 @@
 
 from .atomic import atomic_write, atomic_write_bytes
 from .ggsn import SessionHeader, check_header, read_header
+from .ggsq import SeqStateHeader, check_seq_header, parse_seq_header, read_seq_header
 from .sidecar import check_identity, file_crc32, read_sidecar, save_with_sidecar, sidecar_path
 
 __all__ = [
@@ -10,6 +11,10 @@ __all__ = [
     "SessionHeader",
     "read_header",
     "check_header",
+    "SeqStateHeader",
+    "read_seq_header",
+    "parse_seq_header",
+    "check_seq_header",
     "read_sidecar",
     "save_with_sidecar",
     "check_identity",
