@@ -68,6 +68,7 @@ def read_checked(engine: "BatchEngine", path: str) -> StateFile:
             size = os.fstat(f.fileno()).st_size
             data = bytearray(_HEADROOM + size)
             got = f.readinto(memoryview(data)[_HEADROOM:])
+        del data[_HEADROOM + got:]  # (a file that shrank while it was read)
     except SessionError as err:
         raise _reworded(err, what) from None
     except OSError as err:
