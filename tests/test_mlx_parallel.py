@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 from llamacompat import init_llama  # noqa: E402
-from llamacompat.errors import ContextFullError, GrammarError  # noqa: E402
+from llamacompat.errors import ContextFullError, GenerationError, GrammarError  # noqa: E402
 
 PROMPTS = ["The capital of France is", "List three colours:", "Once upon a time", "2 + 2 ="]
 
@@ -145,3 +145,42 @@ def test_a_slot_reuses_the_prefix_it_holds(par):
     second = par.parallel.completion(greedy(prefix + "what is blue?", 3)).promise.result(120)
     assert first["timings"]["cache_n"] == 0
     assert second["timings"]["cache_n"] >= len(prefix) // 6
+
+
+def test_stop_ends_a_long_prompt_between_chunks(model_path):
+    with init_llama({"backend": "mlx", "model": model_path, "n_ctx": 8192, "n_parallel": 2, "n_batch": 32}) as ctx:
+        ctx.parallel.enable({"n_parallel": 2, "n_batch": 32})
+        long = ctx.parallel.completion({"prompt": "word " * 2000, "n_predict": 4})
+        while ctx.parallel.get_status()["requests"][0]["state"] != "processing_prompt":
+            time.sleep(0.01)
+        long.stop()
+        result = long.promise.result(60)
+        assert result["interrupted"] and result["tokens_predicted"] == 0
+        after = ctx.parallel.completion(greedy(PROMPTS[0], 4)).promise.result(120)  # the batch goes on
+        assert after["tokens_predicted"] == 4
+
+
+def test_a_failed_step_fails_its_batch_and_the_next_request_works(par, monkeypatch):
+    batch = par.parallel._pool.slots.batch
+    generator = batch._generator
+    real = generator.next
+
+    def fails_once():
+        monkeypatch.setattr(generator, "next", real)
+        raise RuntimeError("a failing kernel")
+
+    monkeypatch.setattr(generator, "next", fails_once)
+    with pytest.raises(GenerationError, match="failed while decoding the batch: a failing kernel"):
+        par.parallel.completion(greedy(PROMPTS[0], 4)).promise.result(120)
+    assert batch._generator is not generator  # a fresh generator serves what follows
+    assert par.parallel.completion(greedy(PROMPTS[1], 4)).promise.result(120)["tokens_predicted"] == 4
+
+
+def test_parallel_embeddings_equal_plain_ones(model_path):
+    with init_llama({"backend": "mlx", "model": model_path, "n_ctx": 1024, "n_parallel": 2, "embedding": True}) as ctx:
+        plain = ctx.embedding("The sky is blue.")["embedding"]
+        ctx.parallel.enable({"n_parallel": 2})
+        request = ctx.parallel.embedding("The sky is blue.", {})
+        beside = ctx.parallel.completion(greedy(PROMPTS[0], 4))
+        assert request.promise.result(120)["embedding"] == pytest.approx(plain, abs=1e-5)
+        assert beside.promise.result(120)["tokens_predicted"] == 4

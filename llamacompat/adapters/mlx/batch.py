@@ -263,7 +263,7 @@ class MlxBatch:
     def _remove(self, request: _Request, error: BaseException | None) -> None:
         """Take the request out of the generator; its slot keeps the cache it leaves."""
         cache, tokens = None, []
-        if request.uid in self._live:
+        if self._live.get(request.uid) is request:  # uids start again at 0 in a generator made after a failure
             del self._live[request.uid]
             extracted = self._generator.remove([request.uid], return_prompt_caches=True)
             if request.uid in extracted:
