@@ -113,6 +113,7 @@ class MlxAdapter(Adapter):
         self._n_logits = int(model.model.embed_tokens.weight.shape[0])
         self._eog = vocab.eog
         self._table: LLTokenizer | None = None  # llguidance's tokenizer, built on the first grammar
+        self._table_lock = threading.Lock()
         self._cache = make_prompt_cache(model)
         self._lora_files: dict[str, Any] = {}  # path -> read_lora(path)
         self._lora_bases: dict[str, Any] = {}  # module path -> the layer a LoRA stack wraps
@@ -129,7 +130,7 @@ class MlxAdapter(Adapter):
             "embedding": "native" if self.embedding_enabled else "missing", "bench": "native",
             "rerank": "emulated" if self.embedding_enabled else "missing", "lora": "emulated",
             "interrupt_prompt": "native", "chat_template": "emulated", "session": "native", "prefix_cache": "native",
-            "parallel": "emulated",  # requests take turns on the one sequence (no BatchGenerator here yet)
+            "parallel": "native",  # requests decoded together by mlx-lm's BatchGenerator (batch.py)
         })
 
     def _warm_up(self) -> None:
@@ -171,15 +172,7 @@ class MlxAdapter(Adapter):
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         self._handed = False
-        grammar = None
-        if sampling.grammar is not None:  # grammar errors before any work
-            if self._table is None:
-                self._table = token_table(self._vocab, self._eog)
-            guide = Guide(self._table, sampling.grammar, self._n_logits, lazy=sampling.grammar_lazy,
-                          triggers=sampling.grammar_triggers, piece=self.token_to_piece,
-                          tokenize=lambda text: self._vocab.encode(text, False))
-            grammar = GrammarMask(guide, self._n_logits, sampling.banned(self._eog), self._eog)
-            self.last_guide = guide  # for bench/bench_grammar.py's figures
+        grammar = self.grammar_mask(sampling)  # grammar errors before any work
         with self._failures("evaluating the prompt"):
             if sampling.seed >= 0:
                 mx.random.seed(sampling.seed)
@@ -193,6 +186,19 @@ class MlxAdapter(Adapter):
                 raise
         self._steps = self._run(first, chain)
         return reuse
+
+    def grammar_mask(self, sampling: SamplingParams) -> GrammarMask | None:
+        """The request's grammar as a logits mask (None without one); a bad grammar raises here."""
+        if sampling.grammar is None:
+            return None
+        with self._table_lock:  # parallel requests may ask at once: llguidance's table is built once
+            if self._table is None:
+                self._table = token_table(self._vocab, self._eog)
+        guide = Guide(self._table, sampling.grammar, self._n_logits, lazy=sampling.grammar_lazy,
+                      triggers=sampling.grammar_triggers, piece=self.token_to_piece,
+                      tokenize=lambda text: self._vocab.encode(text, False))
+        self.last_guide = guide  # for bench/bench_grammar.py's figures
+        return GrammarMask(guide, self._n_logits, sampling.banned(self._eog), self._eog)
 
     def _rewind(self, keep: int) -> None:
         if keep < len(self._tokens):
@@ -265,6 +271,12 @@ class MlxAdapter(Adapter):
     @property
     def n_past(self) -> int:
         return len(self._tokens)
+
+    def open_batch(self, n_parallel: int, n_batch: int) -> Any:
+        from .batch import MlxBatch  # mlx-lm's batched generation, loaded only for parallel mode
+
+        self.end()
+        return MlxBatch(self, n_parallel, n_batch)
 
     def set_lora(self, adapters: list[tuple[str, float]]) -> None:
         files = [path for path, _ in adapters]

@@ -40,8 +40,10 @@ class Sampling:
     """One completion's logits processing and token draw; ``process`` then ``sample`` at every step."""
 
     def __init__(self, s: SamplingParams, n_vocab: int, n_ctx: int, eog: Iterable[int], history: list[int],
-                 grammar: Mask | None = None) -> None:
+                 grammar: Mask | None = None, key: mx.array | None = None) -> None:
         self._grammar = grammar
+        # A request's own random stream (parallel mode: MLX's global one is shared by every row of the batch)
+        self._key = key
         bias = dict(s.logit_bias)
         if s.ignore_eos:
             bias.update(dict.fromkeys(eog, -float("inf")))
@@ -55,7 +57,7 @@ class Sampling:
         self._window = mx.array(history[-self._last_n:] if self._last_n else [], dtype=mx.int32)
         self._s = s
         self._n_vocab = n_vocab
-        self._draw = self._chain(s, n_vocab)
+        self._draw = self._chain(s, n_vocab, self._split)
 
     def process(self, logits: Logits, token: mx.array | None) -> Logits:
         """Apply bias, penalties and grammar; ``token`` is the one just sampled (None after the prompt)."""
@@ -69,6 +71,13 @@ class Sampling:
 
     def sample(self, logits: Logits) -> mx.array:
         return self._draw(logits)
+
+    def _split(self) -> mx.array | None:
+        """The key for one draw: None (MLX's global random state) unless this request has its own stream."""
+        if self._key is None:
+            return None
+        self._key, step = mx.random.split(self._key)
+        return step
 
     def check(self) -> None:
         """Raise the grammar's ``NoTokenAllowed`` when the last processed step left nothing to draw."""
@@ -89,7 +98,7 @@ class Sampling:
         return logits - counts * s.penalty_freq - seen.astype(mx.float32) * s.penalty_present
 
     @staticmethod
-    def _chain(s: SamplingParams, n_vocab: int) -> Callable[[Logits], mx.array]:
+    def _chain(s: SamplingParams, n_vocab: int, key: Callable[[], mx.array | None]) -> Callable[[Logits], mx.array]:
         if s.temperature <= 0:
             return lambda logits: mx.argmax(logits, axis=-1)
         filters: list[Callable[[mx.array], mx.array]] = []
@@ -108,7 +117,10 @@ class Sampling:
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             for keep in filters:
                 logprobs = keep(logprobs)
-            return categorical_sampling(logprobs, s.temperature)
+            step = key()
+            if step is None:
+                return categorical_sampling(logprobs, s.temperature)
+            return mx.random.categorical(logprobs * (1 / s.temperature), key=step)
 
         return draw
 
