@@ -441,8 +441,14 @@ class LocalSlots:
 
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event, strict: bool,
                    progress: Progress) -> Generator[TokenData, None, CompletionResult]:
-        if self.batch is None:  # requests take turns on one sequence: the state params warn (completion_params)
-            return (yield from self._core.completion_on(self._core.adapter, params, stop, strict, progress))
+        if self.batch is None or not getattr(self.batch, "state_files", False):
+            # requests take turns on one sequence, or the batch keeps no state files: the state params warn
+            # (completion_params)
+            sequence = self._sequence(progress)
+            try:
+                return (yield from self._core.completion_on(sequence, params, stop, strict, progress))
+            finally:
+                self._done(sequence)
         # a batch's sequence, with its state files (llama.rn's load/save_state_path): the slot loads and saves them,
         # and keeps its sequence until ``finish`` has saved what the request asks
         params, state = take_state(params)

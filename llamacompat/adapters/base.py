@@ -365,6 +365,8 @@ class Adapter(ABC):
         """Parallel mode: an object whose ``sequence(progress)`` gives a fresh ``Adapter`` for one request on one
         of ``n_parallel`` sequences decoded together (``n_batch`` tokens a step), and whose ``close()`` ends it;
         None (the default) where the runtime runs one sequence, so parallel requests take turns on this adapter.
+        A batch with ``state_files = True`` also takes llama.rn's per-sequence state files: ``sequence(progress,
+        state)``, and ``finish(result)`` on the sequence after the request (llama_cpp_batch's ``BatchEngine``).
         While it is open, the context calls nothing else of this adapter that needs the model."""
         return None
 

@@ -115,7 +115,10 @@ class _StateSlot(_Slot):
 
 
 class BatchEngine:
-    """The slots of one llama.cpp context in parallel mode, and the scheduler thread that decodes them."""
+    """The slots of one llama.cpp context in parallel mode, decoded together."""
+
+    #: its sequences load and save llama.rn's per-sequence state files (``sequence(progress, state)``, ``finish``)
+    state_files = True
 
     def __init__(self, adapter: LlamaCppAdapter, n_parallel: int, n_batch: int) -> None:
         self.adapter = adapter
