@@ -251,8 +251,10 @@ class BatchEngine:
 
     def _ready(self, gather_until: float) -> list[tuple[_Job, int, int]] | float | None:
         """Under the lock: the batch to decode now, a time to wait until for more submissions, or None (wait)."""
+        if self._busy:  # a decode is running: its jobs are not to be touched until it settles
+            return None
         self._fail_stopped()
-        if self._busy or self._reading or not self._jobs:
+        if self._reading or not self._jobs:
             return None
         waiting = self._claimed - len({id(job.slot) for job in self._jobs})
         if (waiting > 0 or self._arriving) and not self._closed:  # let those about to submit join this step
