@@ -24,7 +24,7 @@ from ..errors import GenerationError, InvalidParamsError, LlamaError, OutOfMemor
 from ..grammars.triggers import Trigger
 from ..params import Field
 
-__all__ = ["Adapter", "Capabilities", "Feature", "FEATURES", "SUPPORT", "check_features", "Interrupted", "NoTokenAllowed",
+__all__ = ["Adapter", "BatchSequence", "Capabilities", "Feature", "FEATURES", "SUPPORT", "check_features", "Interrupted", "NoTokenAllowed",
            "SamplingParams", "Support", "reusable_prefix", "MAX_BENCH_ROUNDS", "RUNTIME_FAILURES",
            "END_OF_RUN", "default_threads"]
 
@@ -498,3 +498,35 @@ class Adapter(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the model and context. Idempotent."""
+
+
+class BatchSequence(Adapter):
+    """The base of the adapter one parallel request runs on (``open_batch(...).sequence()``): what belongs to the
+    model (the vocabulary, its facts, capabilities) comes from the context's adapter ``parent``; the subclass does
+    the generation on its slot, whose room is ``n_ctx``."""
+
+    def __init__(self, parent: Adapter, n_ctx: int) -> None:
+        self._parent = parent
+        self.n_ctx, self.n_vocab, self.n_embd = n_ctx, parent.n_vocab, parent.n_embd
+        self.add_bos, self.bos_text, self.eos_text = parent.add_bos, parent.bos_text, parent.eos_text
+        self.chat_template, self.capabilities = parent.chat_template, parent.capabilities
+        self.fixed_sampling = parent.fixed_sampling
+
+    @classmethod
+    def load(cls, params: dict[str, Any], on_progress: Callable[[float], bool] | None) -> "BatchSequence":
+        raise TypeError("a parallel request's adapter comes from open_batch(...).sequence(), not from load")
+
+    def model_info(self) -> dict[str, Any]:
+        return self._parent.model_info()
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self._parent.tokenize(text, add_special)
+
+    def token_to_piece(self, token: int) -> bytes:
+        return self._parent.token_to_piece(token)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._parent.detokenize(tokens)
+
+    def is_eog(self, token: int) -> bool:
+        return self._parent.is_eog(token)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ContextFullError, GenerationError, LlamaError, compat_warning
 from . import llama_cpp_state as state_files
-from .base import Adapter, Interrupted, SamplingParams
+from .base import BatchSequence, Interrupted, SamplingParams
 from .llama_cpp import LlamaCppAdapter, _Generation, _native_detail, lc
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ class BatchEngine:
         lc.llama_batch_free(self._batch)
 
 
-class SequenceAdapter(Adapter):
+class SequenceAdapter(BatchSequence):
     """The adapter one parallel request runs on: llama_cpp's per-sequence steps over one slot of the batch;
     everything about the vocabulary comes from the context's adapter."""
 
@@ -381,7 +381,9 @@ class SequenceAdapter(Adapter):
 
     def __init__(self, engine: BatchEngine, progress: Any = None, state: "StateFiles | None" = None) -> None:
         parent = engine.adapter
-        self._engine, self._parent, self._progress = engine, parent, progress
+        super().__init__(parent, engine.n_ctx_slot)
+        self._parent: LlamaCppAdapter = parent
+        self._engine, self._progress = engine, progress
         self._slot = _StateSlot(engine)
         self._gen = _Generation(parent, self._slot)
         # llama.rn's per-sequence state: the slot is kept until finish() has saved what the request asks
@@ -389,29 +391,6 @@ class SequenceAdapter(Adapter):
         self._slot.held = state is not None and bool(state.save_path or state.save_prompt_path)
         self._prompt_pending = state is not None and bool(state.save_prompt_path)  # the prompt's state, to save
         self._prompt: list[int] | None = None  # the prompt once it is evaluated
-        self.n_ctx, self.n_vocab, self.n_embd = engine.n_ctx_slot, parent.n_vocab, parent.n_embd
-        self.add_bos, self.bos_text, self.eos_text = parent.add_bos, parent.bos_text, parent.eos_text
-        self.chat_template, self.capabilities = parent.chat_template, parent.capabilities
-        self.fixed_sampling = parent.fixed_sampling
-
-    @classmethod
-    def load(cls, params: dict[str, Any], on_progress: Callable[[float], bool] | None) -> "SequenceAdapter":
-        raise TypeError("a SequenceAdapter comes from BatchEngine.sequence(), not from load")
-
-    def model_info(self) -> dict[str, Any]:
-        return self._parent.model_info()
-
-    def tokenize(self, text: str, add_special: bool) -> list[int]:
-        return self._parent.tokenize(text, add_special)
-
-    def token_to_piece(self, token: int) -> bytes:
-        return self._parent.token_to_piece(token)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self._parent.detokenize(tokens)
-
-    def is_eog(self, token: int) -> bool:
-        return self._parent.is_eog(token)
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         state = self._state

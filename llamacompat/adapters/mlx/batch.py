@@ -36,7 +36,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
 
 from ...errors import ContextFullError, GenerationError
-from ..base import Adapter, Interrupted, NoTokenAllowed, SamplingParams, reusable_prefix
+from ..base import BatchSequence, Interrupted, NoTokenAllowed, SamplingParams, reusable_prefix
 from .sampling import Sampling
 
 if TYPE_CHECKING:
@@ -377,39 +377,18 @@ def _top(logits: mx.array, n: int) -> list[tuple[int, float]]:
     return [(int(t), float(p)) for t, p in zip(ids, values, strict=True)]
 
 
-class SequenceAdapter(Adapter):
+class SequenceAdapter(BatchSequence):
     """The adapter one parallel request runs on: a row of the batch; the vocabulary is the model adapter's."""
 
     name = "mlx"
 
     def __init__(self, batch: MlxBatch, progress: Any = None) -> None:
         parent = batch.adapter
-        self._batch, self._parent, self._progress = batch, parent, progress
+        super().__init__(parent, batch.n_ctx_slot)
+        self._parent: MlxAdapter = parent
+        self._batch, self._progress = batch, progress
         self._request: _Request | None = None
         self._top: list[tuple[int, float]] = []
-        self.n_ctx, self.n_vocab, self.n_embd = batch.n_ctx_slot, parent.n_vocab, parent.n_embd
-        self.add_bos, self.bos_text, self.eos_text = parent.add_bos, parent.bos_text, parent.eos_text
-        self.chat_template, self.capabilities = parent.chat_template, parent.capabilities
-        self.fixed_sampling = parent.fixed_sampling
-
-    @classmethod
-    def load(cls, params: dict[str, Any], on_progress: Callable[[float], bool] | None) -> "SequenceAdapter":
-        raise TypeError("a SequenceAdapter comes from MlxBatch.sequence(), not from load")
-
-    def model_info(self) -> dict[str, Any]:
-        return self._parent.model_info()
-
-    def tokenize(self, text: str, add_special: bool) -> list[int]:
-        return self._parent.tokenize(text, add_special)
-
-    def token_to_piece(self, token: int) -> bytes:
-        return self._parent.token_to_piece(token)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self._parent.detokenize(tokens)
-
-    def is_eog(self, token: int) -> bool:
-        return self._parent.is_eog(token)
 
     def begin(self, prompt: list[int], sampling: SamplingParams, stop: threading.Event) -> int:
         parent = self._parent
