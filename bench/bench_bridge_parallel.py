@@ -36,18 +36,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bench_bridge import start_server
+from bench_parallel import PROMPTS  # the same distinct prompts as the in-process bench
 
 from llamacompat import init_llama
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.", "List five uses for a paperclip.",
-    "Explain photosynthesis to a child.", "What is the capital of Australia and why?",
-    "Describe a sunset over the ocean.", "Give three tips for learning to cook.",
-    "Why is the sky blue?", "Name some famous bridges and where they are.",
-    "How do bees make honey?", "Write a haiku about autumn leaves.", "What makes a good friend?",
-    "Summarise the rules of chess.", "Describe the water cycle.", "What is a black hole?",
-    "Suggest a name for a bakery.", "How does a bicycle stay upright?",
-]
 SERVERS = ("fifo", "parallel")
 TTFT_TARGET, THROUGHPUT_TARGET = 0.25, 0.9
 
