@@ -165,7 +165,12 @@ def test_interrupted_prompt_keeps_the_cache_consistent():
         box = {}
         worker = threading.Thread(target=lambda: box.update(r=ctx.completion({"prompt": prompt_b, "n_predict": 4})))
         worker.start()
-        time.sleep(0.2)
+        # stop once the new part has begun (a fixed sleep raced the first batch on a slow 2-core CI machine)
+        beta = ctx.tokenize(" beta")["tokens"][-1]
+        cached = ctx._core.adapter._tokens  # the adapter's record of its KV cache, grown batch by batch
+        deadline = time.monotonic() + 30
+        while cached.count(beta) < 32 and time.monotonic() < deadline:
+            time.sleep(0.002)
         ctx.stop_completion()
         worker.join(10)
         interrupted = box["r"]
