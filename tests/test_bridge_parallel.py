@@ -394,3 +394,33 @@ def test_sigterm_settles_running_and_queued_requests(tmp_path):
     assert "result" in final or final["error"]["code"] == "context_released", final
     holder.conn.close()
     waiting.close()
+
+
+def test_each_client_keeps_its_own_strict_flag_and_warnings(served):
+    """Pooled requests carry their client's strict flag and warning sink (Pool.submit's strict/warn)."""
+    import warnings
+
+    from llamacompat.errors import LlamaCompatWarning, UnsupportedFeatureError
+
+    ignored = {**SHORT, "chat_format": 3}  # a key llamacompat ignores: a warning, or an error under strict
+    with init_llama({"backend": "bridge", "socket": served.socket}) as lenient, \
+            init_llama({"backend": "bridge", "socket": served.socket, "strict": True}) as strict:
+        box: dict = {}
+
+        def refused():
+            try:
+                strict.completion(ignored)
+            except UnsupportedFeatureError as err:
+                box["error"] = err
+
+        other = threading.Thread(target=refused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            other.start()
+            result = lenient.completion(ignored)
+            other.join(30)
+        assert result["tokens_predicted"] == 4
+        assert "chat_format" in str(box["error"].detail)
+        ours = [str(w.message) for w in caught if w.category is LlamaCompatWarning]
+        assert ours == ["completion: 'chat_format' is ignored (llamacompat derives it from the chat template of "
+                        "'messages')"], "the lenient client gets its warning once; the strict one's error is not one"

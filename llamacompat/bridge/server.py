@@ -551,14 +551,14 @@ class BridgeServer:
         """
         call = CALLS[method]
         args = [self._on_server(method, name, params.get(name, call.defaults.get(name))) for name in call.args]
-        ask = par.Ask(args.pop(), strict, self._warning_sink(job))  # each of the three takes its params last
         on_token = None if emit is None else (lambda _request_id, event: emit(event))
         while True:
             pool = self._pool
             if pool is None:
                 raise ModelLoadError(_NO_MODEL)
             try:
-                job.request = pool.submit(cast(RequestKind, method), (*args, ask), on_token)
+                job.request = pool.submit(cast(RequestKind, method), tuple(args), on_token, strict=strict,
+                                          warn=self._warning_sink(job))
                 return job.request.promise
             except ContextBusyError:
                 if self._pool is pool:  # its queue is full

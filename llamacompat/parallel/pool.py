@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
@@ -20,7 +21,7 @@ import queue
 import threading
 from typing import Any, Callable
 
-from ..errors import ContextBusyError, RequestCancelledError
+from ..errors import ContextBusyError, RequestCancelledError, warnings_to
 from ..text_stream import stopped_before_prompt
 from ..types import TokenData
 from .slots import Progress, RequestKind, Slots
@@ -65,11 +66,12 @@ class Subscription:
 
 
 class _Request:
-    __slots__ = ("kind", "args", "on_token", "stop", "future", "progress", "callback_error")
+    __slots__ = ("kind", "args", "on_token", "strict", "warn", "stop", "future", "progress", "callback_error")
 
-    def __init__(self, kind: RequestKind, args: tuple[Any, ...], on_token: TokenSink | None,
-                 progress: Progress) -> None:
+    def __init__(self, kind: RequestKind, args: tuple[Any, ...], on_token: TokenSink | None, strict: bool,
+                 warn: Callable[[str], None] | None, progress: Progress) -> None:
         self.kind, self.args, self.on_token, self.progress = kind, args, on_token, progress
+        self.strict, self.warn = strict, warn
         self.stop = threading.Event()
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.callback_error: BaseException | None = None
@@ -97,14 +99,18 @@ class Pool:
             worker.start()
 
     # -- requests -------------------------------------------------------------
-    def submit(self, kind: RequestKind, args: tuple[Any, ...], on_token: TokenSink | None = None) -> ParallelRequest:
+    def submit(self, kind: RequestKind, args: tuple[Any, ...], on_token: TokenSink | None = None, *,
+               strict: bool | None = None, warn: Callable[[str], None] | None = None) -> ParallelRequest:
+        """Queue a request. ``strict`` (default: the pool's) and ``warn`` (where its compat warnings go, default:
+        the usual warnings) are the request's own: a bridge server's clients each bring theirs."""
         with self._lock:
             if self._closing:
                 raise ContextBusyError("Parallel mode is being disabled; enable it again for new requests")
             if len(self._queued) >= MAX_QUEUED:
                 raise ContextBusyError(f"the parallel queue is full ({MAX_QUEUED} requests wait for a slot); "
                                        "wait for some to finish")
-            request = _Request(kind, args, on_token, Progress(self._ids(), kind, on_change=self._changed))
+            request = _Request(kind, args, on_token, self._strict if strict is None else strict, warn,
+                               Progress(self._ids(), kind, on_change=self._changed))
             self._queued.append(request)
             self._lock.notify()
         self._changed()
@@ -152,15 +158,18 @@ class Pool:
         progress.start()
         result: Any = None
         error: BaseException | None = None
+        # the whole request runs on this worker, so the warning sink (a context variable) holds throughout
+        sink = warnings_to(request.warn) if request.warn is not None else contextlib.nullcontext()
         try:
-            if request.kind == "completion":
-                result = self._complete(request)
-            elif request.kind == "embedding":
-                text, params = request.args
-                result = slots.embedding(text, params, progress)
-            else:
-                query, documents, params = request.args
-                result = slots.rerank(query, documents, params, progress)
+            with sink:
+                if request.kind == "completion":
+                    result = self._complete(request)
+                elif request.kind == "embedding":
+                    text, params = request.args
+                    result = slots.embedding(text, params, progress)
+                else:
+                    query, documents, params = request.args
+                    result = slots.rerank(query, documents, params, progress)
         except BaseException as err:  # settles the promise; the pool and the other requests go on
             error = err
         finally:
@@ -169,7 +178,7 @@ class Pool:
 
     def _complete(self, request: _Request) -> Any:
         (params,) = request.args
-        generation = self.slots.completion(params, request.stop, self._strict, request.progress)
+        generation = self.slots.completion(params, request.stop, request.strict, request.progress)
         post, on_token, rid, event_seen = self._deliveries.put, request.on_token, request.progress.request_id, \
             request.progress.event
         try:
