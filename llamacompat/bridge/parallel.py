@@ -28,7 +28,8 @@ __all__ = ["POOLED", "DEFAULT_BATCH", "Ask", "ServedSlots", "open_pool", "refusa
 POOLED = frozenset({"completion", "embedding", "rerank"})
 #: Tokens a step when the server's init params name no ``n_batch`` (llama.rn's parallel default)
 DEFAULT_BATCH = 512
-_WHOLE_MODEL = frozenset({"bench", "apply_lora_adapters", "remove_lora_adapters", "clear_cache"})
+_WHOLE_MODEL = frozenset({"bench", "apply_lora_adapters", "remove_lora_adapters", "clear_cache", "init_multimodal",
+                          "release_multimodal"})
 
 
 @dataclass(frozen=True)
