@@ -736,6 +736,11 @@ class LlamaCppAdapter(Adapter):
 
     def save_session(self, path: str, n_tokens: int) -> int:
         tokens = self._tokens[:n_tokens] if n_tokens > 0 else self._tokens
+        if any(is_media(t) for t in tokens):  # a file that could not be loaded back is worse than none
+            first = next(i for i, t in enumerate(tokens) if is_media(t))
+            raise SessionError(f"Failed to save session: the cache holds media from token {first} on, and sessions "
+                               f"with media (llama.rn's .meta sidecar) are not supported yet; save with token_size "
+                               f"{first} to keep the text before them")
         arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
         # The whole KV state is written even when n_tokens trims the list (llama.rn does the same);
         # load_session drops the cells past the saved tokens.
