@@ -13,10 +13,10 @@ from llamacompat import RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER as MARKER
 from llamacompat import init_llama
 from llamacompat.errors import (
     MediaError,
-    SessionError,
     ModelLoadError,
     MultimodalNotEnabledError,
     ParallelModeError,
+    SessionError,
     UnsupportedFeatureError,
 )
 
