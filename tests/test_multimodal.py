@@ -6,6 +6,7 @@ reuse, errors), never what the model says about an image."""
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -197,3 +198,36 @@ def test_a_session_with_media_is_refused_and_the_text_before_it_saves(mm, media,
         mm.save_session(str(tmp_path / "s.bin"))
     assert not (tmp_path / "s.bin").exists()
     assert mm.save_session(str(tmp_path / "s.bin"), start) == start
+
+
+def test_the_chat_repl_attaches_an_image_to_the_next_message(mm, media):
+    import io
+
+    from llamacompat.cli.repl import Repl
+
+    lines = iter([f"/image {media['img']}", "What is it?"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    repl = Repl(mm, dict(GREEDY), None, read=read, out=out)
+    assert repl.run() == 0
+    assert "image attached" in out.getvalue()
+    user = repl.messages[0]["content"]
+    assert user[0] == {"type": "image_url", "image_url": {"url": media["img"]}} and repl.images == []
+    assert repl.messages[1]["role"] == "assistant"
+
+
+def test_complete_takes_images_with_mmproj(media, capsys):
+    from llamacompat.cli.main import main
+
+    code = main(["complete", "It shows", "--mmproj", media["mmproj"], "--image", media["img"], "--n-predict", "2",
+                 "--n-ctx", "256", "--json"])
+    assert code == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["tokens_evaluated"] > IMAGE_TOKENS  # the image's tokens and the text's
