@@ -231,3 +231,25 @@ def test_complete_takes_images_with_mmproj(media, capsys):
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{"):])
     assert result["tokens_evaluated"] > IMAGE_TOKENS  # the image's tokens and the text's
+
+
+def test_the_bridge_forwards_multimodal_calls_and_inline_media(media, tmp_path):
+    from .bridge_helpers import Served
+
+    server = Served(str(tmp_path))
+    assert server.started, server.log()
+    try:
+        with init_llama({"backend": "bridge", "socket": server.socket}) as ctx:
+            with pytest.raises(MultimodalNotEnabledError):
+                ctx.tokenize(MARKER, {"media_paths": [media["img"]]})
+            assert ctx.init_multimodal({"path": media["mmproj"], "use_gpu": False}) is True
+            assert ctx.get_multimodal_support() == {"vision": True, "audio": False}
+            data = "data:image/png;base64," + base64.b64encode(png_bytes(seed=1)).decode()  # bytes in the request
+            result = ctx.completion({"messages": chat(data), **GREEDY})
+            assert result["tokens_evaluated"] > IMAGE_TOKENS
+            with pytest.raises(MediaError, match="base64"):
+                ctx.tokenize(MARKER, {"media_paths": ["data:image/png;base64,@@"]})
+            ctx.release_multimodal()
+            assert ctx.is_multimodal_enabled() is False
+    finally:
+        assert server.stop() == 0, server.log()
