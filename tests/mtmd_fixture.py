@@ -7,12 +7,14 @@ llama.cpp's clip loader, encoder and the decoder run for real.
 - ``build_mmproj``: the ``mlp`` projector (LLaVA-1.5 style: a fixed square resize, no tiling, no marker
   tokens, causal decoding), the smallest vision projector the loader takes. image_size 64 and patch 16 give
   (64 / 16)^2 = 16 image tokens.
-- ``build_audio_mmproj``: the ``ultravox`` projector (a Whisper-style encoder), for audio.
+- audio: not built yet. ``ultravox`` (a Whisper-style encoder) is the candidate; ``wav_bytes`` is here for the
+  test that a vision-only projector refuses audio.
 
 The loader's demands met here: ``image_mean``/``image_std`` hold 3 values; ``feed_forward_length`` differs
 from ``embedding_length`` (the loader takes equal sizes for swapped up/down weights); ``mlp`` sizes its output
-from ``mm.2.weight`` (it must be the text model's n_embd) and runs ``block_count - 1`` blocks; the Whisper
-graph wants conv biases shaped (C, 1), q and v biases but no k bias, and a stack factor that divides 1500.
+from ``mm.2.weight`` (it must be the text model's n_embd) and runs ``block_count - 1`` blocks. (For a future
+ultravox fixture, issue 29 notes: conv biases shaped (C, 1), q and v biases but no k bias, a stack factor
+that divides 1500.)
 """
 
 from __future__ import annotations
@@ -46,8 +48,7 @@ def _save(writer, path: str) -> str:  # type: ignore[no-untyped-def]
     return path
 
 
-def _blocks(writer, prefix: str, rng: np.random.Generator, n_blocks: int, width: int, ff: int,  # type: ignore[no-untyped-def]
-            k_bias: bool = True) -> None:
+def _blocks(writer, prefix: str, rng: np.random.Generator, n_blocks: int, width: int, ff: int) -> None:  # type: ignore[no-untyped-def]
     def add(name: str, *shape: int, scale: float = 0.02) -> None:
         writer.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
 
@@ -55,8 +56,7 @@ def _blocks(writer, prefix: str, rng: np.random.Generator, n_blocks: int, width:
         b = f"{prefix}.blk.{i}"
         for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
             add(f"{b}.{part}.weight", width, width)
-            if part != "attn_k" or k_bias:
-                add(f"{b}.{part}.bias", width)
+            add(f"{b}.{part}.bias", width)
         writer.add_tensor(f"{b}.ln1.weight", np.ones(width, np.float32))
         writer.add_tensor(f"{b}.ln1.bias", np.zeros(width, np.float32))
         writer.add_tensor(f"{b}.ln2.weight", np.ones(width, np.float32))
