@@ -36,7 +36,9 @@ from .errors import (
     InvalidParamsError,
     LlamaCompatWarning,
     LlamaError,
+    MediaError,
     ModelLoadError,
+    MultimodalNotEnabledError,
     OutOfMemoryError,
     ParallelModeError,
     RequestCancelledError,
@@ -46,6 +48,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .grammars.schema import convert_json_schema_to_grammar
+from .media import MEDIA_MARKER
 from .native_log import add_native_log_listener, toggle_native_log
 from .registry import available_backends
 
@@ -54,8 +57,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
-# llama.rn's default media marker in prompts (multimodal input is not implemented yet; kept for ported code)
-RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER = "<__media__>"
+# llama.rn's default media marker: where each of media_paths goes in a raw prompt (chats place it themselves)
+RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER = MEDIA_MARKER
 
 
 def __getattr__(name: str):
@@ -83,6 +86,8 @@ __all__ = [
     "CompletionStream",
     "AsyncCompletionStream",
     "LlamaError",
+    "MediaError",
+    "MultimodalNotEnabledError",
     "ModelLoadError",
     "ContextBusyError",
     "ContextReleasedError",

@@ -30,6 +30,8 @@ __all__ = [
     "GrammarError",
     "TemplateError",
     "SessionError",
+    "MediaError",
+    "MultimodalNotEnabledError",
     "EmbeddingDisabledError",
     "UnsupportedFeatureError",
     "BackendUnavailableError",
@@ -144,6 +146,21 @@ class TemplateError(InvalidParamsError):
 
     code = "template_error"
     default_message = "Failed to apply the chat template"
+
+
+class MediaError(InvalidParamsError):
+    """A medium (image, audio) could not be used: unreadable, too large, not base64, not decodable, or of a kind
+    the loaded projector does not take."""
+
+    code = "media_error"
+    default_message = "Failed to load media"
+
+
+class MultimodalNotEnabledError(LlamaError, RuntimeError):
+    """Media were given to a context without a projector: call ``init_multimodal`` first."""
+
+    code = "multimodal_not_enabled"
+    default_message = "Multimodal support not enabled. Call initMultimodal first."
 
 
 class SessionError(LlamaError, OSError):

@@ -23,11 +23,20 @@ from .chat.formats import CONTENT
 from .chat.template import RenderStopped, render_stop, template_caps
 from .embeddings import normalize_embedding
 from .engine import CompletionRequest, ThinkingBudget, generate
-from .errors import InvalidParamsError, SessionError, TemplateError, UnsupportedFeatureError, unsupported
+from .errors import (
+    InvalidParamsError,
+    MultimodalNotEnabledError,
+    ParallelModeError,
+    SessionError,
+    TemplateError,
+    UnsupportedFeatureError,
+    unsupported,
+)
 from .grammars.builtin import checked_grammar
 from .grammars.gbnf import check_tokens, parse_gbnf
 from .grammars.schema import convert_json_schema_to_grammar
 from .grammars.triggers import parse_triggers
+from .media import load_media, media_paths_param
 from .models import local_path
 from .parallel.slots import Progress, Slots
 from .sessions import check_identity, read_sidecar, save_with_sidecar
@@ -173,6 +182,9 @@ class LocalCore:
                 request, n_threads = self._request(params, strict)
         except RenderStopped:
             return stopped_before_prompt(adapter.n_past)
+        if adapter is not self.adapter and any(t < 0 for t in request.prompt_tokens):
+            raise ParallelModeError("completion: media (images, audio) are not available in parallel mode yet; "
+                                    "call ctx.parallel.disable() first")
         if progress is not None:
             progress.prompt(len(request.prompt_tokens))
         restore = self._use_threads(adapter, n_threads, strict)
@@ -211,7 +223,9 @@ class LocalCore:
         p["grammar_triggers"] = parse_triggers(p["grammar_triggers"], self.n_vocab)
         logit_bias = self._resolve_logit_bias(p["logit_bias"])  # a bad token id is bad input on every backend
         self._check_features(p, strict)  # resets what the backend lacks (logit_bias included)
-        tokens = self.adapter.tokenize(P.check_unicode(text, "completion: the prompt") if p["messages"] else text, True)
+        text = P.check_unicode(text, "completion: the prompt") if p["messages"] else text
+        refs = chat.media_paths if chat is not None else media_paths_param(p["media_paths"], "completion")
+        tokens = self._tokens_with_media(text, refs, True, "completion")
         sampling = SamplingParams.from_params(p, logit_bias if p["logit_bias"] else ())
         self._check_bans(sampling)
         # prefill_text: the reply already began with it (llama.rn): parsed and accumulated with it, not in ``text``
@@ -297,10 +311,28 @@ class LocalCore:
                 out.append((tid, bias))
         return tuple(out)
 
+    def _media_tokens(self, text: str, refs: list[str], add_special: bool, where: str) -> Any:
+        """``text`` with the media ``refs`` (one per media marker) as the adapter's MediaTokens."""
+        self.require("multimodal", f"{where}: media (images, audio)")
+        if not self.adapter.multimodal_enabled:
+            raise MultimodalNotEnabledError()
+        media = [load_media(ref, f"{where}: media {i}") for i, ref in enumerate(refs)]
+        return self.adapter.tokenize_media(text, media, add_special)
+
+    def _tokens_with_media(self, text: str, refs: list[str], add_special: bool, where: str) -> list[int]:
+        if not refs:
+            return self.adapter.tokenize(text, add_special)
+        return list(self._media_tokens(text, refs, add_special, where).tokens)
+
     # -- tokens, embedding, chat, bench --------------------------------------
     def tokenize(self, text: str, params: Mapping[str, Any] | None) -> TokenizeResult:
         text = P.text_argument(text, "tokenize")
-        P.validate(params, P.TOKENIZE_FIELDS, "tokenize", not_yet=P.TOKENIZE_NOT_YET)
+        p = P.validate(params, P.TOKENIZE_FIELDS, "tokenize", not_yet=P.TOKENIZE_NOT_YET)
+        refs = media_paths_param(p["media_paths"], "tokenize")
+        if refs:
+            mt = self._media_tokens(text, refs, False, "tokenize")
+            return {"tokens": list(mt.tokens), "has_media": True, "bitmap_hashes": list(mt.bitmap_hashes),
+                    "chunk_pos": list(mt.chunk_pos), "chunk_pos_media": list(mt.chunk_pos_media)}
         tokens = self.adapter.tokenize(text, False)
         return {"tokens": tokens, "has_media": False, "bitmap_hashes": [], "chunk_pos": [], "chunk_pos_media": []}
 
@@ -412,6 +444,25 @@ class LocalCore:
             raise
         except OSError as err:  # nothing changed: the previous file and its sidecar are as they were
             raise SessionError(f"Failed to save session: {path}: {err.strerror or err}") from err
+
+    # -- multimodal ----------------------------------------------------------
+    def init_multimodal(self, params: Mapping[str, Any] | None) -> bool:
+        p = P.validate(params, P.MULTIMODAL_FIELDS, "init_multimodal")
+        if not p["path"]:
+            raise InvalidParamsError("init_multimodal: 'path' (the mmproj GGUF file) is required")
+        self.require("multimodal", "init_multimodal")
+        path = p["path"][len("file://"):] if p["path"].startswith("file://") else p["path"]
+        self.adapter.init_multimodal(path, p["use_gpu"], p["image_min_tokens"], p["image_max_tokens"])
+        return True
+
+    def is_multimodal_enabled(self) -> bool:
+        return self.adapter.multimodal_enabled
+
+    def get_multimodal_support(self) -> dict[str, bool]:
+        return dict(self.adapter.multimodal_support())
+
+    def release_multimodal(self) -> None:
+        self.adapter.release_multimodal()
 
     def close(self) -> None:
         self.adapter.close()

@@ -18,7 +18,7 @@ from .models import local_path
 
 __all__ = ["Field", "parse_params", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora",
            "COMPLETION_FIELDS", "STATE_FIELDS", "state_used", "CONTEXT_FIELDS", "CONTEXT_IGNORED", "COMPLETION_IGNORED",
-           "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET",
+           "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET", "MULTIMODAL_FIELDS",
            "completion_params", "init_params", "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
 
 _MISSING = object()
@@ -90,6 +90,8 @@ def state_used(p: Mapping[str, Any]) -> list[str]:
 
 COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field((str,), None, nullable=True),
+    # a raw prompt's media (one media marker each, in order); a chat's come from its image_url / input_audio parts
+    "media_paths": Field((str, list), None, nullable=True),
     "messages": Field((list,), None, _is_message_list, "a non-empty list of message dicts", nullable=True),
     "chat_template": Field((str,), None, nullable=True),
     "add_generation_prompt": _bool(True),
@@ -225,9 +227,7 @@ def features_used(params: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 # llama.rn completion keys that change what is generated and that llamacompat
 # does not implement yet: refusing them beats silently unconstrained output.
-COMPLETION_NOT_YET = {
-    "media_paths": "multimodal input",
-}
+COMPLETION_NOT_YET: dict[str, str] = {}
 
 _SPECULATIVE = "speculative decoding is not implemented yet; the output is the same without it, only slower"
 _FROM_TEMPLATE = "llamacompat derives it from the chat template of 'messages'"
@@ -371,9 +371,17 @@ EMBEDDING_FIELDS: dict[str, Field] = {
     "embd_normalize": _int(2, lambda v: v >= -1, ">= -1 (-1 none, 0 max-abs, 1 taxicab, 2 L2, >2 p-norm)"),
 }
 
-# llama.rn's tokenize params: none has an effect yet, and media_paths is refused rather than ignored.
-TOKENIZE_FIELDS: dict[str, Field] = {}
-TOKENIZE_NOT_YET = {"media_paths": "multimodal input"}
+# llama.rn's tokenize params: media_paths, one per media marker of the text (needs init_multimodal).
+TOKENIZE_FIELDS: dict[str, Field] = {"media_paths": Field((str, list), None, nullable=True)}
+TOKENIZE_NOT_YET: dict[str, str] = {}
+
+# llama.rn's initMultimodal params (-1: the projector's own token limits)
+MULTIMODAL_FIELDS: dict[str, Field] = {
+    "path": Field((str,), None, nullable=True),
+    "use_gpu": _bool(True),
+    "image_min_tokens": _int(-1, lambda v: v == -1 or v > 0, "-1 (the projector's) or > 0"),
+    "image_max_tokens": _int(-1, lambda v: v == -1 or v > 0, "-1 (the projector's) or > 0"),
+}
 
 # llama.rn's rerank params: its native side ignores ``normalize``, and so do we (accepted for ported code).
 RERANK_FIELDS: dict[str, Field] = {

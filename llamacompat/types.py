@@ -195,6 +195,7 @@ class CompletionParams(FormattedChatParams, total=False):
     """``completion``'s params (``params.COMPLETION_FIELDS``)."""
 
     prompt: Union[str, None]
+    media_paths: Union[str, List[str], None]  # a raw prompt's media: paths, file:// or data: URLs
     messages: Union[List[ChatMessage], None]
     n_predict: int
     stop: Union[List[str], Tuple[str, ...]]
@@ -242,7 +243,9 @@ class CompletionParams(FormattedChatParams, total=False):
 
 
 class TokenizeParams(TypedDict, total=False):
-    """``tokenize``'s params: none yet (``media_paths``, multimodal input, is refused: ``params.TOKENIZE_NOT_YET``)."""
+    """``tokenize``'s params (``params.TOKENIZE_FIELDS``)."""
+
+    media_paths: Union[str, List[str], None]  # one per media marker of the text (needs init_multimodal)
 
 
 class EmbeddingParams(TypedDict, total=False):

@@ -69,9 +69,17 @@ def test_malformed_messages_say_which_message_and_field(messages, where):
     assert where in info.value.detail
 
 
-def test_media_parts_are_refused_until_media_are_supported():
-    with pytest.raises(UnsupportedFeatureError, match=r"messages\[0\].content\[1\]: 'image_url'"):
+def test_media_parts_become_markers_and_malformed_ones_say_where():
+    with pytest.raises(InvalidParamsError, match=r"messages\[0\].content\[1\].image_url"):
         _format("chatml", [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}])
+    chat = _format("chatml", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///a.png"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}])
+    assert chat.prompt.count("<__media__>") == 2
+    assert chat.media_paths == ["file:///a.png", "data:audio/wav;base64,UklGRg=="]
+    with pytest.raises(UnsupportedFeatureError, match="^Unsupported audio format: flac$"):
+        _format("chatml", [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": "x", "format": "flac"}}]}])
 
 
 @pytest.mark.parametrize("options, expected", [

@@ -100,7 +100,7 @@ def test_detokenize_rejects_bad_tokens(ctx, bad):
 def test_tokenize_rejects_non_text(ctx):
     with pytest.raises(InvalidParamsError):
         ctx.tokenize(b"bytes")
-    with pytest.raises(L.UnsupportedFeatureError):
+    with pytest.raises(L.MultimodalNotEnabledError, match="Call initMultimodal first"):
         ctx.tokenize("x", {"media_paths": ["a.png"]})
 
 

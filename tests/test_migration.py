@@ -19,7 +19,9 @@ BACKENDS = ("llama_cpp", "mlx", "rkllm")
 METHOD_FEATURES = {"rerank": "rerank", "apply_lora_adapters": "lora", "remove_lora_adapters": "lora",
                    "get_loaded_lora_adapters": "lora", "embedding": "embedding", "bench": "bench",
                    "load_session": "session", "save_session": "session", "tokenize": "tokenize",
-                   "detokenize": "detokenize", "parallel": "parallel"}
+                   "detokenize": "detokenize", "parallel": "parallel", "init_multimodal": "multimodal",
+                   "is_multimodal_enabled": "multimodal", "get_multimodal_support": "multimodal",
+                   "release_multimodal": "multimodal"}
 PARAM_FEATURES = {name: feature for feature, names in FEATURE_PARAMS.items() for name in names}
 
 

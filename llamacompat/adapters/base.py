@@ -91,6 +91,7 @@ Feature = Literal[
     "lora",  # apply_lora_adapters() / remove_lora_adapters()
     "session",  # save_session() / load_session()
     "parallel",  # ctx.parallel: native = requests decoded together (one batch); emulated = they take turns
+    "multimodal",  # init_multimodal(): media (images, audio) in prompts through a projector (mmproj)
 ]
 FEATURES: frozenset[str] = frozenset(get_args(Feature))
 
@@ -397,6 +398,30 @@ class Adapter(ABC):
         the next step) drops it from the cache in ``end``, so that what ``n_past`` counts is what the next
         ``begin`` reuses and what ``save_session`` writes.
         """
+
+    # -- multimodal: serialised, but tokenize_media and multimodal_support are concurrent, as tokenize is ----
+    def init_multimodal(self, path: str, use_gpu: bool, image_min_tokens: int, image_max_tokens: int) -> None:
+        """Load the projector at ``path`` (replacing one loaded before); raises a typed error on failure."""
+        raise UnsupportedFeatureError(f"multimodal input is not supported by the {self.name} backend")
+
+    def release_multimodal(self) -> None:
+        """Unload the projector (nothing when none is loaded)."""
+        return None
+
+    @property
+    def multimodal_enabled(self) -> bool:
+        return False
+
+    def multimodal_support(self) -> dict[str, bool]:
+        """llama.rn's getMultimodalSupport: ``{"vision", "audio"}`` of the loaded projector."""
+        return {"vision": False, "audio": False}
+
+    def tokenize_media(self, text: str, media: list[Any], add_special: bool) -> Any:
+        """``text`` with one media marker per item of ``media`` (``llamacompat.media.Media``) as one token list
+        whose media positions hold negative placeholders (the same for the same medium), with llama.rn's
+        tokenize fields: an object with ``tokens``, ``bitmap_hashes``, ``chunk_pos``, ``chunk_pos_media``.
+        ``begin`` takes such a list."""
+        raise UnsupportedFeatureError(f"multimodal input is not supported by the {self.name} backend")
 
     # -- other methods ------------------------------------------------------
     def embedding(self, tokens: list[int]) -> list[float]:

@@ -31,6 +31,7 @@ from ..errors import (
     InvalidParamsError,
     LlamaError,
     ModelLoadError,
+    MultimodalNotEnabledError,
     OutOfMemoryError,
     SessionError,
     UnsupportedFeatureError,
@@ -49,6 +50,7 @@ from .base import (  # default_threads: imported from here before it moved to ba
     default_threads,
     reusable_prefix,
 )
+from .llama_cpp_mtmd import MediaTokens, Projector, is_media, media_start
 
 try:
     import llama_cpp as lc
@@ -325,6 +327,7 @@ class LlamaCppAdapter(Adapter):
         self._table: Any = None  # llguidance's tokenizer (grammar_table)
         self._masker: concurrent.futures.ThreadPoolExecutor | None = None  # computes masks beside llama_decode
         self._gen = _Generation(self, _Solo(self))  # plain completions: sequence 0, evaluated at once
+        self._projector: Projector | None = None  # init_multimodal's
         self._loras: dict[str, Any] = {}  # path -> llama_adapter_lora, loaded once, freed with the model
         ranking = self._ctx is not None and self.embedding_enabled and self.pooling == _POOLING["rank"]
         self.capabilities = Capabilities(self.name, {
@@ -336,7 +339,7 @@ class LlamaCppAdapter(Adapter):
             "thinking_budget": "native",
             "embedding": "native" if self.embedding_enabled and not ranking else "missing", "bench": "native",
             "rerank": "native" if ranking else "emulated" if self.embedding_enabled else "missing",
-            "lora": "native", "parallel": "native",
+            "lora": "native", "parallel": "native", "multimodal": "native" if self._ctx is not None else "missing",
             **({"completion": "missing", "parallel": "missing", "embedding": "missing", "bench": "missing", "rerank": "missing",
                 "lora": "missing"} if self._ctx is None else {}),
             "interrupt_prompt": "native", "chat_template": "emulated",
@@ -428,13 +431,34 @@ class LlamaCppAdapter(Adapter):
         return self._eog_ids
 
     # -- evaluation ---------------------------------------------------------
-    def _decode(self, tokens: list[int]) -> None:
-        """Evaluate ``tokens`` after the cached ones, ``n_batch`` at a time."""
-        for start in range(0, len(tokens), self._n_batch):
-            chunk = tokens[start:start + self._n_batch]
+    def _decode(self, tokens: list[int], stop: threading.Event | None = None) -> None:
+        """Evaluate ``tokens`` after the cached ones, ``n_batch`` at a time; a medium's run of placeholders
+        (``llama_cpp_mtmd``) through its projector."""
+        start = 0
+        while start < len(tokens):
+            if is_media(tokens[start]):
+                start += self._decode_medium(tokens[start], stop)
+                continue
+            end = start
+            while end < len(tokens) and end - start < self._n_batch and not is_media(tokens[end]):
+                end += 1
+            chunk = tokens[start:end]
             arr = (lc.llama_token * len(chunk))(*chunk)
             self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk))))
             self._tokens.extend(chunk)
+            start = end
+
+    def _decode_medium(self, token: int, stop: threading.Event | None) -> int:
+        if self._projector is None:
+            raise MultimodalNotEnabledError()
+        n_past = len(self._tokens)
+        try:
+            n = self._projector.evaluate(self._ctx, token, n_past, self._n_batch, stop)
+        except (Interrupted, LlamaError):
+            lc.llama_memory_seq_rm(self._mem, -1, n_past, -1)  # a medium is cached whole or not at all
+            raise
+        self._tokens.extend([token] * n)
+        return n
 
     def _check(self, rc: int) -> None:
         if rc == 0:
@@ -564,7 +588,8 @@ class LlamaCppAdapter(Adapter):
             # Windows past n_ctx see no more tokens (no context shift), and llama.cpp allocates the whole window
             # up front: 2**31 - 1 took 16 GB and a minute per request.
             window = lambda n: self.n_ctx if n == -1 else min(n, self.n_ctx)  # noqa: E731
-            history = prompt[-max(s.penalty_last_n, s.dry_penalty_last_n, 0):] if prompt else []
+            history = [t for t in prompt if t >= 0] if prompt else []  # media placeholders are no tokens
+            history = history[-max(s.penalty_last_n, s.dry_penalty_last_n, 0):]
             if s.penalty_repeat != 1.0 or s.penalty_freq != 0.0 or s.penalty_present != 0.0:
                 last_n = window(s.penalty_last_n)
                 pen = lc.llama_sampler_init_penalties(self.n_vocab, last_n, s.penalty_repeat, s.penalty_freq, s.penalty_present)
@@ -711,6 +736,11 @@ class LlamaCppAdapter(Adapter):
 
     def save_session(self, path: str, n_tokens: int) -> int:
         tokens = self._tokens[:n_tokens] if n_tokens > 0 else self._tokens
+        if any(is_media(t) for t in tokens):  # a file that could not be loaded back is worse than none
+            first = next(i for i, t in enumerate(tokens) if is_media(t))
+            raise SessionError(f"Failed to save session: the cache holds media from token {first} on, and sessions "
+                               f"with media (llama.rn's .meta sidecar) are not supported yet; save with token_size "
+                               f"{first} to keep the text before them")
         arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
         # The whole KV state is written even when n_tokens trims the list (llama.rn does the same);
         # load_session drops the cells past the saved tokens.
@@ -761,8 +791,44 @@ class LlamaCppAdapter(Adapter):
             if lc.llama_state_set_data(self._ctx, data, len(data)) == len(data):
                 self._tokens = tokens
 
+    # -- multimodal (llama_cpp_mtmd) ------------------------------------------
+    def init_multimodal(self, path: str, use_gpu: bool, image_min_tokens: int, image_max_tokens: int) -> None:
+        import llama_cpp.mtmd_cpp as mtmd
+
+        mtmd.mtmd_log_set(_log_callback, ctypes.c_void_p(0))  # its errors reach _native_detail too
+        mtmd.mtmd_helper_log_set(_log_callback, ctypes.c_void_p(0))
+        _native_detail()  # only what this load logs
+        projector = Projector(self._model, path, use_gpu and self.gpu, self.n_threads, image_min_tokens,
+                              image_max_tokens, self.n_embd, _native_detail)
+        self.release_multimodal()
+        self._projector = projector
+
+    def release_multimodal(self) -> None:
+        projector, self._projector = self._projector, None
+        if projector is not None:
+            # what the cache holds of media can no longer be matched by a new prompt's tokens: drop it
+            first = next((i for i, t in enumerate(self._tokens) if is_media(t)), None)
+            if first is not None:
+                self._rewind(first)
+            projector.close()
+
+    @property
+    def multimodal_enabled(self) -> bool:
+        return self._projector is not None
+
+    def multimodal_support(self) -> dict[str, bool]:
+        projector = self._projector
+        return {"vision": projector.vision, "audio": projector.audio} if projector else {"vision": False, "audio": False}
+
+    def tokenize_media(self, text: str, media: list[Any], add_special: bool) -> MediaTokens:
+        projector = self._projector
+        if projector is None:
+            raise MultimodalNotEnabledError()
+        return projector.tokenize(text, media, add_special)
+
     def close(self) -> None:
         self.end()
+        self.release_multimodal()
         if self._masker is not None:
             self._masker.shutdown(wait=True)
             self._masker = None
@@ -947,7 +1013,7 @@ class _Solo:
             self._abort_cb = lc.ggml_abort_callback(lambda _data: stop.is_set())
             lc.llama_set_abort_callback(adapter._ctx, self._abort_cb, None)
         try:
-            adapter._decode(tokens)
+            adapter._decode(tokens, stop)
         finally:
             if stop is not None:
                 lc.llama_set_abort_callback(adapter._ctx, _NULL_ABORT, None)
@@ -988,7 +1054,7 @@ class _Generation:
         self._draw = _Draw(self._a, sampling, prompt)
         evaluator = self.evaluator
         evaluator.claim(prompt)
-        evaluator.rewind(reusable_prefix(evaluator.tokens, prompt))
+        evaluator.rewind(media_start(prompt, reusable_prefix(evaluator.tokens, prompt)))
         cached = len(evaluator.tokens)
         self._pending = []
         try:

@@ -24,7 +24,8 @@ __all__ = ["POOLED", "DEFAULT_BATCH", "open_pool", "refusal", "idle_status"]
 POOLED = frozenset({"completion", "embedding", "rerank"})
 #: Tokens a step when the server's init params name no ``n_batch`` (llama.rn's parallel default)
 DEFAULT_BATCH = 512
-_WHOLE_MODEL = frozenset({"bench", "apply_lora_adapters", "remove_lora_adapters", "clear_cache"})
+_WHOLE_MODEL = frozenset({"bench", "apply_lora_adapters", "remove_lora_adapters", "clear_cache", "init_multimodal",
+                          "release_multimodal"})
 
 
 def open_pool(core: LocalCore, n_parallel: int, n_batch: int, ids: Callable[[], int]) -> Pool:

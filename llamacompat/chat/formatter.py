@@ -34,7 +34,7 @@ from .formats import (
     pick_format,
     reasoning_markers,
 )
-from .messages import joined_text, shape_for_template, validate_messages, validate_tools
+from .messages import joined_text, media_refs, shape_for_template, validate_messages, validate_tools
 from .reasoning import split_reasoning
 from .template import render, template_caps
 
@@ -148,6 +148,8 @@ class FormattedChat:
     think: tuple[str, str] = THINK
     #: llama.rn's number for the parser (llama.cpp's common_chat_format)
     chat_format: int = CHAT_FORMAT_CONTENT_ONLY
+    #: the messages' media (image_url / input_audio parts), one per media marker in ``prompt``, in order
+    media_paths: list[str] = field(default_factory=list)
 
     def parser(self) -> ReplyParser | None:
         """None when the reply is plain content (the engine's fast path)."""
@@ -158,14 +160,15 @@ class FormattedChat:
     def as_result(self) -> dict[str, Any]:
         """llama.rn's getFormattedChat result."""
         if self.legacy:
-            return {"type": "llama-chat", "prompt": self.prompt, "has_media": False, "media_paths": []}
+            return {"type": "llama-chat", "prompt": self.prompt, "has_media": bool(self.media_paths),
+                    "media_paths": list(self.media_paths)}
         result: dict[str, Any] = {
             "type": "jinja", "prompt": self.prompt, "chat_format": self.chat_format,
             "grammar": self.grammar, "grammar_lazy": self.grammar_lazy,
             "grammar_triggers": [trigger.as_dict() for trigger in self.grammar_triggers],
             "preserved_tokens": self.preserved_tokens, "additional_stops": self.additional_stops,
             "generation_prompt": self.generation_prompt, "thinking_forced_open": self.thinking_forced_open,
-            "has_media": False, "media_paths": [],
+            "has_media": bool(self.media_paths), "media_paths": list(self.media_paths),
         }
         if self.think[0] in self.prompt or self.thinking_forced_open or self.reasoning_format != "none":
             result.update(thinking_start_tag=self.think[0], thinking_end_tag=self.think[1])
@@ -197,6 +200,13 @@ def _render(source: str, messages: list[dict[str, Any]], variables: dict[str, An
 def format_chat(template: str, messages: Any, tokens: TemplateTokens, options: ChatOptions,
                 *, has_grammar: bool = False) -> FormattedChat:
     """Render ``messages`` with ``template`` (Jinja source or a built-in name) and plan the reply."""
+    chat = _format_chat(template, messages, tokens, options, has_grammar)
+    chat.media_paths = media_refs(messages)  # their markers are in the prompt (validate_messages put them there)
+    return chat
+
+
+def _format_chat(template: str, messages: Any, tokens: TemplateTokens, options: ChatOptions,
+                 has_grammar: bool) -> FormattedChat:
     checked = validate_messages(messages)
     tools = validate_tools(options.tools) if options.tools else []
     if options.tool_choice not in TOOL_CHOICES:

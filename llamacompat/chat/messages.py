@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import InvalidParamsError, UnsupportedFeatureError
+from ..errors import InvalidParamsError
+from ..media import MEDIA_MARKER, audio_data_url
 from .template import Caps
 
-__all__ = ["validate_messages", "validate_tools", "shape_for_template", "joined_text"]
+__all__ = ["validate_messages", "validate_tools", "shape_for_template", "joined_text", "media_refs"]
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-_MEDIA_PARTS = ("image_url", "input_audio", "media_marker")
 
 
 def _fail(where: str, problem: str) -> InvalidParamsError:
@@ -32,12 +32,45 @@ def _check_parts(content: list[Any], where: str) -> list[dict[str, str]]:
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in _MEDIA_PARTS:
-            raise UnsupportedFeatureError(f"{where}[{j}]: '{kind}' parts (media) are not supported yet; send text parts")
+        if kind in ("image_url", "input_audio"):
+            _media_ref(part, f"{where}[{j}]")  # checked here; media_refs collects them
+            kind, part = "text", {"type": "text", "text": MEDIA_MARKER}  # as llama.rn's JS does: a marker in the text
         if kind != "text" or not isinstance(part.get("text"), str):
             raise _fail(f"{where}[{j}]", f"must be {{'type': 'text', 'text': str}}, got {part!r}")
         parts.append({"type": "text", "text": part["text"]})
     return parts
+
+
+def _media_ref(part: dict[str, Any], where: str) -> str:
+    """The reference of an ``image_url`` part (its url) or an ``input_audio`` part (a data: URL of its data)."""
+    if part["type"] == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise _fail(f"{where}.image_url", f"must be {{'url': path | file:// | data: URL}}, got {image!r}")
+        return url
+    audio = part.get("input_audio")
+    if not isinstance(audio, dict):
+        raise _fail(f"{where}.input_audio", f"must be {{'data': base64, 'format': 'wav' | 'mp3'}}, got {audio!r}")
+    fmt = str(audio.get("format"))
+    if isinstance(audio.get("url"), str) and audio["url"]:  # llama.rn also takes a url (a path) here
+        audio_data_url("", fmt)  # the format is still checked
+        return str(audio["url"])
+    data = audio.get("data")
+    if not isinstance(data, str) or not data:
+        raise _fail(f"{where}.input_audio.data", "must be the sound as a base64 string")
+    return audio_data_url(data, fmt)
+
+
+def media_refs(messages: list[Any]) -> list[str]:
+    """The media of (already validated) ``messages``, in prompt order: one per media marker."""
+    refs = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict) and part.get("type") in ("image_url", "input_audio"):
+                refs.append(_media_ref(part, f"messages[{i}].content[{j}]"))
+    return refs
 
 
 def _check_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:

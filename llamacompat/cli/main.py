@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from .. import LlamaContext, init_llama, load_llama_model_info
 from ..bridge.protocol import MAX_CLIENTS, MAX_LINE
-from ..errors import LlamaCompatWarning, LlamaError
+from ..errors import InvalidParamsError, LlamaCompatWarning, LlamaError
+from ..media import MEDIA_MARKER
 from ..models import DEFAULT_MODEL, local_path, resolve_model
 from ..sessions import read_header, read_sidecar
 from ..types import TokenData
@@ -34,6 +35,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--system", help="system message (chat only)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON after the text")
+    parser.add_argument("--mmproj", help="a multimodal projector (mmproj GGUF) for the model: images (and audio)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image for the prompt or message (repeatable; needs --mmproj)")
 
 
 def _key_value(text: str) -> str:
@@ -314,6 +318,7 @@ def _run_completion(args: argparse.Namespace, request: dict[str, Any]) -> int:
         sys.stdout.flush()
 
     with _load(_model_params(args), quiet=args.json) as ctx:
+        _multimodal(ctx, args)
         try:
             result = ctx.completion(request, show)
         except KeyboardInterrupt:  # Ctrl-C ends the answer, not with a traceback
@@ -325,10 +330,24 @@ def _run_completion(args: argparse.Namespace, request: dict[str, Any]) -> int:
     return 0
 
 
+def _multimodal(ctx: Any, args: argparse.Namespace) -> None:
+    if args.image and not args.mmproj:
+        raise InvalidParamsError("--image needs --mmproj FILE (the model's multimodal projector)")
+    if args.mmproj:
+        ctx.init_multimodal({"path": args.mmproj})
+
+
+def _with_images(text: str, images: list[str]) -> list[dict[str, Any]] | str:
+    """A user message's content: ``text`` after one image_url part per image."""
+    if not images:
+        return text
+    return [*({"type": "image_url", "image_url": {"url": path}} for path in images), {"type": "text", "text": text}]
+
+
 def _chat(args: argparse.Namespace) -> int:
     if args.message is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.message}
+            {"role": "user", "content": _with_images(args.message, args.image)}
         ]
         return _run_completion(args, {"messages": messages})
     from .repl import Repl
@@ -338,7 +357,8 @@ def _chat(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - not on every platform
         pass
     with _load(_model_params(args)) as ctx:
-        return Repl(ctx, _sampling(args), args.system).run()
+        _multimodal(ctx, args)
+        return Repl(ctx, _sampling(args), args.system, images=args.image).run()
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -400,7 +420,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "bench": _bench, "chat": _chat, "models": run_models}
     if args.command in commands:
         return commands[args.command](args)
-    return _run_completion(args, {"prompt": args.prompt})
+    prompt = args.prompt
+    if args.image and MEDIA_MARKER not in prompt:  # one marker per image, before the text
+        prompt = MEDIA_MARKER * len(args.image) + prompt
+    return _run_completion(args, {"prompt": prompt, **({"media_paths": args.image} if args.image else {})})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

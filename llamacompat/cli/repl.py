@@ -10,6 +10,7 @@ so ``/load FILE`` resumes both without evaluating the history again.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import sys
 import threading
@@ -25,6 +26,7 @@ HELP = """commands:
   /reset        forget the conversation
   /save FILE    save the conversation and its KV cache (FILE and FILE.chat.json)
   /load FILE    resume a conversation saved with /save
+  /image PATH   attach an image to your next message (needs --mmproj)
   /help         this list
   /quit         leave (Ctrl-D too); Ctrl-C stops an answer"""
 
@@ -33,13 +35,14 @@ class Repl:
     """Reads lines, answers them with ``ctx``'s chat template, keeps the history."""
 
     def __init__(self, ctx: LlamaContext, request: dict[str, Any], system: str | None,
-                 read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+                 read: Callable[[str], str] = input, out: TextIO = sys.stdout, images: list[str] | None = None) -> None:
         self.ctx = ctx
         self.request = request  # sampling settings for every answer
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages: list[dict[str, Any]] = list(self.system)
         self._read = read
         self._out = out
+        self.images: list[str] = list(images or ())  # attached to the next message (/image)
 
     def run(self) -> int:
         self._say("Chat with the model. /help lists the commands; Ctrl-D leaves.")
@@ -58,7 +61,12 @@ class Repl:
                 if self._command(line) == "quit":
                     return 0
                 continue
-            self.messages.append({"role": "user", "content": line})
+            content: Any = line
+            if self.images:
+                content = [*({"type": "image_url", "image_url": {"url": p}} for p in self.images),
+                           {"type": "text", "text": line}]
+                self.images = []
+            self.messages.append({"role": "user", "content": content})
             answer = self._answer()
             if answer is not None:
                 self.messages.append({"role": "assistant", "content": answer})
@@ -107,6 +115,14 @@ class Repl:
         elif name == "/reset":
             self.messages = list(self.system)
             self._say("(conversation forgotten)")
+        elif name == "/image":
+            if not arg or not os.path.isfile(arg):
+                self._say("usage: /image PATH (an existing image file)")
+            elif not self.ctx.is_multimodal_enabled():
+                self._say("images need a projector: start the chat with --mmproj FILE")
+            else:
+                self.images.append(arg)
+                self._say(f"(image attached to your next message: {arg})")
         elif name in ("/save", "/load") and not arg:
             self._say(f"usage: {name} FILE")
         elif name == "/save":

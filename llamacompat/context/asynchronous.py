@@ -293,6 +293,18 @@ class AsyncLlamaContext:
     async def save_session(self, path: str, token_size: int = -1) -> int:
         return await self._call("save_session", path, token_size)
 
+    async def init_multimodal(self, params: dict[str, Any]) -> bool:
+        return await self._call("init_multimodal", params)
+
+    async def is_multimodal_enabled(self) -> bool:
+        return await self._call("is_multimodal_enabled")
+
+    async def get_multimodal_support(self) -> dict[str, bool]:
+        return await self._call("get_multimodal_support")
+
+    async def release_multimodal(self) -> None:
+        await self._call("release_multimodal")
+
     async def release(self) -> None:
         """``LlamaContext.release``: stops a running completion, waits for it, frees the model."""
         await asyncio.get_running_loop().run_in_executor(None, self._ctx.release)

@@ -174,6 +174,9 @@ class LlamaContext:
                 return self._through_slots(name, *args)
             if name in ("load_session", "save_session"):
                 raise ParallelModeError(f"Session {name.split('_')[0]} is not supported while parallel mode is enabled")
+            if name in ("init_multimodal", "release_multimodal"):
+                raise ParallelModeError(f"{name}: multimodal input is not available in parallel mode yet; call "
+                                        "ctx.parallel.disable() first")
         self.claim()
         return self.run_claimed(name, *args)
 
@@ -293,6 +296,24 @@ class LlamaContext:
         any previous file intact. The model identity goes to ``<path>.llamacompat.json``.
         """
         return self._call("save_session", path, token_size)
+
+    # -- multimodal ----------------------------------------------------------
+    def init_multimodal(self, params: dict[str, Any]) -> bool:
+        """llama.rn's initMultimodal: load a projector ``{path, use_gpu=True, image_min_tokens?, image_max_tokens?}``.
+
+        True once loaded. Unlike llama.rn (which returns false), a failure raises a typed error saying why."""
+        return self._call("init_multimodal", params)
+
+    def is_multimodal_enabled(self) -> bool:
+        return self._call("is_multimodal_enabled")
+
+    def get_multimodal_support(self) -> dict[str, bool]:
+        """``{"vision": bool, "audio": bool}`` of the loaded projector (both False without one)."""
+        return self._call("get_multimodal_support")
+
+    def release_multimodal(self) -> None:
+        """Unload the projector; cached media are dropped from the KV cache."""
+        self._call("release_multimodal")
 
     # -- lifetime ------------------------------------------------------------
     def release(self) -> None:

@@ -149,7 +149,8 @@ class OpenAICore:
 
     def tokenize(self, text: str, params: Mapping[str, Any] | None) -> TokenizeResult:
         text = P.text_argument(text, "tokenize")
-        P.validate(params, P.TOKENIZE_FIELDS, "tokenize", not_yet=P.TOKENIZE_NOT_YET)
+        if P.validate(params, P.TOKENIZE_FIELDS, "tokenize", not_yet=P.TOKENIZE_NOT_YET).get("media_paths"):
+            raise UnsupportedFeatureError("tokenize: 'media_paths' cannot be tokenized over the OpenAI API")
         return {"tokens": self._tokenize(text) if text else [], "has_media": False, "bitmap_hashes": [],
                 "chunk_pos": [], "chunk_pos_media": []}
 
@@ -212,6 +213,19 @@ class OpenAICore:
 
     def save_session(self, path: str, token_size: int) -> int:
         raise UnsupportedFeatureError("save_session: an OpenAI-compatible server keeps its KV cache to itself")
+
+    def init_multimodal(self, params: Mapping[str, Any] | None) -> bool:
+        raise UnsupportedFeatureError("init_multimodal: an OpenAI-compatible server loads its projector itself "
+                                      "(llama-server --mmproj)")
+
+    def is_multimodal_enabled(self) -> bool:
+        return False  # not known from here; media parts are not forwarded yet
+
+    def get_multimodal_support(self) -> dict[str, bool]:
+        return {"vision": False, "audio": False}
+
+    def release_multimodal(self) -> None:
+        raise UnsupportedFeatureError("release_multimodal: an OpenAI-compatible server loads its projector itself")
 
     def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
         """Parallel mode: concurrent streams, which the server batches (``n_batch`` is the server's own); one at a

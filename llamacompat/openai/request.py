@@ -50,6 +50,9 @@ def plan_completion(params: Mapping[str, Any] | None, facts: ServerFacts, strict
         _chat_fields(p, body, dialect, strict)
     else:
         body["prompt"] = p["prompt"]
+    if p["media_paths"]:
+        raise UnsupportedFeatureError("completion: 'media_paths' (a raw prompt's media) has no OpenAI API "
+                                      "equivalent; send 'messages' with image_url / input_audio parts")
     if p["chat_template"] is not None:
         raise UnsupportedFeatureError("completion: 'chat_template' cannot be honoured: an OpenAI-compatible server "
                                       "applies its own template to 'messages'")

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Generator
 
-from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError, map_exceptions
+from ...errors import BackendUnavailableError, InvalidParamsError, ModelLoadError, SessionError, UnsupportedFeatureError, map_exceptions
 from ...models.gguf import load_model_info
 from ..base import RUNTIME_FAILURES, Adapter, Capabilities, Interrupted, SamplingParams, reusable_prefix
 
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from llguidance import LLTokenizer
 
 __all__ = ["MlxAdapter"]
+
+MULTIMODAL_MISSING = ("mlx-lm runs text models only (vision models are mlx-vlm's, a separate runtime with its own model classes)")
 
 SESSION_FORMAT = "llamacompat-mlx-session/1"
 _POOLING = ("mean", "cls", "last", "none")
@@ -131,7 +133,11 @@ class MlxAdapter(Adapter):
             "rerank": "emulated" if self.embedding_enabled else "missing", "lora": "emulated",
             "interrupt_prompt": "native", "chat_template": "emulated", "session": "native", "prefix_cache": "native",
             "parallel": "native",  # requests decoded together by mlx-lm's BatchGenerator (batch.py)
+            "multimodal": "missing",  # MULTIMODAL_MISSING says why
         })
+
+    def init_multimodal(self, path: str, use_gpu: bool, image_min_tokens: int, image_max_tokens: int) -> None:
+        raise UnsupportedFeatureError(f"multimodal input is not supported by the {self.name} backend: {MULTIMODAL_MISSING}")
 
     def _warm_up(self) -> None:
         """Run one step with greedy and default sampling: the CPU backend compiles kernels with g++ on first use."""

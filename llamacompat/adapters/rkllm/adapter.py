@@ -43,6 +43,9 @@ from .platforms import PLATFORMS, cpu_settings, detect_platform
 
 __all__ = ["RkllmAdapter"]
 
+MULTIMODAL_MISSING = ("RKLLM takes image embeddings that an app computes with its own vision encoder on the NPU "
+                      "(rknn); it loads no projector itself")
+
 logger = logging.getLogger(__name__)
 
 SESSION_MAGIC = b"LCRKLLM\x01"
@@ -201,7 +204,11 @@ class RkllmAdapter(Adapter):
             "interrupt_prompt": "native", "session": "native", "prefix_cache": "missing",
             "lora": "native", "rerank": "emulated" if self.embedding_enabled else "missing",
             "parallel": "emulated",  # the runtime runs one sequence: parallel requests take turns
+            "multimodal": "missing",  # MULTIMODAL_MISSING says why
         })
+
+    def init_multimodal(self, path: str, use_gpu: bool, image_min_tokens: int, image_max_tokens: int) -> None:
+        raise UnsupportedFeatureError(f"multimodal input is not supported by the {self.name} backend: {MULTIMODAL_MISSING}")
 
     # -- runtime set-up ---------------------------------------------------------
     def _init_runtime(self, params: dict[str, Any], sampling: dict[str, Any]) -> None:

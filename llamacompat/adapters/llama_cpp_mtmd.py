@@ -1,0 +1,185 @@
+"""llama.cpp's multimodal library (mtmd) for the llama_cpp adapter: a projector, media → chunks, their evaluation.
+
+A prompt with media is one token list: text tokens as they are, and each medium's positions filled with one
+negative placeholder id derived from its bitmap hash (llama.cpp's identity of a medium). So the prefix reuse
+that compares token lists compares media by hash too, session files and penalties see ordinary lists, and the
+evaluation looks a medium's chunk up by its placeholder (``Projector.chunk``).
+
+Only projectors whose media take one position per token are taken (LLaVA-style and most others); M-RoPE
+projectors (Qwen2-VL family), where an image spans fewer positions than tokens, are refused at tokenize time.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import llama_cpp as lc
+import llama_cpp.mtmd_cpp as mtmd
+
+from ..errors import GenerationError, MediaError, ModelLoadError, UnsupportedFeatureError
+from ..media import MEDIA_MARKER, Media
+from .base import Interrupted
+
+__all__ = ["Projector", "MediaTokens", "is_media", "media_start"]
+
+_CHUNK_TEXT = 0
+_KEEP_CHUNKS = 64  # media chunks kept for evaluation (the prompts in flight, and then some)
+
+
+def is_media(token: int) -> bool:
+    return token < 0
+
+
+def placeholder(bitmap_hash: str) -> int:
+    """A medium's placeholder id: negative, and the same for the same bitmap hash."""
+    return -1 - int(bitmap_hash[:7] or "0", 16)
+
+
+def media_start(tokens: list[int], keep: int) -> int:
+    """``keep`` moved back to the start of the medium it would cut in two (a medium is evaluated whole)."""
+    while 0 < keep < len(tokens) and is_media(tokens[keep]) and tokens[keep - 1] == tokens[keep]:
+        keep -= 1
+    return keep
+
+
+@dataclass(frozen=True)
+class MediaTokens:
+    """A prompt with media as one token list, and llama.rn's tokenize fields."""
+
+    tokens: list[int]
+    bitmap_hashes: list[str]
+    chunk_pos: list[int]  # where each chunk (text or medium) starts in ``tokens``
+    chunk_pos_media: list[int]  # where each medium starts
+
+
+class Projector:
+    """One loaded mmproj file over the adapter's model."""
+
+    def __init__(self, model: Any, path: str, use_gpu: bool, n_threads: int, image_min_tokens: int,
+                 image_max_tokens: int, n_embd: int, detail: Callable[[], str]) -> None:
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"init_multimodal: the projector file {path!r} does not exist")
+        cparams = mtmd.mtmd_context_params_default()
+        cparams.use_gpu = use_gpu
+        cparams.n_threads = n_threads
+        cparams.warmup = False  # the first image pays the graph build; loading stays fast
+        cparams.print_timings = False
+        cparams.media_marker = MEDIA_MARKER.encode()
+        cparams.image_min_tokens, cparams.image_max_tokens = image_min_tokens, image_max_tokens
+        self._ctx = mtmd.mtmd_init_from_file(path.encode(), model, cparams)
+        if not self._ctx:
+            why = detail()
+            if "n_embd" in why or "mismatch" in why:
+                raise ModelLoadError(f"init_multimodal: the projector {os.path.basename(path)} does not fit this model "
+                                     f"(its output size is not the model's n_embd {n_embd}: {why}); use the mmproj "
+                                     "file made for this model")
+            raise ModelLoadError(f"init_multimodal: llama.cpp could not load the projector {path}"
+                                 + (f" ({why})" if why else ""))
+        self.vision = bool(mtmd.mtmd_support_vision(self._ctx))
+        self.audio = bool(mtmd.mtmd_support_audio(self._ctx))
+        self._lock = threading.Lock()
+        self._chunks: collections.OrderedDict[int, Any] = collections.OrderedDict()  # placeholder -> owned chunk
+
+    def close(self) -> None:
+        with self._lock:
+            for chunk in self._chunks.values():
+                mtmd.mtmd_input_chunk_free(chunk)
+            self._chunks.clear()
+            if self._ctx:
+                mtmd.mtmd_free(self._ctx)
+                self._ctx = None
+
+    def _bitmap(self, medium: Media, i: int) -> Any:
+        kind = "audio" if medium.is_audio else "image"
+        if kind == "audio" and not self.audio:
+            raise MediaError(f"media {i} ({medium.source[:60]}) is audio, and this projector takes images only; "
+                             "load an audio projector with init_multimodal")
+        if kind == "image" and not self.vision:
+            raise MediaError(f"media {i} ({medium.source[:60]}) is an image, and this projector takes audio only")
+        buf = (ctypes.c_uint8 * len(medium.data)).from_buffer_copy(medium.data)
+        bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(medium.data), False)
+        if not bitmap:
+            raise MediaError(f"media {i} ({medium.source[:60]}): cannot decode it as an {kind} (is the file corrupt, "
+                             "or of a format llama.cpp does not read? images: PNG, JPEG, BMP, GIF; audio: WAV, MP3)")
+        return bitmap
+
+    def tokenize(self, text: str, media: list[Media], add_special: bool) -> MediaTokens:
+        n_markers = text.count(MEDIA_MARKER)
+        if n_markers != len(media):
+            raise MediaError(f"the prompt has {n_markers} media markers ({MEDIA_MARKER}) for {len(media)} media; put "
+                             "one marker where each medium goes")
+        bitmaps: list[Any] = []
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            for i, medium in enumerate(media):
+                bitmaps.append(self._bitmap(medium, i))
+            raw = text.encode("utf-8")
+            inp = mtmd.mtmd_input_text(raw, len(raw), add_special, True)
+            arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            rc = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
+            if rc != 0:
+                raise MediaError(f"llama.cpp could not prepare the media (mtmd_tokenize returned {rc})")
+            return self._walk(chunks)
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def _walk(self, chunks: Any) -> MediaTokens:
+        tokens: list[int] = []
+        hashes: list[str] = []
+        pos: list[int] = []
+        pos_media: list[int] = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            pos.append(len(tokens))
+            if mtmd.mtmd_input_chunk_get_type(chunk) == _CHUNK_TEXT:
+                n = ctypes.c_size_t(0)
+                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                tokens.extend(ptr[j] for j in range(n.value))
+                continue
+            n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            if mtmd.mtmd_input_chunk_get_n_pos(chunk) != n_tokens:
+                raise UnsupportedFeatureError("this projector places media on fewer positions than tokens (M-RoPE, "
+                                              "as Qwen2-VL does); llamacompat does not evaluate such projectors yet")
+            bitmap_hash = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
+            token = placeholder(bitmap_hash)
+            self._keep(token, chunk)
+            hashes.append(bitmap_hash)
+            pos_media.append(len(tokens))
+            tokens.extend([token] * n_tokens)
+        return MediaTokens(tokens, hashes, pos, pos_media)
+
+    def _keep(self, token: int, chunk: Any) -> None:
+        with self._lock:
+            if token in self._chunks:
+                self._chunks.move_to_end(token)
+                return
+            self._chunks[token] = mtmd.mtmd_input_chunk_copy(chunk)
+            while len(self._chunks) > _KEEP_CHUNKS:
+                mtmd.mtmd_input_chunk_free(self._chunks.popitem(last=False)[1])
+
+    def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any) -> int:
+        """Encode the medium ``token`` stands for and decode its embeddings at ``n_past``; its token count."""
+        with self._lock:
+            chunk = self._chunks.get(token)
+            if chunk is not None:
+                self._chunks.move_to_end(token)
+        if chunk is None:
+            raise GenerationError("a medium of this prompt is no longer at hand (tokenized too long ago); send the "
+                                  "prompt again")
+        if stop is not None and stop.is_set():  # before the encoder, which cannot be interrupted
+            raise Interrupted()
+        new_n_past = lc.llama_pos(0)
+        rc = mtmd.mtmd_helper_eval_chunk_single(self._ctx, lctx, chunk, n_past, 0, n_batch, True,
+                                                ctypes.byref(new_n_past))
+        if stop is not None and stop.is_set():
+            raise Interrupted()
+        if rc != 0:
+            raise GenerationError(f"llama.cpp failed to evaluate a medium (mtmd_helper_eval_chunk_single returned {rc})")
+        return int(new_n_past.value) - n_past

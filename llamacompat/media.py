@@ -1,0 +1,84 @@
+"""Media references (llama.rn's ``media_paths`` and chat ``image_url`` / ``input_audio`` parts) → bytes.
+
+One place reads media for every core: a local path, a ``file://`` URL or a ``data:`` URL with base64. An
+http(s) URL is refused (llamacompat never downloads). Files are size-limited before they are read, so a
+wrong path to a huge file fails fast; what the bytes hold (a decodable image, a projector that takes audio)
+is the runtime's to judge.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidParamsError, MediaError, UnsupportedFeatureError
+
+__all__ = ["MEDIA_MARKER", "MAX_MEDIA_BYTES", "AUDIO_FORMATS", "Media", "load_media", "media_paths_param",
+           "audio_data_url"]
+
+MEDIA_MARKER = "<__media__>"  # llama.rn's RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER, where each medium goes in a prompt
+MAX_MEDIA_BYTES = 32 * 1024 * 1024  # one image or sound; far above a photo, and what the bridge forwards at most
+AUDIO_FORMATS = ("wav", "mp3")  # what llama.cpp's miniaudio decodes (llama.rn's input_audio formats)
+_AUDIO_MAGIC = (b"RIFF", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
+
+
+
+@dataclass(frozen=True)
+class Media:
+    data: bytes
+    source: str  # what the caller gave (a path, or the start of a data: URL), for messages
+
+    @property
+    def is_audio(self) -> bool:
+        return self.data.startswith(_AUDIO_MAGIC)
+
+
+def audio_data_url(data: str, fmt: str) -> str:
+    """llama.rn's ``input_audio`` part as a data URL; a format other than wav/mp3 is llama.rn's error."""
+    if fmt not in AUDIO_FORMATS:
+        raise UnsupportedFeatureError(f"Unsupported audio format: {fmt}")
+    return f"data:audio/{fmt};base64,{data}"
+
+
+def media_paths_param(value: Any, where: str) -> list[str]:
+    """llama.rn's ``media_paths``: a string or a list of strings (native needs a list)."""
+    if value is None:
+        return []
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) and p for p in paths):
+        raise InvalidParamsError(f"{where}: 'media_paths' must be a path or a list of non-empty paths, got {value!r}")
+    return list(paths)
+
+
+def load_media(ref: str, where: str) -> Media:
+    """The bytes ``ref`` names (a path, ``file://`` or ``data:``), at most ``MAX_MEDIA_BYTES``."""
+    if ref.startswith(("http://", "https://")):
+        raise UnsupportedFeatureError(f"{where}: {ref[:80]!r} is a web URL; llamacompat never downloads media: "
+                                      "fetch it yourself and pass a path or a data: URL")
+    if ref.startswith("data:"):
+        head, sep, payload = ref.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise MediaError(f"{where}: a data: URL must be 'data:<type>;base64,<data>', got {ref[:40]!r}...")
+        if len(payload) > MAX_MEDIA_BYTES * 4 // 3 + 4:
+            raise MediaError(f"{where}: the medium in {head!r} is over {MAX_MEDIA_BYTES >> 20} MiB; send a smaller one")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaError(f"{where}: the data: URL ({head}) is not valid base64") from None
+        return Media(data, head)
+    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_MEDIA_BYTES:
+            raise MediaError(f"{where}: {path} is {size >> 20} MiB, over the {MAX_MEDIA_BYTES >> 20} MiB a medium may "
+                             "have; scale it down first")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise MediaError(f"{where}: cannot read the medium {path!r} ({err.strerror or err}); check the path") from None
+    if not data:
+        raise MediaError(f"{where}: {path} is empty")
+    return Media(data, path)
