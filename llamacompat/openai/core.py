@@ -123,7 +123,8 @@ class OpenAICore:
             vector = self._embed("probe")
         except (UnsupportedFeatureError, InvalidParamsError, GenerationError) as err:
             logger.info("openai: the server has no embeddings: %s", err)
-            self._embedding_error = err.detail
+            fix = " (start llama-server with --embeddings)" if self.facts.dialect.name == "llama-server" else ""
+            self._embedding_error = err.detail + fix
             return
         self._features["embedding"] = "native"
         self.facts.n_embd = self.facts.n_embd or len(vector)
@@ -167,14 +168,23 @@ class OpenAICore:
         return text
 
     def _embed(self, text: str) -> list[float]:
-        reply = self._session.post("/v1/embeddings", {"model": self.facts.model, "input": text})
+        try:
+            reply = self._session.post("/v1/embeddings", {"model": self.facts.model, "input": text})
+            path = "/v1/embeddings"
+        except InvalidParamsError as err:
+            # llama-server with a generative model pools 'none' by default and refuses /v1/embeddings; its own
+            # /embeddings serves the per-token rows, pooled below as the local backends pool them
+            if self.facts.dialect.name != "llama-server" or "pooling type 'none'" not in err.detail.lower():
+                raise
+            reply, path = self._session.post("/embeddings", {"content": text}), "/embeddings"
+            reply = {"data": reply} if isinstance(reply, list) else reply
         try:
             vector = reply["data"][0]["embedding"]
             if vector and isinstance(vector[0], list):  # per-token rows (a model without pooling): mean-pooled,
                 return np.asarray(vector, dtype=np.float64).mean(axis=0).tolist()  # as the local backends pool
             return [float(v) for v in vector]
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise GenerationError(f"embedding: unexpected reply from /v1/embeddings: {str(reply)[:200]}") from err
+            raise GenerationError(f"embedding: unexpected reply from {path}: {str(reply)[:200]}") from err
 
     def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
         text = P.text_argument(text, "embedding")
