@@ -80,6 +80,16 @@ def test_embeddings_are_pooled_as_in_process(server):
     assert len(remote) == 576 and cosine > 0.999
 
 
+def test_rerank_without_a_reranker_model_ranks_by_cosine(server):
+    """SmolLM2 is no reranker (the server refuses /v1/rerank without --pooling rank): cosine, as in process."""
+    with init_llama(server.params(embedding=True)) as ectx:
+        assert ectx.capabilities["features"]["rerank"] == "emulated"
+        docs = ["The weather is nice.", "The giant panda is a bear species endemic to China.", "hi"]
+        ranked = ectx.rerank("What is a panda bear?", docs)
+    assert sorted(r["index"] for r in ranked) == [0, 1, 2] and ranked[0]["index"] == 1
+    assert ranked[0]["score"] >= ranked[1]["score"] >= ranked[2]["score"]
+
+
 def test_timings_are_the_servers(ctx):
     """prompt_n / cache_n / the milliseconds come from the server's own timings (it measured them)."""
     prompt = "A long time ago, in a small village by the sea, there lived an old fisherman who"
@@ -88,6 +98,15 @@ def test_timings_are_the_servers(ctx):
     assert again["timings"]["cache_n"] > 0 and again["timings"]["prompt_n"] < first["timings"]["prompt_n"]
     assert first["timings"]["predicted_n"] == first["tokens_predicted"] == 4
     assert first["timings"]["predicted_ms"] > 0 and first["timings"]["prompt_ms"] > 0
+
+
+def test_formatted_chat_is_the_servers_rendering(ctx):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    formatted = ctx.get_formatted_chat(messages, None, {"json_schema": {"type": "object"}})
+    prompt = formatted["prompt"]  # SmolLM2's ChatML template, as llama-server renders it
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert formatted["grammar"] and "root" in formatted["grammar"]
+    assert ctx.capabilities["features"]["formatted_chat"] == "native"
 
 
 def _stream(context, prompt: str, n_predict: int, box: dict, stop_after: int | None = None) -> None:
