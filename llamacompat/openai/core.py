@@ -31,6 +31,7 @@ from ..errors import (
     LlamaError,
     UnsupportedFeatureError,
 )
+from ..grammars.schema import convert_json_schema_to_grammar
 from ..parallel.slots import CoreSlots, Slots
 from ..text_stream import TextStream
 from ..types import (
@@ -105,7 +106,8 @@ class OpenAICore:
         self._features: dict[str, str] = {
             "completion": "native", "streaming": "native", "stop": "emulated", "temperature": "native",
             **dialect.features(), "embedding": "missing", "bench": "missing", "session": "missing",
-            "interrupt_prompt": "emulated", "chat_template": "native", "formatted_chat": "missing",
+            "interrupt_prompt": "emulated", "chat_template": "native",
+            "formatted_chat": "native" if dialect.apply_template else "missing",
             "rerank": "missing", "lora": "missing",
         }
         self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
@@ -123,9 +125,18 @@ class OpenAICore:
             vector = self._embed("probe")
         except (UnsupportedFeatureError, InvalidParamsError, GenerationError) as err:
             logger.info("openai: the server has no embeddings: %s", err)
-            self._embedding_error = err.detail
+            fix = " (start llama-server with --embeddings)" if self.facts.dialect.name == "llama-server" else ""
+            self._embedding_error = err.detail + fix
             return
         self._features["embedding"] = "native"
+        # rerank: a reranker model's own scores (llama-server started with --pooling rank), else cosine similarity
+        self._features["rerank"] = "emulated"
+        if self.facts.dialect.rerank is not None:
+            try:
+                self._rank("probe", ["probe"])
+                self._features["rerank"] = "native"
+            except LlamaError as err:
+                logger.info("openai: the server does not rerank (%s); rerank uses cosine similarity", err)
         self.facts.n_embd = self.facts.n_embd or len(vector)
         self.model["n_embd"] = self.facts.n_embd
 
@@ -168,14 +179,23 @@ class OpenAICore:
         return text
 
     def _embed(self, text: str) -> list[float]:
-        reply = self._session.post("/v1/embeddings", {"model": self.facts.model, "input": text})
+        try:
+            reply = self._session.post("/v1/embeddings", {"model": self.facts.model, "input": text})
+            path = "/v1/embeddings"
+        except InvalidParamsError as err:
+            # llama-server with a generative model pools 'none' by default and refuses /v1/embeddings; its own
+            # /embeddings serves the per-token rows, pooled below as the local backends pool them
+            if self.facts.dialect.name != "llama-server" or "pooling type 'none'" not in err.detail.lower():
+                raise
+            reply, path = self._session.post("/embeddings", {"content": text}), "/embeddings"
+            reply = {"data": reply} if isinstance(reply, list) else reply
         try:
             vector = reply["data"][0]["embedding"]
             if vector and isinstance(vector[0], list):  # per-token rows (a model without pooling): mean-pooled,
                 return np.asarray(vector, dtype=np.float64).mean(axis=0).tolist()  # as the local backends pool
             return [float(v) for v in vector]
         except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise GenerationError(f"embedding: unexpected reply from /v1/embeddings: {str(reply)[:200]}") from err
+            raise GenerationError(f"embedding: unexpected reply from {path}: {str(reply)[:200]}") from err
 
     def embedding(self, text: str, params: Mapping[str, Any] | None) -> EmbeddingResult:
         text = P.text_argument(text, "embedding")
@@ -187,14 +207,62 @@ class OpenAICore:
     # -- what an OpenAI server does not offer --------------------------------
     def get_formatted_chat(self, messages: Any, template: str | None, params: Mapping[str, Any] | None,
                            strict: bool) -> dict[str, Any]:
-        raise UnsupportedFeatureError("get_formatted_chat: an OpenAI-compatible server applies its chat template "
-                                      "itself and does not expose the rendered prompt")
+        """llama-server renders the prompt its chat completions would use (POST /apply-template); other OpenAI
+        servers do not expose it."""
+        if self.facts.dialect.apply_template is None:
+            raise UnsupportedFeatureError("get_formatted_chat: an OpenAI-compatible server applies its chat template "
+                                          f"itself, and this {self.facts.dialect.name} server does not expose the "
+                                          "rendered prompt")
+        if template is not None:
+            raise UnsupportedFeatureError("get_formatted_chat: 'template' cannot be honoured: the server renders "
+                                          "its own chat template")
+        p = P.validate(params, {name: P.COMPLETION_FIELDS[name] for name in P.CHAT_FIELDS}, "get_formatted_chat")
+        body: dict[str, Any] = {"messages": P.completion_params({"messages": messages}, strict)["messages"]}
+        if p["tools"]:
+            body["tools"] = p["tools"]
+        reply = self._session.post(self.facts.dialect.apply_template, body)
+        prompt = reply.get("prompt") if isinstance(reply, dict) else None
+        if not isinstance(prompt, str):
+            raise GenerationError(f"get_formatted_chat: unexpected reply from {self.facts.dialect.apply_template}: "
+                                  f"{str(reply)[:200]}")
+        schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
+        grammar = convert_json_schema_to_grammar(schema, strict=strict) if schema is not None else ""
+        return {"type": "jinja", "prompt": prompt, "chat_format": 0, "grammar": grammar, "grammar_lazy": False,
+                "grammar_triggers": [], "preserved_tokens": [], "additional_stops": [], "generation_prompt": "",
+                "thinking_forced_open": False, "has_media": False, "media_paths": []}
 
     def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
         raise UnsupportedFeatureError("bench: not available over the OpenAI API; time completions instead")
 
+    def _rank(self, query: str, documents: list[str]) -> list[float]:
+        path = self.facts.dialect.rerank or "/v1/rerank"
+        reply = self._session.post(path, {"model": self.facts.model, "query": query, "documents": documents})
+        try:
+            scores = [0.0] * len(documents)
+            for item in reply["results"]:
+                scores[item["index"]] = float(item["relevance_score"])
+            return scores
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise GenerationError(f"rerank: unexpected reply from {path}: {str(reply)[:200]}") from err
+
     def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None) -> list[RerankResult]:
-        raise UnsupportedFeatureError("rerank: not available over the OpenAI API")
+        query = P.text_argument(query, "rerank", "query")
+        if not isinstance(documents, (list, tuple)):
+            raise InvalidParamsError("rerank: documents must be a list of strings")
+        documents = [P.text_argument(doc, "rerank", f"documents[{i}]") for i, doc in enumerate(documents)]
+        P.validate(params, P.RERANK_FIELDS, "rerank")
+        P.require_embedding(self.params, "rerank")
+        if self._features["rerank"] == "missing":
+            raise UnsupportedFeatureError(f"rerank needs embeddings, not available from this server: "
+                                          f"{self._embedding_error}")
+        if self._features["rerank"] == "native":
+            scores = self._rank(query, documents) if documents else []
+        else:  # as the local backends rank with an embedding model: cosine similarity of L2-normalised embeddings
+            target = np.asarray(normalize_embedding(self._embed(query), 2))
+            scores = [float(target @ np.asarray(normalize_embedding(self._embed(doc), 2))) for doc in documents]
+        ranked = [RerankResult(score=score, index=i, document=doc)
+                  for i, (score, doc) in enumerate(zip(scores, documents, strict=True))]
+        return sorted(ranked, key=lambda r: -r["score"])
 
     def apply_lora_adapters(self, lora_list: Any) -> None:
         raise UnsupportedFeatureError("apply_lora_adapters: an OpenAI-compatible server loads its adapters itself")
