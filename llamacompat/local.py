@@ -146,6 +146,7 @@ class LocalCore:
     def __init__(self, adapter: Adapter, params: dict[str, Any]) -> None:
         self.adapter = adapter
         self.params = params
+        self.media_files = True  # media paths are read here; a bridge server sets False (data: URLs only)
         self.backend = adapter.name
         self.n_vocab = adapter.n_vocab
         self.gpu, self.reason_no_gpu, self.devices = adapter.gpu, adapter.reason_no_gpu, list(adapter.devices)
@@ -316,7 +317,7 @@ class LocalCore:
         self.require("multimodal", f"{where}: media (images, audio)")
         if not self.adapter.multimodal_enabled:
             raise MultimodalNotEnabledError()
-        media = [load_media(ref, f"{where}: media {i}") for i, ref in enumerate(refs)]
+        media = [load_media(ref, f"{where}: media {i}", self.media_files) for i, ref in enumerate(refs)]
         return self.adapter.tokenize_media(text, media, add_special)
 
     def _tokens_with_media(self, text: str, refs: list[str], add_special: bool, where: str) -> list[int]:

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import InvalidParamsError, MediaError, UnsupportedFeatureError
 
 __all__ = ["MEDIA_MARKER", "MAX_MEDIA_BYTES", "AUDIO_FORMATS", "Media", "load_media", "media_paths_param",
-           "audio_data_url"]
+           "audio_data_url", "inline_media"]
 
 MEDIA_MARKER = "<__media__>"  # llama.rn's RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER, where each medium goes in a prompt
 MAX_MEDIA_BYTES = 32 * 1024 * 1024  # one image or sound; far above a photo, and what the bridge forwards at most
@@ -53,8 +53,11 @@ def media_paths_param(value: Any, where: str) -> list[str]:
     return list(paths)
 
 
-def load_media(ref: str, where: str) -> Media:
-    """The bytes ``ref`` names (a path, ``file://`` or ``data:``), at most ``MAX_MEDIA_BYTES``."""
+def load_media(ref: str, where: str, files: bool = True) -> Media:
+    """The bytes ``ref`` names (a path, ``file://`` or ``data:``), at most ``MAX_MEDIA_BYTES``.
+
+    ``files=False`` (a bridge server) takes only ``data:`` URLs: a client must not make the server read its files.
+    """
     if ref.startswith(("http://", "https://")):
         raise UnsupportedFeatureError(f"{where}: {ref[:80]!r} is a web URL; llamacompat never downloads media: "
                                       "fetch it yourself and pass a path or a data: URL")
@@ -69,6 +72,9 @@ def load_media(ref: str, where: str) -> Media:
         except (binascii.Error, ValueError):
             raise MediaError(f"{where}: the data: URL ({head}) is not valid base64") from None
         return Media(data, head)
+    if not files:
+        raise MediaError(f"{where}: the bridge server reads no media files a client names ({ref[:80]!r}); send the "
+                         "bytes as a data: URL (the bridge client does this for its own paths)")
     path = ref[len("file://"):] if ref.startswith("file://") else ref
     try:
         size = os.path.getsize(path)
@@ -82,3 +88,12 @@ def load_media(ref: str, where: str) -> Media:
     if not data:
         raise MediaError(f"{where}: {path} is empty")
     return Media(data, path)
+
+
+def inline_media(ref: str, where: str) -> str:
+    """``ref`` as a ``data:`` URL (a path or ``file://`` read here), so another process needs no file of ours."""
+    if ref.startswith("data:"):
+        return ref
+    medium = load_media(ref, where)
+    kind = "audio" if medium.is_audio else "image"
+    return f"data:{kind}/octet-stream;base64," + base64.b64encode(medium.data).decode()

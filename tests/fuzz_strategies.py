@@ -248,6 +248,12 @@ METHOD_PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "ping": st.just({}),
     "status": st.just({}),
     "auth": st.fixed_dictionaries({}, optional={"token": JSON}),
+    "init_multimodal": st.fixed_dictionaries({}, optional={"params": st.fixed_dictionaries({}, optional={
+        "path": st.sampled_from(["mmproj.gguf", "model.gguf", "../x", "/etc/passwd"]) | TEXT | JSON,
+        "use_gpu": st.booleans() | JSON, "image_min_tokens": INTS | JSON, "image_max_tokens": INTS | JSON}) | JSON}),
+    "release_multimodal": st.just({}),
+    "is_multimodal_enabled": st.just({}),
+    "get_multimodal_support": st.just({}),
 }
 assert set(METHOD_PARAMS) == set(METHODS), "a bridge method without a fuzz strategy: add it to METHOD_PARAMS"
 

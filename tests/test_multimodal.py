@@ -233,22 +233,39 @@ def test_complete_takes_images_with_mmproj(media, capsys):
     assert result["tokens_evaluated"] > IMAGE_TOKENS  # the image's tokens and the text's
 
 
-def test_the_bridge_forwards_multimodal_calls_and_inline_media(media, tmp_path):
-    from .bridge_helpers import Served
+def test_the_bridge_forwards_multimodal_calls_and_media_bytes_but_reads_no_client_named_file(media, tmp_path):
+    """The client sends media as bytes (its paths inlined as data: URLs); the server loads projectors from its
+    --models-dir only and reads no media file a client names."""
+    from llamacompat.errors import ModelLoadError
 
-    server = Served(str(tmp_path))
+    from .bridge_helpers import Raw, Served
+
+    server = Served(str(tmp_path), "--models-dir", media["folder"])
     assert server.started, server.log()
     try:
         with init_llama({"backend": "bridge", "socket": server.socket}) as ctx:
             with pytest.raises(MultimodalNotEnabledError):
                 ctx.tokenize(MARKER, {"media_paths": [media["img"]]})
+            with pytest.raises(ModelLoadError, match="outside the server's --models-dir"):
+                ctx.init_multimodal({"path": str(tmp_path / "elsewhere.gguf")})
             assert ctx.init_multimodal({"path": media["mmproj"], "use_gpu": False}) is True
             assert ctx.get_multimodal_support() == {"vision": True, "audio": False}
             data = "data:image/png;base64," + base64.b64encode(png_bytes(seed=1)).decode()  # bytes in the request
-            result = ctx.completion({"messages": chat(data), **GREEDY})
-            assert result["tokens_evaluated"] > IMAGE_TOKENS
+            inline = ctx.completion({"messages": chat(data), **GREEDY})
+            assert inline["tokens_evaluated"] > IMAGE_TOKENS
+            by_path = ctx.completion({"messages": chat(media["img"]), **GREEDY})  # the client reads it, sends bytes
+            assert by_path["text"] == inline["text"] and by_path["timings"]["cache_n"] >= IMAGE_TOKENS
+            local = ctx.tokenize(MARKER, {"media_paths": [media["img"]]})
+            assert local["has_media"] and local["bitmap_hashes"]
             with pytest.raises(MediaError, match="base64"):
                 ctx.tokenize(MARKER, {"media_paths": ["data:image/png;base64,@@"]})
+            raw = Raw(server.socket)  # a client that names a file of the server's: refused, the server goes on
+            try:
+                reply = raw.ask({"id": 1, "method": "tokenize",
+                                 "params": {"text": MARKER, "params": {"media_paths": [media["img"]]}}})
+                assert "reads no media files" in reply["error"]["message"], reply
+            finally:
+                raw.close()
             ctx.release_multimodal()
             assert ctx.is_multimodal_enabled() is False
     finally:

@@ -43,10 +43,11 @@ from ..errors import (
     compat_warning,
     error_from_code,
 )
+from ..media import inline_media
 from ..models import local_path, resolve_model
 from ..parallel.slots import CoreSlots, Slots
 from ..text_stream import drain
-from ..types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData
+from ..types import CompletionResult, EmbeddingResult, RerankResult, SessionLoadResult, TokenData, TokenizeResult
 from .protocol import MAX_LINE, STATE_FILE_PARAMS, EventText, default_socket, encode
 
 __all__ = ["BridgeCore", "connect", "BRIDGE_FIELDS"]
@@ -331,7 +332,7 @@ class BridgeCore:
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         """``completion`` on the server's model; safe to call from several threads at once."""
-        return self._forward(CALLS["completion"], (_state_paths(params), stop, strict))
+        return self._forward(CALLS["completion"], (_inline_media(_state_paths(params), "completion"), stop, strict))
 
     def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
         """Parallel mode: ``n_parallel`` requests at once over this connection, each with its own id and stop.
@@ -354,6 +355,14 @@ class BridgeCore:
     def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None) -> list[RerankResult]:
         P.require_embedding(self.params, "rerank")
         return self._forward(CALLS["rerank"], (query, documents, params))
+
+    def tokenize(self, text: str, params: Mapping[str, Any] | None) -> TokenizeResult:
+        return self._forward(CALLS["tokenize"], (text, _inline_media(params, "tokenize")))
+
+    def init_multimodal(self, params: Mapping[str, Any] | None) -> bool:
+        if isinstance(params, Mapping) and isinstance(params.get("path"), str) and params["path"]:
+            params = {**params, "path": os.path.abspath(local_path(params["path"]))}  # the server's folder is not ours
+        return bool(self._forward(CALLS["init_multimodal"], (params,)))
 
     def apply_lora_adapters(self, lora_list: Any) -> None:
         entries = P.lora_entries(lora_list, "apply_lora_adapters")
@@ -386,6 +395,39 @@ def _state_paths(params: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         return params
     return {**params, **{key: os.path.abspath(local_path(value)) for key in STATE_FILE_PARAMS
                          if isinstance(value := params.get(key), str) and value}}
+
+
+def _inline_media(params: Mapping[str, Any] | None, where: str) -> Mapping[str, Any] | None:
+    """Media named by path (``media_paths``, chat ``image_url`` / ``input_audio`` urls) travel as their bytes
+    (``data:`` URLs): the server reads no file a client names. Malformed shapes go as they are: the server
+    names what is wrong with them."""
+    if not isinstance(params, Mapping):
+        return params
+    out = dict(params)
+    refs = params.get("media_paths")
+    if isinstance(refs, str) or (isinstance(refs, list) and all(isinstance(r, str) and r for r in refs)):
+        out["media_paths"] = [inline_media(r, f"{where}: media {i}")
+                              for i, r in enumerate([refs] if isinstance(refs, str) else refs)]
+    messages = params.get("messages")
+    if isinstance(messages, list):
+        out["messages"] = [_inline_message(m, f"{where}: messages[{i}]") for i, m in enumerate(messages)]
+    return out
+
+
+def _inline_message(message: Any, where: str) -> Any:
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        body = part.get(kind) if kind in ("image_url", "input_audio") else None
+        if isinstance(body, dict) and isinstance(body.get("url"), str) and body["url"]:
+            part = {**part, kind: {**body, "url": inline_media(body["url"], f"{where}.content[{j}]")}}
+        elif kind == "image_url" and isinstance(body, str) and body:
+            part = {**part, kind: inline_media(body, f"{where}.content[{j}]")}
+        parts.append(part)
+    return {**message, "content": parts}
 
 
 def _server_path(path: Any, action: str) -> Any:

@@ -270,13 +270,19 @@ class BridgeServer:
     # -- lifetime ------------------------------------------------------------
     def load(self) -> None:
         """Load the model named by the init params (before serving, so a bad model fails the start)."""
-        core = load_local(self._params)
+        core = self._load_core(self._params)
         try:
             self._pool = self._open_pool(core)
         except BaseException:
             core.close()
             raise
         self.core = core
+
+    @staticmethod
+    def _load_core(params: dict[str, Any]) -> LocalCore:
+        core = load_local(params)
+        core.media_files = False  # clients send media as bytes (data: URLs), never names of the server's files
+        return core
 
     def _open_pool(self, core: LocalCore) -> Pool | None:
         if self._parallel is None:
@@ -627,6 +633,8 @@ class BridgeServer:
         if method == "completion" and name == "params" and isinstance(value, dict):
             named = [key for key in STATE_FILE_PARAMS if value.get(key) is not None]
             return {**value, **{key: self._state_file(value[key], key) for key in named}} if named else value
+        if method == "init_multimodal" and name == "params" and isinstance(value, dict) and "path" in value:
+            return {**value, "path": self._model_file(value["path"], "multimodal projectors")}
         if name == "lora_list":
             return [{**entry, "path": self._model_file(entry["path"], "LoRA adapters")}
                     for entry in P.lora_entries(value, method)]
@@ -753,7 +761,7 @@ class BridgeServer:
         a pool to go to; then the old pool closes: its running requests end ``interrupted``, its queued ones
         are cancelled (every promise settles, every client is answered), and the old model is freed.
         """
-        new = load_local({**self._params, "model": self._model_file(path)})
+        new = self._load_core({**self._params, "model": self._model_file(path)})
         try:
             pool = self._open_pool(new)
         except BaseException:
