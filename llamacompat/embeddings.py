@@ -1,12 +1,14 @@
-"""Embedding normalisation, as llama.cpp's ``common_embd_normalize`` (and so llama.rn)."""
+"""Embedding normalisation, as llama.cpp's ``common_embd_normalize`` (and so llama.rn), and rerank results."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["normalize_embedding"]
+from .types import RerankResult
+
+__all__ = ["normalize_embedding", "cosine_scores", "ranked"]
 
 
 def normalize_embedding(values: Sequence[float], mode: int) -> list[float]:
@@ -23,3 +25,16 @@ def normalize_embedding(values: Sequence[float], mode: int) -> list[float]:
     else:
         norm = (np.abs(vec) ** mode).sum() ** (1.0 / mode)
     return (vec / norm if norm > 0 else np.zeros_like(vec)).tolist()
+
+
+def cosine_scores(embed: Callable[[str], Sequence[float]], query: str, documents: list[str]) -> list[float]:
+    """How an embedding model ranks (no reranker head): cosine similarity of each document to the query."""
+    target = np.asarray(normalize_embedding(embed(query), 2))
+    return [float(target @ np.asarray(normalize_embedding(embed(doc), 2))) for doc in documents]
+
+
+def ranked(scores: Sequence[float], documents: list[str]) -> list[RerankResult]:
+    """llama.rn's rerank result: every document with its score and index, best first."""
+    results = [RerankResult(score=float(score), index=i, document=doc)
+               for i, (score, doc) in enumerate(zip(scores, documents, strict=True))]
+    return sorted(results, key=lambda r: -r["score"])

@@ -14,14 +14,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Generator, Literal, Mapping
 
-import numpy as np
-
 from . import params as P
 from .adapters.base import Adapter, SamplingParams
 from .chat import ChatOptions, FormattedChat, ReplyParser, TemplateTokens, format_chat
 from .chat.formats import CONTENT
 from .chat.template import RenderStopped, render_stop, template_caps
-from .embeddings import normalize_embedding
+from .embeddings import cosine_scores, normalize_embedding, ranked
 from .engine import CompletionRequest, ThinkingBudget, generate
 from .errors import (
     InvalidParamsError,
@@ -354,23 +352,15 @@ class LocalCore:
 
     def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None,
                on: Adapter | None = None) -> list[RerankResult]:
-        query = P.text_argument(query, "rerank", "query")
-        if not isinstance(documents, (list, tuple)):
-            raise InvalidParamsError("rerank: documents must be a list of strings")
-        documents = [P.text_argument(doc, "rerank", f"documents[{i}]") for i, doc in enumerate(documents)]
-        P.validate(params, P.RERANK_FIELDS, "rerank")
-        P.require_embedding(self.params, "rerank")
+        query, documents = P.rerank_arguments(query, documents, params, self.params)
         self.require("rerank", "rerank")
         adapter, on = self.adapter, on or self.adapter
         if adapter.capabilities.features.get("rerank") == "native":
             query_tokens = adapter.tokenize(query, False)
             scores = [on.rank(query_tokens, adapter.tokenize(doc, False)) for doc in documents]
-        else:  # an embedding model ranks by cosine similarity (dot products of L2-normalised embeddings)
-            target = np.asarray(self._embed(query, 2, on)["embedding"])
-            scores = [float(target @ np.asarray(self._embed(doc, 2, on)["embedding"])) for doc in documents]
-        ranked = [RerankResult(score=float(score), index=i, document=doc)
-                  for i, (score, doc) in enumerate(zip(scores, documents, strict=True))]
-        return sorted(ranked, key=lambda r: -r["score"])
+        else:
+            scores = cosine_scores(lambda text: self._embed(text, -1, on)["embedding"], query, documents)
+        return ranked(scores, documents)
 
     # -- LoRA adapters and the cache ---------------------------------------------
     def apply_lora_adapters(self, lora_list: Any, where: str = "apply_lora_adapters") -> None:

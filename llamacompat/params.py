@@ -577,6 +577,17 @@ def embedding_normalize(params: Mapping[str, Any] | None, init: Mapping[str, Any
     return p["embd_normalize"] if params and "embd_normalize" in params else init["embd_normalize"]
 
 
+def rerank_arguments(query: Any, documents: Any, params: Any, init: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """``rerank``'s query and documents, checked (and its params, and that the context embeds)."""
+    query = text_argument(query, "rerank", "query")
+    if not isinstance(documents, (list, tuple)):
+        raise InvalidParamsError("rerank: documents must be a list of strings")
+    texts = [text_argument(doc, "rerank", f"documents[{i}]") for i, doc in enumerate(documents)]
+    validate(params, RERANK_FIELDS, "rerank")
+    require_embedding(init, "rerank")
+    return query, texts
+
+
 def require_embedding(init: Mapping[str, Any], what: str) -> None:
     if not init["embedding"]:
         hint = " (and 'pooling_type': 'rank' for a reranker model)" if what == "rerank" else ""

@@ -193,11 +193,13 @@ def test_bad_params_raise_invalid_params_and_context_survives(ctx, params, messa
     assert ctx.completion({"prompt": "Hi", "n_predict": 1})["tokens_predicted"] == 1
 
 
-def test_unimplemented_llama_rn_features_are_refused_not_ignored(ctx):
-    from llamacompat import UnsupportedFeatureError
+def test_media_without_a_projector_get_llama_rns_error_and_the_context_goes_on(ctx):
+    from llamacompat.errors import MultimodalNotEnabledError
 
-    with pytest.raises(UnsupportedFeatureError, match="media"):
+    with pytest.raises(MultimodalNotEnabledError) as caught:
         ctx.completion({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]}]})
+    assert str(caught.value) == "Multimodal support not enabled. Call initMultimodal first."
+    assert ctx.completion({"prompt": "Hi", "n_predict": 1})["tokens_predicted"] == 1
 
 
 def test_text_parts_are_joined_like_llama_rn(ctx):

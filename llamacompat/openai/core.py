@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .. import params as P
-from ..embeddings import normalize_embedding
+from ..embeddings import cosine_scores, normalize_embedding, ranked
 from ..errors import (
     GenerationError,
     InvalidParamsError,
@@ -246,23 +246,15 @@ class OpenAICore:
             raise GenerationError(f"rerank: unexpected reply from {path}: {str(reply)[:200]}") from err
 
     def rerank(self, query: str, documents: list[str], params: Mapping[str, Any] | None) -> list[RerankResult]:
-        query = P.text_argument(query, "rerank", "query")
-        if not isinstance(documents, (list, tuple)):
-            raise InvalidParamsError("rerank: documents must be a list of strings")
-        documents = [P.text_argument(doc, "rerank", f"documents[{i}]") for i, doc in enumerate(documents)]
-        P.validate(params, P.RERANK_FIELDS, "rerank")
-        P.require_embedding(self.params, "rerank")
+        query, documents = P.rerank_arguments(query, documents, params, self.params)
         if self._features["rerank"] == "missing":
             raise UnsupportedFeatureError(f"rerank needs embeddings, not available from this server: "
                                           f"{self._embedding_error}")
         if self._features["rerank"] == "native":
             scores = self._rank(query, documents) if documents else []
-        else:  # as the local backends rank with an embedding model: cosine similarity of L2-normalised embeddings
-            target = np.asarray(normalize_embedding(self._embed(query), 2))
-            scores = [float(target @ np.asarray(normalize_embedding(self._embed(doc), 2))) for doc in documents]
-        ranked = [RerankResult(score=score, index=i, document=doc)
-                  for i, (score, doc) in enumerate(zip(scores, documents, strict=True))]
-        return sorted(ranked, key=lambda r: -r["score"])
+        else:  # as the local backends rank with an embedding model
+            scores = cosine_scores(self._embed, query, documents)
+        return ranked(scores, documents)
 
     def apply_lora_adapters(self, lora_list: Any) -> None:
         raise UnsupportedFeatureError("apply_lora_adapters: an OpenAI-compatible server loads its adapters itself")
