@@ -182,7 +182,7 @@ def test_killed_mid_stream_then_restarted_on_the_same_port():
 
         worker = threading.Thread(target=run)
         worker.start()
-        assert got_token.wait(60)
+        assert got_token.wait(60), f"no token in 60 s: {box or 'the request still waits'}"
         private.kill()
         worker.join(30)
         assert not worker.is_alive() and isinstance(box.get("error"), BackendUnavailableError), box
