@@ -442,8 +442,7 @@ class LocalCore:
         if not p["path"]:
             raise InvalidParamsError("init_multimodal: 'path' (the mmproj GGUF file) is required")
         self.require("multimodal", "init_multimodal")
-        path = p["path"][len("file://"):] if p["path"].startswith("file://") else p["path"]
-        self.adapter.init_multimodal(path, p["use_gpu"], p["image_min_tokens"], p["image_max_tokens"])
+        self.adapter.init_multimodal(local_path(p["path"]), p["use_gpu"], p["image_min_tokens"], p["image_max_tokens"])
         return True
 
     def is_multimodal_enabled(self) -> bool:

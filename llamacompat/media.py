@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidParamsError, MediaError, UnsupportedFeatureError
+from .models import local_path
 
 __all__ = ["MEDIA_MARKER", "MAX_MEDIA_BYTES", "AUDIO_FORMATS", "Media", "load_media", "media_paths_param",
            "audio_data_url", "inline_media"]
@@ -75,7 +76,7 @@ def load_media(ref: str, where: str, files: bool = True) -> Media:
     if not files:
         raise MediaError(f"{where}: the bridge server reads no media files a client names ({ref[:80]!r}); send the "
                          "bytes as a data: URL (the bridge client does this for its own paths)")
-    path = ref[len("file://"):] if ref.startswith("file://") else ref
+    path = local_path(ref)
     try:
         size = os.path.getsize(path)
         if size > MAX_MEDIA_BYTES:
