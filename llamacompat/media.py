@@ -12,19 +12,19 @@ import base64
 import binascii
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import InvalidParamsError, MediaError, UnsupportedFeatureError
 from .models import local_path
 
 __all__ = ["MEDIA_MARKER", "MAX_MEDIA_BYTES", "AUDIO_FORMATS", "Media", "load_media", "media_paths_param",
-           "audio_data_url", "inline_media"]
+           "audio_data_url", "inline_media", "check_media"]
 
 MEDIA_MARKER = "<__media__>"  # llama.rn's RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER, where each medium goes in a prompt
 MAX_MEDIA_BYTES = 32 * 1024 * 1024  # one image or sound; far above a photo, and what the bridge forwards at most
 AUDIO_FORMATS = ("wav", "mp3")  # what llama.cpp's miniaudio decodes (llama.rn's input_audio formats)
-_AUDIO_MAGIC = (b"RIFF", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
-
+_MP3_MAGIC = (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")  # an ID3 tag, or an MPEG audio frame
+_IMAGE_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"))
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,27 @@ class Media:
 
     @property
     def is_audio(self) -> bool:
-        return self.data.startswith(_AUDIO_MAGIC)
+        return self._is_wav or self.data.startswith(_MP3_MAGIC)
+
+    @property
+    def _is_wav(self) -> bool:  # RIFF is also WebP's container: the form type tells them apart
+        return self.data[:4] == b"RIFF" and self.data[8:12] == b"WAVE"
+
+    @property
+    def mime_type(self) -> str:
+        """What the bytes are, from their first bytes (servers want ``data:image/...`` or ``data:audio/...``)."""
+        if self.is_audio:
+            return "audio/wav" if self._is_wav else "audio/mpeg"
+        for magic, kind in _IMAGE_MAGIC:
+            if self.data.startswith(magic):
+                return kind
+        if self.data[:4] == b"RIFF" and self.data[8:12] == b"WEBP":
+            return "image/webp"
+        return "image/octet-stream"  # the runtime judges whether it decodes
+
+    @property
+    def data_url(self) -> str:
+        return f"data:{self.mime_type};base64," + base64.b64encode(self.data).decode()
 
 
 def audio_data_url(data: str, fmt: str) -> str:
@@ -91,10 +111,22 @@ def load_media(ref: str, where: str, files: bool = True) -> Media:
     return Media(data, path)
 
 
+def check_media(media: list[Media], support: Mapping[str, bool], text: str | None = None) -> None:
+    """Media a projector with ``support`` (``{"vision", "audio"}``) takes, one per media marker of ``text`` (None:
+    a chat, whose parts each become a marker)."""
+    if text is not None and (n_markers := text.count(MEDIA_MARKER)) != len(media):
+        raise MediaError(f"the prompt has {n_markers} media markers ({MEDIA_MARKER}) for {len(media)} media; put "
+                         "one marker where each medium goes")
+    for i, medium in enumerate(media):
+        if medium.is_audio and not support.get("audio"):
+            raise MediaError(f"media {i} ({medium.source[:60]}) is audio, and this projector takes images only; "
+                             "load an audio projector with init_multimodal")
+        if not medium.is_audio and not support.get("vision"):
+            raise MediaError(f"media {i} ({medium.source[:60]}) is an image, and this projector takes audio only")
+
+
 def inline_media(ref: str, where: str) -> str:
     """``ref`` as a ``data:`` URL (a path or ``file://`` read here), so another process needs no file of ours."""
     if ref.startswith("data:"):
         return ref
-    medium = load_media(ref, where)
-    kind = "audio" if medium.is_audio else "image"
-    return f"data:{kind}/octet-stream;base64," + base64.b64encode(medium.data).decode()
+    return load_media(ref, where).data_url

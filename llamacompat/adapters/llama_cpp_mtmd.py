@@ -22,7 +22,7 @@ import llama_cpp as lc
 import llama_cpp.mtmd_cpp as mtmd
 
 from ..errors import GenerationError, MediaError, ModelLoadError, UnsupportedFeatureError
-from ..media import MEDIA_MARKER, Media
+from ..media import MEDIA_MARKER, Media, check_media
 from .base import Interrupted
 
 __all__ = ["Projector", "MediaTokens", "is_media", "media_start"]
@@ -96,11 +96,6 @@ class Projector:
 
     def _bitmap(self, medium: Media, i: int) -> Any:
         kind = "audio" if medium.is_audio else "image"
-        if kind == "audio" and not self.audio:
-            raise MediaError(f"media {i} ({medium.source[:60]}) is audio, and this projector takes images only; "
-                             "load an audio projector with init_multimodal")
-        if kind == "image" and not self.vision:
-            raise MediaError(f"media {i} ({medium.source[:60]}) is an image, and this projector takes audio only")
         buf = (ctypes.c_uint8 * len(medium.data)).from_buffer_copy(medium.data)
         bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(medium.data), False)
         if not bitmap:
@@ -109,10 +104,7 @@ class Projector:
         return bitmap
 
     def tokenize(self, text: str, media: list[Media], add_special: bool) -> MediaTokens:
-        n_markers = text.count(MEDIA_MARKER)
-        if n_markers != len(media):
-            raise MediaError(f"the prompt has {n_markers} media markers ({MEDIA_MARKER}) for {len(media)} media; put "
-                             "one marker where each medium goes")
+        check_media(media, {"vision": self.vision, "audio": self.audio}, text)
         bitmaps: list[Any] = []
         chunks = mtmd.mtmd_input_chunks_init()
         try:

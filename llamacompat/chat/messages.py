@@ -19,9 +19,11 @@ from ..errors import InvalidParamsError
 from ..media import MEDIA_MARKER, audio_data_url
 from .template import Caps
 
-__all__ = ["validate_messages", "validate_tools", "shape_for_template", "joined_text", "media_refs"]
+__all__ = ["validate_messages", "validate_tools", "shape_for_template", "joined_text", "media_refs", "media_ref",
+           "MEDIA_PART_TYPES"]
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
+MEDIA_PART_TYPES = ("image_url", "input_audio")
 
 
 def _fail(where: str, problem: str) -> InvalidParamsError:
@@ -32,8 +34,8 @@ def _check_parts(content: list[Any], where: str) -> list[dict[str, str]]:
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("image_url", "input_audio"):
-            _media_ref(part, f"{where}[{j}]")  # checked here; media_refs collects them
+        if kind in MEDIA_PART_TYPES:
+            media_ref(part, f"{where}[{j}]")  # checked here; media_refs collects them
             kind, part = "text", {"type": "text", "text": MEDIA_MARKER}  # as llama.rn's JS does: a marker in the text
         if kind != "text" or not isinstance(part.get("text"), str):
             raise _fail(f"{where}[{j}]", f"must be {{'type': 'text', 'text': str}}, got {part!r}")
@@ -41,7 +43,7 @@ def _check_parts(content: list[Any], where: str) -> list[dict[str, str]]:
     return parts
 
 
-def _media_ref(part: dict[str, Any], where: str) -> str:
+def media_ref(part: dict[str, Any], where: str) -> str:
     """The reference of an ``image_url`` part (its url) or an ``input_audio`` part (a data: URL of its data)."""
     if part["type"] == "image_url":
         image = part.get("image_url")
@@ -68,8 +70,8 @@ def media_refs(messages: list[Any]) -> list[str]:
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         for j, part in enumerate(content if isinstance(content, list) else ()):
-            if isinstance(part, dict) and part.get("type") in ("image_url", "input_audio"):
-                refs.append(_media_ref(part, f"messages[{i}].content[{j}]"))
+            if isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES:
+                refs.append(media_ref(part, f"messages[{i}].content[{j}]"))
     return refs
 
 

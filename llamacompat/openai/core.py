@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .. import params as P
+from ..chat.messages import media_refs
 from ..embeddings import cosine_scores, normalize_embedding, ranked
 from ..errors import (
     GenerationError,
@@ -32,6 +33,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..grammars.schema import convert_json_schema_to_grammar
+from ..media import MEDIA_MARKER
 from ..parallel.slots import CoreSlots, Slots
 from ..text_stream import TextStream
 from ..types import (
@@ -46,7 +48,7 @@ from ..types import (
 )
 from .dialects import DIALECTS, ServerFacts, probe
 from .http import HttpSession, http_error
-from .request import CompletionPlan, plan_completion
+from .request import CompletionPlan, check_sendable, media_parts, plan_completion
 
 __all__ = ["OpenAICore", "connect", "OPENAI_FIELDS"]
 
@@ -109,7 +111,9 @@ class OpenAICore:
             "interrupt_prompt": "emulated", "chat_template": "native",
             "formatted_chat": "native" if dialect.apply_template else "missing",
             "rerank": "missing", "lora": "missing",
+            "multimodal": "native" if facts.modalities else "missing",
         }
+        self._media_on = facts.modalities is not None  # release_multimodal turns this context's media off
         self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
         self.devices: list[str] = []
         self.system_info = f"the model runs in an OpenAI-compatible server ({facts.dialect.name}) that does not report its system"
@@ -144,7 +148,7 @@ class OpenAICore:
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         tokenize = self._tokenize if self.facts.dialect.tokenize else None
-        plan = plan_completion(params, self.facts, strict, tokenize)
+        plan = plan_completion(params, self.facts, strict, tokenize, self._media_support())
         return (yield from _Run(self, plan, stop).events())
 
     # -- tokens, embedding ---------------------------------------------------
@@ -217,7 +221,11 @@ class OpenAICore:
             raise UnsupportedFeatureError("get_formatted_chat: 'template' cannot be honoured: the server renders "
                                           "its own chat template")
         p = P.validate(params, {name: P.COMPLETION_FIELDS[name] for name in P.CHAT_FIELDS}, "get_formatted_chat")
-        body: dict[str, Any] = {"messages": P.completion_params({"messages": messages}, strict)["messages"]}
+        messages = P.completion_params({"messages": messages}, strict)["messages"]
+        forwarded, media = media_parts(messages)
+        if media:
+            check_sendable(media, self.facts, self._media_support())
+        body: dict[str, Any] = {"messages": forwarded}
         if p["tools"]:
             body["tools"] = p["tools"]
         reply = self._session.post(self.facts.dialect.apply_template, body)
@@ -225,11 +233,13 @@ class OpenAICore:
         if not isinstance(prompt, str):
             raise GenerationError(f"get_formatted_chat: unexpected reply from {self.facts.dialect.apply_template}: "
                                   f"{str(reply)[:200]}")
+        if media and self.facts.media_marker:  # the server's own marker, as llama.rn's (a raw prompt takes it back)
+            prompt = prompt.replace(self.facts.media_marker, MEDIA_MARKER)
         schema = p["json_schema"] if p["json_schema"] is not None else P.response_format_schema(p["response_format"])
         grammar = convert_json_schema_to_grammar(schema, strict=strict) if schema is not None else ""
         return {"type": "jinja", "prompt": prompt, "chat_format": 0, "grammar": grammar, "grammar_lazy": False,
                 "grammar_triggers": [], "preserved_tokens": [], "additional_stops": [], "generation_prompt": "",
-                "thinking_forced_open": False, "has_media": False, "media_paths": []}
+                "thinking_forced_open": False, "has_media": bool(media), "media_paths": media_refs(messages) if media else []}
 
     def bench(self, pp: int, tg: int, pl: int, nr: int, stop: threading.Event) -> dict[str, Any]:
         raise UnsupportedFeatureError("bench: not available over the OpenAI API; time completions instead")
@@ -274,18 +284,34 @@ class OpenAICore:
     def save_session(self, path: str, token_size: int) -> int:
         raise UnsupportedFeatureError("save_session: an OpenAI-compatible server keeps its KV cache to itself")
 
+    # -- multimodal: the server's own projector (llama-server --mmproj); the context only turns its media on or off
     def init_multimodal(self, params: Mapping[str, Any] | None) -> bool:
-        raise UnsupportedFeatureError("init_multimodal: an OpenAI-compatible server loads its projector itself "
-                                      "(llama-server --mmproj)")
+        """True when the server takes media: its projector serves, and ``path`` (a file of this machine) is not
+        loaded (a server loads its projector at its start)."""
+        p = P.validate(params, P.MULTIMODAL_FIELDS, "init_multimodal")
+        if not p["path"]:
+            raise InvalidParamsError("init_multimodal: 'path' (the mmproj GGUF file) is required")
+        if self.facts.modalities is None:
+            hint = ("start llama-server with --mmproj FILE" if self.facts.dialect.name == "llama-server"
+                    else "this backend forwards no media to it")
+            raise UnsupportedFeatureError(f"init_multimodal: the {self.facts.dialect.name} server at "
+                                          f"{self._session.base_url} loads no projector ({hint})")
+        logger.info("openai: init_multimodal: the server's own projector serves; %s is not loaded", p["path"])
+        self._media_on = True
+        return True
 
     def is_multimodal_enabled(self) -> bool:
-        return False  # not known from here; media parts are not forwarded yet
+        return self._media_on
+
+    def _media_support(self) -> dict[str, bool] | None:
+        """What this context's media may be (``{"vision", "audio"}``); None while it sends none."""
+        return self.facts.modalities if self._media_on else None
 
     def get_multimodal_support(self) -> dict[str, bool]:
-        return {"vision": False, "audio": False}
+        return dict(self._media_support() or {"vision": False, "audio": False})
 
     def release_multimodal(self) -> None:
-        raise UnsupportedFeatureError("release_multimodal: an OpenAI-compatible server loads its projector itself")
+        self._media_on = False  # the server keeps its projector (other clients use it); this context sends no media
 
     def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
         """Parallel mode: concurrent streams, which the server batches (``n_batch`` is the server's own); one at a
@@ -354,6 +380,8 @@ class _Run:
             self.usage = chunk["usage"]
         if isinstance(chunk.get("timings"), dict):
             self.timings = chunk["timings"]
+        if "choices" not in chunk and isinstance(chunk.get("content"), str):
+            return self._read_native(chunk)
         choices = chunk.get("choices") or []
         if not choices:
             return "", [], None
@@ -378,6 +406,22 @@ class _Run:
         text = delta.get("content") or ""
         self.n_chunks += bool(text or note is not None)
         return text, probs, note
+
+    def _read_native(self, chunk: dict[str, Any]) -> tuple[str, list[CompletionProbability], str | None]:
+        """llama-server's native /completion chunk (a raw prompt's media go there): content, and at the end
+        stop_type with the counts."""
+        if chunk.get("stop"):
+            self.finish = "length" if chunk.get("stop_type") == "limit" else "stop"
+            self.usage = {key: chunk[name] for key, name in (("completion_tokens", "tokens_predicted"),
+                                                              ("prompt_tokens", "tokens_evaluated"))
+                          if isinstance(chunk.get(name), int)}
+        entries = chunk.get("completion_probabilities")
+        probs = (_probabilities({"content": entries}, self.plan.n_probs)
+                 if self.plan.n_probs and isinstance(entries, list) else [])
+        self.n_probs_seen += len(probs)
+        text = chunk["content"]
+        self.n_chunks += bool(text)
+        return text, probs, None
 
     def _add_tool_call(self, call: dict[str, Any]) -> None:
         slot = self.tool_calls.setdefault(call.get("index", len(self.tool_calls)),
@@ -442,8 +486,8 @@ class _Run:
 
     def _count_prompt(self) -> int:
         """The prompt's token count when the server sent no usage: its tokenize endpoint, for plain prompts."""
-        if self.plan.chat or self.core.facts.dialect.tokenize is None:
-            return 0
+        if self.plan.chat or self.core.facts.dialect.tokenize is None or not isinstance(self.plan.body["prompt"], str):
+            return 0  # a chat's template, or a prompt's media, are the server's to count
         try:
             return len(self.core._tokenize(self.plan.body["prompt"]))
         except LlamaError as err:

@@ -63,6 +63,9 @@ class Dialect:
     concurrent: bool = True
     rerank: str | None = None  # a Jina-style rerank endpoint (scores with a reranker model)
     apply_template: str | None = None  # renders a chat's prompt without generating (get_formatted_chat)
+    # media (image_url / input_audio parts): "props" (its /props says what its projector takes; raw prompts take
+    # media too), "forward" (sent; the server judges), "none" (refused: not verified to work)
+    media: str = "forward"
 
     def field_for(self, param: str) -> str | None:
         return STANDARD_FIELDS.get(param) or self.sampling.get(param)
@@ -96,6 +99,7 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
             detokenize=Endpoint("/extras/detokenize", "tokens", "text"),
             unlimited=(None,),  # its max_tokens defaults to 16; null is "until the context ends"
             grammar_tokens=False,  # the process aborts on them (std::runtime_error in the grammar sampler)
+            media="none",  # only with a llava chat handler set up at its start; not verified here
             # a second request interrupts the stream in progress (its interrupt_requests setting, on by default):
             # two parallel requests each ended after one token, without a finish_reason
             concurrent=False),
@@ -111,7 +115,7 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
             tokenize=Endpoint("/tokenize", "content", "tokens", {"add_special": False, "parse_special": True}),
             detokenize=Endpoint("/detokenize", "tokens", "content"),
             always={"cache_prompt": True}, unlimited=(-1,), reports_cache=True, template_kwargs=True,
-            reasoning_format=True, apply_template="/apply-template", rerank="/v1/rerank",
+            reasoning_format=True, apply_template="/apply-template", rerank="/v1/rerank", media="props",
             unsent={"dry_penalty_last_n": -1}),  # "context size", but its range check says >= 0
     # vLLM: its own sampling extensions; grammars only as JSON schemas (response_format).
     Dialect("vllm",
@@ -134,6 +138,9 @@ class ServerFacts:
     n_vocab: int | None = None
     n_embd: int | None = None
     info: dict[str, Any] = field(default_factory=dict)  # llama.rn's ctx.model fields that are known
+    # what the server's projector takes ({"vision", "audio"}); None: the server takes no media
+    modalities: dict[str, bool] | None = None
+    media_marker: str | None = None  # where a medium goes in a raw prompt, for this server (llama-server's /props)
 
     def model_dict(self) -> dict[str, Any]:
         return {"desc": self.model, "size": 0, "n_embd": self.n_embd or 0, "n_params": 0, "metadata": {},
@@ -166,8 +173,7 @@ def _pick(models: list[dict[str, Any]], wanted: str | None, base_url: str) -> di
                          f"it serves: {', '.join(names)}")
 
 
-def _detect(session: HttpSession) -> Dialect:
-    props = session.try_get("/props")
+def _detect(session: HttpSession, props: Any) -> Dialect:
     if isinstance(props, dict) and ("default_generation_settings" in props or "build_info" in props):
         return DIALECTS["llama-server"]
     spec = session.try_get("/openapi.json")
@@ -177,6 +183,18 @@ def _detect(session: HttpSession) -> Dialect:
     if "/tokenize" in paths and "/detokenize" in paths:
         return DIALECTS["vllm"]
     return DIALECTS["openai"]
+
+
+def _modalities(dialect: Dialect, props: Any) -> dict[str, bool] | None:
+    """What the server's projector takes: llama-server's /props say; a forwarding dialect's server judges each
+    request (both kinds are sent)."""
+    if dialect.media == "forward":
+        return {"vision": True, "audio": True}
+    said = props.get("modalities") if dialect.media == "props" and isinstance(props, dict) else None
+    if not isinstance(said, dict):
+        return None
+    modalities = {kind: said.get(kind) is True for kind in ("vision", "audio")}
+    return modalities if any(modalities.values()) else None
 
 
 def _local_gguf_facts(facts: ServerFacts) -> None:
@@ -208,13 +226,14 @@ def _local_gguf_facts(facts: ServerFacts) -> None:
 def probe(session: HttpSession, wanted_model: str | None, server: str) -> ServerFacts:
     """List the models (this also checks the key), pick the dialect and gather what the server tells."""
     entry = _pick(_served_models(session), wanted_model, session.base_url)
-    if server == "auto":
-        dialect = _detect(session)
-    elif server in DIALECTS:
-        dialect = DIALECTS[server]
-    else:
+    if server not in DIALECTS and server != "auto":
         raise InvalidParamsError(f"init_llama: 'server' must be 'auto' or one of {', '.join(DIALECTS)}, got {server!r}")
+    props = session.try_get("/props") if server in ("auto", "llama-server") else None
+    dialect = _detect(session, props) if server == "auto" else DIALECTS[server]
     facts = ServerFacts(entry["id"], dialect)
+    facts.modalities = _modalities(dialect, props)
+    if isinstance(props, dict) and isinstance(props.get("media_marker"), str):
+        facts.media_marker = props["media_marker"]
     meta = entry.get("meta")
     if isinstance(meta, dict):  # llama-server
         facts.n_vocab, facts.n_embd = meta.get("n_vocab"), meta.get("n_embd")

@@ -9,6 +9,8 @@ Stop strings stay on the client: the OpenAI API does not say which one matched.
 
 from __future__ import annotations
 
+import base64
+import collections
 import functools
 import json
 import math
@@ -16,13 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 from .. import params as P
-from ..errors import GrammarError, InvalidParamsError, UnsupportedFeatureError, unsupported
+from ..chat.messages import MEDIA_PART_TYPES, media_ref
+from ..errors import GrammarError, InvalidParamsError, MultimodalNotEnabledError, UnsupportedFeatureError, unsupported
 from ..grammars.builtin import checked_grammar
 from ..grammars.gbnf import Group, Repeat, Token, parse_gbnf
 from ..grammars.schema import convert_json_schema_to_grammar
+from ..media import MEDIA_MARKER, Media, check_media, load_media, media_paths_param
 from .dialects import Dialect, ServerFacts
 
-__all__ = ["CompletionPlan", "plan_completion"]
+__all__ = ["CompletionPlan", "plan_completion", "media_parts", "check_sendable"]
 
 # OpenAI's logit_bias range; -100 bans a token on every server.
 _BIAS_LIMIT = 100.0
@@ -30,7 +34,7 @@ _BIAS_LIMIT = 100.0
 
 @dataclass(frozen=True)
 class CompletionPlan:
-    path: str  # /v1/completions or /v1/chat/completions
+    path: str  # /v1/completions or /v1/chat/completions; llama-server's /completion for a raw prompt's media
     body: dict[str, Any]
     chat: bool
     n_predict: int
@@ -39,7 +43,9 @@ class CompletionPlan:
 
 
 def plan_completion(params: Mapping[str, Any] | None, facts: ServerFacts, strict: bool,
-                    tokenize: Callable[[str], list[int]] | None) -> CompletionPlan:
+                    tokenize: Callable[[str], list[int]] | None, media: Mapping[str, bool] | None = None) -> CompletionPlan:
+    """The request for ``params``; ``media`` is what the server's projector takes (``{"vision", "audio"}``), None
+    when the context sends no media (the server has no projector, or ``release_multimodal`` was called)."""
     p = P.completion_params(params, strict)
     dialect = facts.dialect
     chat = p["messages"] is not None
@@ -50,9 +56,7 @@ def plan_completion(params: Mapping[str, Any] | None, facts: ServerFacts, strict
         _chat_fields(p, body, dialect, strict)
     else:
         body["prompt"] = p["prompt"]
-    if p["media_paths"]:
-        raise UnsupportedFeatureError("completion: 'media_paths' (a raw prompt's media) has no OpenAI API "
-                                      "equivalent; send 'messages' with image_url / input_audio parts")
+    _media(p, body, facts, media)
     if p["chat_template"] is not None:
         raise UnsupportedFeatureError("completion: 'chat_template' cannot be honoured: an OpenAI-compatible server "
                                       "applies its own template to 'messages'")
@@ -75,8 +79,75 @@ def plan_completion(params: Mapping[str, Any] | None, facts: ServerFacts, strict
         body["max_tokens"] = n_predict
     elif dialect.unlimited is not None:
         body["max_tokens"] = dialect.unlimited[0]
-    path = "/v1/chat/completions" if chat else "/v1/completions"
+    # llama-server takes a raw prompt's media at its native endpoint only (its /v1/completions wants a string)
+    path = "/v1/chat/completions" if chat else "/completion" if isinstance(body["prompt"], dict) else "/v1/completions"
     return CompletionPlan(path, body, chat, n_predict, tuple(p["stop"]), n_probs)
+
+
+def _media(p: dict[str, Any], body: dict[str, Any], facts: ServerFacts, support: Mapping[str, bool] | None) -> None:
+    """Chat ``image_url`` / ``input_audio`` parts and a raw prompt's ``media_paths``, as bytes: the server reads
+    none of our files. A chat's media stay OpenAI parts (data: URLs, base64 audio); a raw prompt's go as
+    llama-server's ``{prompt_string, multimodal_data}`` prompt, which only it takes."""
+    if body.get("messages") is not None:
+        messages, media = media_parts(body["messages"])
+    else:
+        refs = media_paths_param(p["media_paths"], "completion")
+        media = [load_media(ref, f"completion: media {i}") for i, ref in enumerate(refs)]
+    if not media:
+        return
+    check_sendable(media, facts, support, None if body.get("messages") is not None else p["prompt"])
+    if body.get("messages") is not None:
+        body["messages"] = messages
+    elif facts.dialect.media == "props":  # its marker is its own (random unless LLAMA_MEDIA_MARKER pins it)
+        body["prompt"] = {"prompt_string": p["prompt"].replace(MEDIA_MARKER, facts.media_marker or MEDIA_MARKER),
+                          "multimodal_data": [base64.b64encode(m.data).decode() for m in media]}
+    else:
+        raise UnsupportedFeatureError(f"completion: 'media_paths' (a raw prompt's media) are not taken by this "
+                                      f"{facts.dialect.name} server; send 'messages' with image_url / input_audio parts")
+
+
+# how to give a server a projector, when its media are refused
+_MMPROJ_HINT = collections.defaultdict(str, {"llama-server": ": start llama-server with --mmproj FILE",
+                                             "llama-cpp-python": ": media are not forwarded to its server"})
+
+
+def check_sendable(media: list[Media], facts: ServerFacts, support: Mapping[str, bool] | None,
+                   text: str | None = None) -> None:
+    """``media`` may go to the server: the context sends media (``support`` not None) of kinds it takes."""
+    if support is None:
+        raise MultimodalNotEnabledError(f"Multimodal support not enabled. Call initMultimodal first. (the "
+                                        f"{facts.dialect.name} server takes no media here{_MMPROJ_HINT[facts.dialect.name]})")
+    check_media(media, support, text)
+
+
+def media_parts(messages: Any) -> tuple[list[Any], list[Media]]:
+    """``messages`` with each media part carrying its bytes, and the media in order. Images travel as data:
+    URLs, sounds as OpenAI's ``input_audio`` (base64 data and format); what is not a media part is left for the
+    server to judge."""
+    if not isinstance(messages, list):
+        return messages, []
+    out, media = [], []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list) or not any(isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES
+                                                    for part in content):
+            out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES:
+                where = f"completion: messages[{i}].content[{j}]"
+                medium = load_media(media_ref(part, where), where)
+                media.append(medium)
+                if medium.is_audio:
+                    fmt = "wav" if medium.mime_type == "audio/wav" else "mp3"
+                    part = {"type": "input_audio",
+                            "input_audio": {"data": base64.b64encode(medium.data).decode(), "format": fmt}}
+                else:
+                    part = {"type": "image_url", "image_url": {"url": medium.data_url}}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    return out, media
 
 
 def _sampling(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict: bool) -> None:
