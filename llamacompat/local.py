@@ -37,7 +37,7 @@ from .grammars.triggers import parse_triggers
 from .media import load_media, media_paths_param
 from .models import local_path
 from .parallel.slots import Progress, Slots
-from .sessions import check_identity, read_sidecar, save_with_sidecar
+from .sessions import META_SUFFIX, check_identity, read_sidecar, save_with_sidecar, write_meta
 from .sessions.sidecar import SUFFIX as SIDECAR_SUFFIX
 from .text_stream import Parse, stopped_before_prompt
 from .types import (
@@ -419,7 +419,8 @@ class LocalCore:
         if saved is not None:
             check_identity(saved, self.adapter.session_identity(), path)
         tokens = self.adapter.load_session(path)
-        return {"tokens_loaded": len(tokens), "prompt": self.adapter.detokenize(tokens)}
+        # media placeholders (negative) are no vocabulary ids: the prompt is the text around them, as in llama.rn
+        return {"tokens_loaded": len(tokens), "prompt": self.adapter.detokenize([t for t in tokens if t >= 0])}
 
     def save_session(self, path: str, token_size: int) -> int:
         path = session_path(path, "save_session")
@@ -428,9 +429,15 @@ class LocalCore:
         self.require("session", "save_session")
         if os.path.isdir(path):
             raise SessionError(f"Failed to save session: {path} is a folder; pass a file path")
+        if path.endswith(META_SUFFIX):
+            raise SessionError(f"Failed to save session: {path} ends in '{META_SUFFIX}', the name of a session's "
+                               "media sidecar (saving there would overwrite another session's); pick another name")
         try:
-            return save_with_sidecar(path, lambda tmp: self.adapter.save_session(tmp, token_size),
-                                     self.adapter.session_identity())
+            write_meta(path, [])  # llama.rn's order: no stale media hashes beside the new file, whatever happens
+            saved = save_with_sidecar(path, lambda tmp: self.adapter.save_session(tmp, token_size),
+                                      self.adapter.session_identity())
+            write_meta(path, self.adapter.session_media(token_size))
+            return saved
         except SessionError:
             raise
         except OSError as err:  # nothing changed: the previous file and its sidecar are as they were

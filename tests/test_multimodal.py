@@ -17,7 +17,6 @@ from llamacompat.errors import (
     ModelLoadError,
     MultimodalNotEnabledError,
     ParallelModeError,
-    SessionError,
     UnsupportedFeatureError,
 )
 
@@ -187,17 +186,6 @@ def test_parallel_mode_refuses_media_clearly(media):
             ctx.release_multimodal()
     finally:
         ctx.release()
-
-
-def test_a_session_with_media_is_refused_and_the_text_before_it_saves(mm, media, tmp_path):
-    mm.clear_cache()
-    mm.completion({"messages": chat(media["img"]), **GREEDY})
-    start = mm.tokenize(mm.get_formatted_chat(chat(media["img"]))["prompt"],
-                        {"media_paths": [media["img"]]})["chunk_pos_media"][0]
-    with pytest.raises(SessionError, match=f"token_size {start}"):
-        mm.save_session(str(tmp_path / "s.bin"))
-    assert not (tmp_path / "s.bin").exists()
-    assert mm.save_session(str(tmp_path / "s.bin"), start) == start
 
 
 def test_the_chat_repl_attaches_an_image_to_the_next_message(mm, media):

@@ -504,6 +504,11 @@ class Adapter(ABC):
         """
         raise UnsupportedFeatureError(f"sessions are not supported by the {self.name} backend")
 
+    def session_media(self, n_tokens: int) -> list[str]:
+        """The bitmap hashes of the media a save of ``n_tokens`` keeps, in order, for llama.rn's ``.meta`` sidecar
+        (``sessions.media_meta``); [] when it keeps none or cuts one off."""
+        return []
+
     def load_session(self, path: str) -> list[int]:
         """Check and load the session at ``path``; return its tokens.
 

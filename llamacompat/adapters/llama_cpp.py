@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..grammars.guidance import Guide
 from ..grammars.lark import NoLarkEquivalent
-from ..sessions import check_header, read_header
+from ..sessions import NULL_TOKEN, check_header, read_header, read_meta
 from .base import (  # default_threads: imported from here before it moved to base
     RUNTIME_FAILURES,
     Adapter,
@@ -50,7 +50,7 @@ from .base import (  # default_threads: imported from here before it moved to ba
     default_threads,
     reusable_prefix,
 )
-from .llama_cpp_mtmd import MediaTokens, Projector, is_media, media_start
+from .llama_cpp_mtmd import MediaTokens, Projector, is_media, media_start, placeholder
 
 try:
     import llama_cpp as lc
@@ -120,6 +120,24 @@ _SESSION_HINTS = {
 
 
 _DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel")
+
+
+def _media_identity(tokens: list[int], hashes: list[str]) -> list[int]:
+    """A session file's tokens with each medium's ``-1`` positions as its placeholder again, from the ``.meta``
+    sidecar's ``hashes``; cut before the first medium when they cannot be matched one to one (no sidecar, or
+    media side by side, whose runs cannot be told apart): those media are evaluated again, as llama.rn does."""
+    runs = [i for i, t in enumerate(tokens) if t == NULL_TOKEN and (i == 0 or tokens[i - 1] != NULL_TOKEN)]
+    if not runs:
+        return tokens
+    if len(runs) != len(hashes):
+        return tokens[:runs[0]]
+    out = list(tokens)
+    for start, bitmap_hash in zip(runs, hashes, strict=True):
+        end = start
+        while end < len(out) and out[end] == NULL_TOKEN:
+            out[end] = placeholder(bitmap_hash)
+            end += 1
+    return out
 
 
 @functools.cache
@@ -736,12 +754,8 @@ class LlamaCppAdapter(Adapter):
 
     def save_session(self, path: str, n_tokens: int) -> int:
         tokens = self._tokens[:n_tokens] if n_tokens > 0 else self._tokens
-        if any(is_media(t) for t in tokens):  # a file that could not be loaded back is worse than none
-            first = next(i for i, t in enumerate(tokens) if is_media(t))
-            raise SessionError(f"Failed to save session: the cache holds media from token {first} on, and sessions "
-                               f"with media (llama.rn's .meta sidecar) are not supported yet; save with token_size "
-                               f"{first} to keep the text before them")
-        arr = (lc.llama_token * max(1, len(tokens)))(*tokens)
+        # media positions as llama.rn writes them (LLAMA_TOKEN_NULL); their identity goes in the .meta sidecar
+        arr = (lc.llama_token * max(1, len(tokens)))(*(NULL_TOKEN if is_media(t) else t for t in tokens))
         # The whole KV state is written even when n_tokens trims the list (llama.rn does the same);
         # load_session drops the cells past the saved tokens.
         expected = 12 + 4 * len(tokens) + lc.llama_state_get_size(self._ctx)
@@ -753,10 +767,28 @@ class LlamaCppAdapter(Adapter):
             raise SessionError(f"Failed to save session: wrote {written} of {expected} bytes (is the disk full?)")
         return len(tokens)
 
+    def session_media(self, n_tokens: int) -> list[str]:
+        tokens = self._tokens
+        n = n_tokens if 0 < n_tokens <= len(tokens) else len(tokens)
+        projector = self._projector
+        if projector is None or any(is_media(t) for t in tokens[n:]):
+            return []  # none, or one cut off: nothing a sidecar could prove
+        hashes, i = [], 0
+        while i < n:
+            if not is_media(tokens[i]):
+                i += 1
+                continue
+            seen = projector.identity(tokens[i])
+            if seen is None:
+                return []
+            hashes.append(seen[0])
+            i += seen[1]
+        return hashes
+
     def load_session(self, path: str) -> list[int]:
         header = read_header(path)
         check_header(header, path, version=lc.LLAMA_SESSION_VERSION, capacity=self.n_ctx, n_vocab=self.n_vocab,
-                     arch=self._metadata.get("general.architecture"))
+                     arch=self._metadata.get("general.architecture"), media=True)
         snapshot = self._snapshot()
         buf = (lc.llama_token * max(1, header.n_tokens))()
         count = ctypes.c_size_t(0)
@@ -769,7 +801,8 @@ class LlamaCppAdapter(Adapter):
             self._restore(snapshot)
             hint = next((h for key, h in _SESSION_HINTS.items() if key in detail), "")
             raise SessionError(f"Failed to load session: {path}: {detail or 'llama_state_load_file failed'}{hint}")
-        if cached > len(tokens):  # saved with token_size: keep only the listed tokens
+        tokens = _media_identity(list(tokens), read_meta(path))
+        if cached > len(tokens):  # saved with token_size (or media without identity): keep the listed tokens
             lc.llama_memory_seq_rm(self._mem, -1, len(tokens), -1)
         self._tokens = list(tokens)
         return list(tokens)

@@ -25,10 +25,11 @@ from ..errors import GenerationError, MediaError, ModelLoadError, UnsupportedFea
 from ..media import MEDIA_MARKER, Media, check_media
 from .base import Interrupted
 
-__all__ = ["Projector", "MediaTokens", "is_media", "media_start"]
+__all__ = ["Projector", "MediaTokens", "is_media", "media_start", "placeholder"]
 
 _CHUNK_TEXT = 0
 _KEEP_CHUNKS = 64  # media chunks kept for evaluation (the prompts in flight, and then some)
+_KEEP_IDS = 65536  # placeholder -> (hash, n_tokens) of media seen: a few MB at most, for session sidecars
 
 
 def is_media(token: int) -> bool:
@@ -84,6 +85,7 @@ class Projector:
         self.audio = bool(mtmd.mtmd_support_audio(self._ctx))
         self._lock = threading.Lock()
         self._chunks: collections.OrderedDict[int, Any] = collections.OrderedDict()  # placeholder -> owned chunk
+        self._ids: collections.OrderedDict[int, tuple[str, int]] = collections.OrderedDict()
 
     def close(self) -> None:
         with self._lock:
@@ -141,20 +143,29 @@ class Projector:
                                               "as Qwen2-VL does); llamacompat does not evaluate such projectors yet")
             bitmap_hash = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
             token = placeholder(bitmap_hash)
-            self._keep(token, chunk)
+            self._keep(token, chunk, bitmap_hash, n_tokens)
             hashes.append(bitmap_hash)
             pos_media.append(len(tokens))
             tokens.extend([token] * n_tokens)
         return MediaTokens(tokens, hashes, pos, pos_media)
 
-    def _keep(self, token: int, chunk: Any) -> None:
+    def _keep(self, token: int, chunk: Any, bitmap_hash: str, n_tokens: int) -> None:
         with self._lock:
+            self._ids[token] = (bitmap_hash, n_tokens)
+            self._ids.move_to_end(token)
+            if len(self._ids) > _KEEP_IDS:
+                self._ids.popitem(last=False)
             if token in self._chunks:
                 self._chunks.move_to_end(token)
                 return
             self._chunks[token] = mtmd.mtmd_input_chunk_copy(chunk)
             while len(self._chunks) > _KEEP_CHUNKS:
                 mtmd.mtmd_input_chunk_free(self._chunks.popitem(last=False)[1])
+
+    def identity(self, token: int) -> tuple[str, int] | None:
+        """The bitmap hash and token count of the medium placeholder ``token`` stands for, if it was seen."""
+        with self._lock:
+            return self._ids.get(token)
 
     def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any) -> int:
         """Encode the medium ``token`` stands for and decode its embeddings at ``n_past``; its token count."""

@@ -74,8 +74,10 @@ def read_header(path: str) -> SessionHeader:
     return SessionHeader(version, tokens, arch, size)
 
 
-def check_header(header: SessionHeader, path: str, *, version: int, capacity: int, n_vocab: int, arch: str | None) -> None:
-    """Refuse a file this context cannot load, naming the problem and the fix."""
+def check_header(header: SessionHeader, path: str, *, version: int, capacity: int, n_vocab: int, arch: str | None,
+                 media: bool = False) -> None:
+    """Refuse a file this context cannot load, naming the problem and the fix (``media``: -1, a medium's
+    positions as llama.rn saves them, is taken)."""
     if header.version != version:
         raise SessionError(
             f"Failed to load session: {path} has session version {header.version}; this llama.cpp reads version {version} "
@@ -86,7 +88,7 @@ def check_header(header: SessionHeader, path: str, *, version: int, capacity: in
             f"Failed to load session: {path} holds {header.n_tokens} tokens but the context has n_ctx {capacity}: "
             f"create the context with 'n_ctx' >= {header.n_tokens}"
         )
-    bad = next((t for t in header.tokens if not 0 <= t < n_vocab), None)
+    bad = next((t for t in header.tokens if not 0 <= t < n_vocab and not (media and t == -1)), None)
     if bad is not None:
         hint = " (-1 marks media, which need multimodal support)" if bad == -1 else ""
         raise SessionError(

@@ -1,0 +1,60 @@
+"""llama.rn's media sidecar: ``<session>.meta`` beside a session file whose cache holds media.
+
+A session file's token list holds ``-1`` (llama.cpp's ``LLAMA_TOKEN_NULL``) where media were evaluated: the
+same for every medium, so on its own a loaded file cannot prove that its cached image is the one a new prompt
+shows. The sidecar lists the media's bitmap hashes (llama.cpp's identity of a medium), in order, in llama.rn's
+text format, so files move between llama.rn and llamacompat::
+
+    rnllama-state-meta v1
+    <count>
+    <hash>            (one line per medium)
+
+As llama.rn does: the sidecar is removed before a session is saved and written after, only when the saved
+tokens keep every medium whole (fail closed: no sidecar beats a wrong one); one that is missing, of another
+format or truncated counts as absent, and the media it would vouch for are evaluated again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .atomic import atomic_write_bytes
+
+__all__ = ["META_SUFFIX", "NULL_TOKEN", "meta_path", "write_meta", "read_meta"]
+
+META_SUFFIX = ".meta"
+NULL_TOKEN = -1  # LLAMA_TOKEN_NULL: a medium's positions in a session file's token list
+_HEADER = "rnllama-state-meta v1"
+_MAX_BYTES = 1 << 20  # a hash is a few dozen bytes: far more media than a context holds
+
+
+def meta_path(session_path: str) -> str:
+    return session_path + META_SUFFIX
+
+
+def write_meta(session_path: str, hashes: list[str]) -> None:
+    """The sidecar of ``session_path`` listing ``hashes`` (atomically); none when ``hashes`` is empty."""
+    path = meta_path(session_path)
+    if not hashes:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in (_HEADER, str(len(hashes)), *hashes)).encode())
+
+
+def read_meta(session_path: str) -> list[str]:
+    """The media hashes the sidecar of ``session_path`` lists; [] when it has none it can vouch for."""
+    try:
+        with open(meta_path(session_path), "rb") as f:
+            data = f.read(_MAX_BYTES + 1)
+    except OSError:
+        return []
+    if len(data) > _MAX_BYTES:
+        return []
+    lines = data.decode("utf-8", "replace").split("\n")
+    if len(lines) < 2 or lines[0] != _HEADER or not lines[1].isdigit():
+        return []
+    count = int(lines[1])
+    hashes = [line for line in lines[2:2 + count] if line]
+    return hashes if len(hashes) == count else []  # truncated: absent
