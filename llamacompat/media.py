@@ -23,8 +23,6 @@ __all__ = ["MEDIA_MARKER", "MAX_MEDIA_BYTES", "AUDIO_FORMATS", "Media", "load_me
 MEDIA_MARKER = "<__media__>"  # llama.rn's RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER, where each medium goes in a prompt
 MAX_MEDIA_BYTES = 32 * 1024 * 1024  # one image or sound; far above a photo, and what the bridge forwards at most
 AUDIO_FORMATS = ("wav", "mp3")  # what llama.cpp's miniaudio decodes (llama.rn's input_audio formats)
-_AUDIO_MAGIC = (b"RIFF", b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")
-
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,13 @@ class Media:
 
     @property
     def is_audio(self) -> bool:
-        return self.data.startswith(_AUDIO_MAGIC)
+        """What llama.cpp's mtmd helper decodes as sound (its is_audio_file): WAV (RIFF, but not WebP's RIFF),
+        MP3 (an ID3 tag or an MPEG sync word) and FLAC."""
+        data = self.data
+        if len(data) < 12:
+            return False
+        return ((data.startswith(b"RIFF") and data[8:12] == b"WAVE") or data.startswith((b"ID3", b"fLaC"))
+                or (data[0] == 0xFF and data[1] & 0xE0 == 0xE0))
 
 
 def audio_data_url(data: str, fmt: str) -> str:
