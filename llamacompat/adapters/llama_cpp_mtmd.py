@@ -1,9 +1,10 @@
 """llama.cpp's multimodal library (mtmd) for the llama_cpp adapter: a projector, media → chunks, their evaluation.
 
-A prompt with media is one token list: text tokens as they are, and each medium's positions filled with one
-negative placeholder id derived from its bitmap hash (llama.cpp's identity of a medium). So the prefix reuse
-that compares token lists compares media by hash too, session files and penalties see ordinary lists, and the
-evaluation looks a medium's chunk up by its placeholder (``Projector.chunk``).
+A prompt with media is one token list: text tokens as they are, and each media chunk's positions filled with
+one negative placeholder id derived from its bitmap hash (llama.cpp's identity of a medium) and its place among
+that medium's chunks (a sound over 30 s is one chunk per 30 s window, a sliced image one per slice, all with
+the medium's one hash). So the prefix reuse that compares token lists compares media by hash too, session
+files and penalties see ordinary lists, and the evaluation looks a chunk up by its placeholder.
 
 Only projectors whose media take one position per token are taken (LLaVA-style and most others); M-RoPE
 projectors (Qwen2-VL family), where an image spans fewer positions than tokens, are refused at tokenize time.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -35,9 +37,10 @@ def is_media(token: int) -> bool:
     return token < 0
 
 
-def placeholder(bitmap_hash: str) -> int:
-    """A medium's placeholder id: negative, and the same for the same bitmap hash."""
-    return -1 - int(bitmap_hash[:7] or "0", 16)
+def placeholder(bitmap_hash: str, part: int = 0) -> int:
+    """The placeholder id of chunk ``part`` of a medium: negative, and the same for the same bitmap hash and part."""
+    key = bitmap_hash if part == 0 else hashlib.sha256(f"{bitmap_hash}#{part}".encode()).hexdigest()
+    return -1 - int(key[:7] or "0", 16)
 
 
 def media_start(tokens: list[int], keep: int) -> int:
@@ -52,9 +55,9 @@ class MediaTokens:
     """A prompt with media as one token list, and llama.rn's tokenize fields."""
 
     tokens: list[int]
-    bitmap_hashes: list[str]
-    chunk_pos: list[int]  # where each chunk (text or medium) starts in ``tokens``
-    chunk_pos_media: list[int]  # where each medium starts
+    bitmap_hashes: list[str]  # one per medium, as llama.rn lists them
+    chunk_pos: list[int]  # where each chunk (text or media) starts in ``tokens``
+    chunk_pos_media: list[int]  # where each media chunk starts (a medium may have several)
 
 
 class Projector:
@@ -124,17 +127,18 @@ class Projector:
             rc = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
             if rc != 0:
                 raise MediaError(f"llama.cpp could not prepare the media (mtmd_tokenize returned {rc})")
-            return self._walk(chunks)
+            hashes = [(mtmd.mtmd_bitmap_get_id(bitmap) or b"").decode() for bitmap in bitmaps]
+            return self._walk(chunks, hashes)
         finally:
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)
             mtmd.mtmd_input_chunks_free(chunks)
 
-    def _walk(self, chunks: Any) -> MediaTokens:
+    def _walk(self, chunks: Any, hashes: list[str]) -> MediaTokens:
         tokens: list[int] = []
-        hashes: list[str] = []
         pos: list[int] = []
         pos_media: list[int] = []
+        parts: dict[str, int] = {}  # chunks seen per bitmap hash
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             pos.append(len(tokens))
@@ -148,9 +152,9 @@ class Projector:
                 raise UnsupportedFeatureError("this projector places media on fewer positions than tokens (M-RoPE, "
                                               "as Qwen2-VL does); llamacompat does not evaluate such projectors yet")
             bitmap_hash = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
-            token = placeholder(bitmap_hash)
+            part = parts[bitmap_hash] = parts.get(bitmap_hash, -1) + 1
+            token = placeholder(bitmap_hash, part)
             self._keep(token, chunk)
-            hashes.append(bitmap_hash)
             pos_media.append(len(tokens))
             tokens.extend([token] * n_tokens)
         return MediaTokens(tokens, hashes, pos, pos_media)
