@@ -214,3 +214,50 @@ def mp3_bytes(frames: int = 20) -> bytes:
     header = bytes([0xFF, 0xFB, 0x90, 0xC0])  # sync, MPEG-1 layer III without CRC; 128 kbit/s, 44.1 kHz; mono
     size = 144 * 128000 // 44100  # 417 bytes a frame (no padding bit)
     return (header + bytes(size - 4)) * frames
+
+
+def flac_bytes(seconds: float = 0.5, rate: int = 16000, freq: float = 440.0) -> bytes:
+    """A sine tone as a FLAC file of verbatim (uncompressed) subframes: valid FLAC, written without an encoder."""
+    import struct
+
+    samples = (tone(seconds, rate, freq) * 32767).astype(">i2")
+    block = 4096
+    # STREAMINFO: block sizes, unknown frame sizes, then rate (20 bits), channels - 1 (3), bits - 1 (5), samples (36)
+    info = struct.pack(">HH", block, block) + bytes(6)
+    info += ((rate << 44) | (0 << 41) | (15 << 36) | len(samples)).to_bytes(8, "big") + bytes(16)  # no MD5
+    out = b"fLaC" + bytes([0x80, 0, 0, len(info)]) + info  # the last (only) metadata block
+    for number, start in enumerate(range(0, len(samples), block)):
+        chunk = samples[start:start + block]
+        # sync + fixed blocking; block size in 16 bits after the header, rate from STREAMINFO; mono, 16 bits
+        header = bytes([0xFF, 0xF8, 0x70, 0x08, number]) + struct.pack(">H", len(chunk) - 1)
+        header += bytes([_crc8(header)])
+        frame = header + b"\x02" + chunk.tobytes()  # subframe type VERBATIM, no wasted bits
+        out += frame + struct.pack(">H", _crc16(frame))
+    return out
+
+
+def _crc8(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+
+def _crc16(data: bytes) -> int:
+    table = _crc16_table()
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
+    return crc
+
+
+def _crc16_table() -> list[int]:  # FLAC's CRC-16 (polynomial 0x8005), a byte at a time
+    table = []
+    for i in range(256):
+        crc = i << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+        table.append(crc)
+    return table
