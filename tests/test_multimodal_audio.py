@@ -246,3 +246,22 @@ def test_an_audio_projector_for_another_model_is_refused(tmp_path):
             ctx.init_multimodal({"path": wrong, "use_gpu": False})
     finally:
         ctx.release()
+
+
+def test_the_bridge_carries_sounds_as_bytes(media, tmp_path):
+    """A client's WAV path travels as a data: URL (its bytes), and the server still sees audio in it."""
+    from .bridge_helpers import Served
+
+    server = Served(str(tmp_path), "--models-dir", media["folder"])
+    assert server.started, server.log()
+    try:
+        with init_llama({"backend": "bridge", "socket": server.socket}) as ctx:
+            assert ctx.init_multimodal({"path": media["mmproj"], "use_gpu": False}) is True
+            assert ctx.get_multimodal_support() == {"vision": False, "audio": True}
+            remote = ctx.tokenize(f"Hear: {MARKER} ok", {"media_paths": [media["wav"]]})
+            assert remote["chunk_pos_media"] and len(remote["tokens"]) == len(ctx.tokenize("Hear:  ok")["tokens"]) \
+                + AUDIO_TOKENS
+            done = ctx.completion({"messages": chat(wav_bytes()), **GREEDY})
+            assert done["tokens_evaluated"] > AUDIO_TOKENS and done["tokens_predicted"] >= 1
+    finally:
+        assert server.stop() == 0, server.log()
