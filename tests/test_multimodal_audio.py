@@ -197,6 +197,8 @@ def test_bad_sounds_raise_typed_errors_that_say_what_is_wrong(mm, media, tmp_pat
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png_bytes())}}]}], **GREEDY})
     with pytest.raises(MediaError, match="2 media markers"):
         mm.tokenize(MARKER * 2, {"media_paths": [media["wav"]]})
+    with pytest.raises(MediaError, match="ends with a medium"):  # no logits after a sound: was a process abort
+        mm.completion({"prompt": f"Hear: {MARKER}", "media_paths": [media["wav"]], **GREEDY})
 
 
 def test_a_webp_is_not_taken_for_a_wav(mm):
