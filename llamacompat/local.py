@@ -23,6 +23,7 @@ from .embeddings import cosine_scores, normalize_embedding, ranked
 from .engine import CompletionRequest, ThinkingBudget, generate
 from .errors import (
     InvalidParamsError,
+    MediaError,
     MultimodalNotEnabledError,
     ParallelModeError,
     SessionError,
@@ -184,6 +185,10 @@ class LocalCore:
         if adapter is not self.adapter and any(t < 0 for t in request.prompt_tokens):
             raise ParallelModeError("completion: media (images, audio) are not available in parallel mode yet; "
                                     "call ctx.parallel.disable() first")
+        if request.prompt_tokens and request.prompt_tokens[-1] < 0:  # llama.cpp would abort the process
+            raise MediaError("completion: the prompt ends with a medium, and llama.cpp computes no next-token "
+                             "logits on a medium's positions; put text after the last media marker (chat "
+                             "templates do)")
         if progress is not None:
             progress.prompt(len(request.prompt_tokens))
         restore = self._use_threads(adapter, n_threads, strict)

@@ -23,7 +23,6 @@ __all__ = ["MEDIA_MARKER", "MAX_MEDIA_BYTES", "AUDIO_FORMATS", "Media", "load_me
 MEDIA_MARKER = "<__media__>"  # llama.rn's RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER, where each medium goes in a prompt
 MAX_MEDIA_BYTES = 32 * 1024 * 1024  # one image or sound; far above a photo, and what the bridge forwards at most
 AUDIO_FORMATS = ("wav", "mp3")  # what llama.cpp's miniaudio decodes (llama.rn's input_audio formats)
-_MP3_MAGIC = (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")  # an ID3 tag, or an MPEG audio frame
 _IMAGE_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"))
 
 
@@ -34,17 +33,27 @@ class Media:
 
     @property
     def is_audio(self) -> bool:
-        return self._is_wav or self.data.startswith(_MP3_MAGIC)
+        """What llama.cpp's mtmd helper decodes as sound (its is_audio_file): WAV (RIFF, but not WebP's RIFF),
+        MP3 (an ID3 tag or an MPEG sync word) and FLAC."""
+        data = self.data
+        if len(data) < 12:
+            return False
+        return self._is_wav or data.startswith((b"ID3", b"fLaC")) or (data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
 
     @property
     def _is_wav(self) -> bool:  # RIFF is also WebP's container: the form type tells them apart
         return self.data[:4] == b"RIFF" and self.data[8:12] == b"WAVE"
 
     @property
+    def audio_format(self) -> str:
+        """The sound's format as OpenAI's ``input_audio`` names it (wav, mp3; flac beyond OpenAI's two)."""
+        return "wav" if self._is_wav else "flac" if self.data.startswith(b"fLaC") else "mp3"
+
+    @property
     def mime_type(self) -> str:
         """What the bytes are, from their first bytes (servers want ``data:image/...`` or ``data:audio/...``)."""
         if self.is_audio:
-            return "audio/wav" if self._is_wav else "audio/mpeg"
+            return {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg"}[self.audio_format]
         for magic, kind in _IMAGE_MAGIC:
             if self.data.startswith(magic):
                 return kind

@@ -139,6 +139,14 @@ def test_bad_media_raise_typed_errors_that_say_what_is_wrong(mm, media, tmp_path
         mm.completion({"messages": audio, **GREEDY})
 
 
+def test_a_prompt_that_ends_with_a_medium_is_refused_and_the_process_lives(mm, media):
+    """llama.cpp computes no logits on a medium's positions: sampling after one aborted the process."""
+    for prompt in (f"Look: {MARKER}", MARKER):
+        with pytest.raises(MediaError, match="ends with a medium"):
+            mm.completion({"prompt": prompt, "media_paths": [media["img"]], **GREEDY})
+    assert mm.completion({"prompt": f"{MARKER} ok", "media_paths": [media["img"]], **GREEDY})["tokens_predicted"] >= 1
+
+
 def test_oversized_media_are_refused_before_reading(mm, tmp_path, monkeypatch):
     import llamacompat.media as M
 

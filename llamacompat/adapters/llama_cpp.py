@@ -125,7 +125,11 @@ _DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel")
 def _media_identity(tokens: list[int], hashes: list[str]) -> list[int]:
     """A session file's tokens with each medium's ``-1`` positions as its placeholder again, from the ``.meta``
     sidecar's ``hashes``; cut before the first medium when they cannot be matched one to one (no sidecar, or
-    media side by side, whose runs cannot be told apart): those media are evaluated again, as llama.rn does."""
+    media side by side, whose runs cannot be told apart): those media are evaluated again, as llama.rn does.
+
+    A medium of several chunks (a sound over 30 s) gets its first chunk's placeholder throughout: a new prompt
+    with the same medium reuses that first chunk and evaluates the rest again (the file does not say where
+    its chunks end)."""
     runs = [i for i, t in enumerate(tokens) if t == NULL_TOKEN and (i == 0 or tokens[i - 1] != NULL_TOKEN)]
     if not runs:
         return tokens
@@ -781,8 +785,10 @@ class LlamaCppAdapter(Adapter):
             seen = projector.identity(tokens[i])
             if seen is None:
                 return []
-            hashes.append(seen[0])
-            i += seen[1]
+            bitmap_hash, part, n_chunk = seen
+            if part == 0:  # one hash per medium, as llama.rn lists them (a sound over 30 s has several chunks)
+                hashes.append(bitmap_hash)
+            i += n_chunk
         return hashes
 
     def load_session(self, path: str) -> list[int]:

@@ -1,9 +1,10 @@
 """llama.cpp's multimodal library (mtmd) for the llama_cpp adapter: a projector, media → chunks, their evaluation.
 
-A prompt with media is one token list: text tokens as they are, and each medium's positions filled with one
-negative placeholder id derived from its bitmap hash (llama.cpp's identity of a medium). So the prefix reuse
-that compares token lists compares media by hash too, session files and penalties see ordinary lists, and the
-evaluation looks a medium's chunk up by its placeholder (``Projector.chunk``).
+A prompt with media is one token list: text tokens as they are, and each media chunk's positions filled with
+one negative placeholder id derived from its bitmap hash (llama.cpp's identity of a medium) and its place among
+that medium's chunks (a sound over 30 s is one chunk per 30 s window, a sliced image one per slice, all with
+the medium's one hash). So the prefix reuse that compares token lists compares media by hash too, session
+files and penalties see ordinary lists, and the evaluation looks a chunk up by its placeholder.
 
 Only projectors whose media take one position per token are taken (LLaVA-style and most others); M-RoPE
 projectors (Qwen2-VL family), where an image spans fewer positions than tokens, are refused at tokenize time.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -29,16 +31,17 @@ __all__ = ["Projector", "MediaTokens", "is_media", "media_start", "placeholder"]
 
 _CHUNK_TEXT = 0
 _KEEP_CHUNKS = 64  # media chunks kept for evaluation (the prompts in flight, and then some)
-_KEEP_IDS = 65536  # placeholder -> (hash, n_tokens) of media seen: a few MB at most, for session sidecars
+_KEEP_IDS = 65536  # placeholder -> (hash, part, n_tokens) of chunks seen: a few MB at most, for session sidecars
 
 
 def is_media(token: int) -> bool:
     return token < 0
 
 
-def placeholder(bitmap_hash: str) -> int:
-    """A medium's placeholder id: negative, and the same for the same bitmap hash."""
-    return -1 - int(bitmap_hash[:7] or "0", 16)
+def placeholder(bitmap_hash: str, part: int = 0) -> int:
+    """The placeholder id of chunk ``part`` of a medium: negative, and the same for the same bitmap hash and part."""
+    key = bitmap_hash if part == 0 else hashlib.sha256(f"{bitmap_hash}#{part}".encode()).hexdigest()
+    return -1 - int(key[:7] or "0", 16)
 
 
 def media_start(tokens: list[int], keep: int) -> int:
@@ -53,9 +56,9 @@ class MediaTokens:
     """A prompt with media as one token list, and llama.rn's tokenize fields."""
 
     tokens: list[int]
-    bitmap_hashes: list[str]
-    chunk_pos: list[int]  # where each chunk (text or medium) starts in ``tokens``
-    chunk_pos_media: list[int]  # where each medium starts
+    bitmap_hashes: list[str]  # one per medium, as llama.rn lists them
+    chunk_pos: list[int]  # where each chunk (text or media) starts in ``tokens``
+    chunk_pos_media: list[int]  # where each media chunk starts (a medium may have several)
 
 
 class Projector:
@@ -85,7 +88,7 @@ class Projector:
         self.audio = bool(mtmd.mtmd_support_audio(self._ctx))
         self._lock = threading.Lock()
         self._chunks: collections.OrderedDict[int, Any] = collections.OrderedDict()  # placeholder -> owned chunk
-        self._ids: collections.OrderedDict[int, tuple[str, int]] = collections.OrderedDict()
+        self._ids: collections.OrderedDict[int, tuple[str, int, int]] = collections.OrderedDict()  # hash, part, n
 
     def close(self) -> None:
         with self._lock:
@@ -118,17 +121,18 @@ class Projector:
             rc = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
             if rc != 0:
                 raise MediaError(f"llama.cpp could not prepare the media (mtmd_tokenize returned {rc})")
-            return self._walk(chunks)
+            hashes = [(mtmd.mtmd_bitmap_get_id(bitmap) or b"").decode() for bitmap in bitmaps]
+            return self._walk(chunks, hashes)
         finally:
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)
             mtmd.mtmd_input_chunks_free(chunks)
 
-    def _walk(self, chunks: Any) -> MediaTokens:
+    def _walk(self, chunks: Any, hashes: list[str]) -> MediaTokens:
         tokens: list[int] = []
-        hashes: list[str] = []
         pos: list[int] = []
         pos_media: list[int] = []
+        parts: dict[str, int] = {}  # chunks seen per bitmap hash
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             pos.append(len(tokens))
@@ -142,16 +146,16 @@ class Projector:
                 raise UnsupportedFeatureError("this projector places media on fewer positions than tokens (M-RoPE, "
                                               "as Qwen2-VL does); llamacompat does not evaluate such projectors yet")
             bitmap_hash = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
-            token = placeholder(bitmap_hash)
-            self._keep(token, chunk, bitmap_hash, n_tokens)
-            hashes.append(bitmap_hash)
+            part = parts[bitmap_hash] = parts.get(bitmap_hash, -1) + 1
+            token = placeholder(bitmap_hash, part)
+            self._keep(token, chunk, bitmap_hash, part, n_tokens)
             pos_media.append(len(tokens))
             tokens.extend([token] * n_tokens)
         return MediaTokens(tokens, hashes, pos, pos_media)
 
-    def _keep(self, token: int, chunk: Any, bitmap_hash: str, n_tokens: int) -> None:
+    def _keep(self, token: int, chunk: Any, bitmap_hash: str, part: int, n_tokens: int) -> None:
         with self._lock:
-            self._ids[token] = (bitmap_hash, n_tokens)
+            self._ids[token] = (bitmap_hash, part, n_tokens)
             self._ids.move_to_end(token)
             if len(self._ids) > _KEEP_IDS:
                 self._ids.popitem(last=False)
@@ -162,8 +166,8 @@ class Projector:
             while len(self._chunks) > _KEEP_CHUNKS:
                 mtmd.mtmd_input_chunk_free(self._chunks.popitem(last=False)[1])
 
-    def identity(self, token: int) -> tuple[str, int] | None:
-        """The bitmap hash and token count of the medium placeholder ``token`` stands for, if it was seen."""
+    def identity(self, token: int) -> tuple[str, int, int] | None:
+        """The bitmap hash, the part (chunk) of its medium and the token count of the placeholder ``token``, if seen."""
         with self._lock:
             return self._ids.get(token)
 

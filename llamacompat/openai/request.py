@@ -140,9 +140,8 @@ def media_parts(messages: Any) -> tuple[list[Any], list[Media]]:
                 medium = load_media(media_ref(part, where), where)
                 media.append(medium)
                 if medium.is_audio:
-                    fmt = "wav" if medium.mime_type == "audio/wav" else "mp3"
-                    part = {"type": "input_audio",
-                            "input_audio": {"data": base64.b64encode(medium.data).decode(), "format": fmt}}
+                    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(medium.data).decode(),
+                                                                   "format": medium.audio_format}}
                 else:
                     part = {"type": "image_url", "image_url": {"url": medium.data_url}}
             parts.append(part)
