@@ -63,6 +63,7 @@ class Dialect:
     concurrent: bool = True
     rerank: str | None = None  # a Jina-style rerank endpoint (scores with a reranker model)
     apply_template: str | None = None  # renders a chat's prompt without generating (get_formatted_chat)
+    lora: str | None = None  # lists the LoRA adapters loaded at start; completions take a per-request 'lora'
 
     def field_for(self, param: str) -> str | None:
         return STANDARD_FIELDS.get(param) or self.sampling.get(param)
@@ -111,7 +112,7 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
             tokenize=Endpoint("/tokenize", "content", "tokens", {"add_special": False, "parse_special": True}),
             detokenize=Endpoint("/detokenize", "tokens", "content"),
             always={"cache_prompt": True}, unlimited=(-1,), reports_cache=True, template_kwargs=True,
-            reasoning_format=True, apply_template="/apply-template", rerank="/v1/rerank",
+            reasoning_format=True, apply_template="/apply-template", rerank="/v1/rerank", lora="/lora-adapters",
             unsent={"dry_penalty_last_n": -1}),  # "context size", but its range check says >= 0
     # vLLM: its own sampling extensions; grammars only as JSON schemas (response_format).
     Dialect("vllm",
