@@ -446,6 +446,11 @@ def test_llama_server_requests_carry_the_contexts_lora_adapters():
         assert ctx.get_loaded_lora_adapters() == [{"path": "b.gguf", "scaled": 0.5}]
         ctx.remove_lora_adapters()
         assert ctx.get_loaded_lora_adapters() == [] and sent() == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]
+        adapters.append({"id": 2, "path": "/other/b.gguf", "scale": 1.0})  # the server restarted with one more
+        with pytest.raises(InvalidParamsError, match="'b.gguf' is ambiguous.*'/srv/b.gguf', '/other/b.gguf'"):
+            ctx.apply_lora_adapters([{"path": "b.gguf"}])
+        ctx.apply_lora_adapters([{"path": "/other/b.gguf", "scaled": 2.0}])  # listed again at each apply
+        assert sent() == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}, {"id": 2, "scale": 2.0}]
     assert all(method == "GET" for method, path, _ in seen if path == "/lora-adapters")
 
 
