@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 from .errors import EmbeddingDisabledError, InvalidParamsError, UnsupportedFeatureError, unsupported
 from .models import local_path
 
-__all__ = ["Field", "parse_params", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora",
+__all__ = ["Field", "parse_params", "validate", "validate_remote", "check_unicode", "lora_entries", "init_lora", "LORA_INIT_FIELDS",
            "COMPLETION_FIELDS", "STATE_FIELDS", "state_used", "CONTEXT_FIELDS", "CONTEXT_IGNORED", "COMPLETION_IGNORED",
            "EMBEDDING_FIELDS", "RERANK_FIELDS", "TOKENIZE_FIELDS", "TOKENIZE_NOT_YET", "MULTIMODAL_FIELDS",
            "completion_params", "init_params", "text_argument", "token_ids", "check_prompt", "embedding_normalize", "require_embedding"]
@@ -353,15 +353,19 @@ def init_params(raw: Mapping[str, Any], extra: Mapping[str, Field]) -> dict[str,
 # Init params a remote core (bridge, openai) uses itself; the others describe a model the server already loaded.
 # n_parallel: the most slots this client's ctx.parallel may ask for (the server's own slots are its business)
 _REMOTE_CLIENT_FIELDS = frozenset({"backend", "strict", "embedding", "embd_normalize", "model", "n_parallel"})
+# The init params of LoRA adapters (init_lora), for a remote core that applies them itself.
+LORA_INIT_FIELDS = frozenset({"lora", "lora_scaled", "lora_list"})
 
 
-def validate_remote(raw: Mapping[str, Any], fields: Mapping[str, Field], backend: str) -> dict[str, Any]:
+def validate_remote(raw: Mapping[str, Any], fields: Mapping[str, Field], backend: str,
+                    uses: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Init params of a core whose model lives in a server: checked as ``init_llama``'s, plus ``fields``.
 
-    Model-shaping params (``n_ctx``, ...) are the server's: accepted, and logged as ignored.
+    Model-shaping params (``n_ctx``, ...) are the server's: accepted, and logged as ignored, but for the
+    CONTEXT_FIELDS the core names in ``uses`` (it acts on them).
     """
     params = init_params(raw, fields)
-    ignored = sorted(set(raw) - _REMOTE_CLIENT_FIELDS - set(fields))
+    ignored = sorted(set(raw) - _REMOTE_CLIENT_FIELDS - uses - set(fields))
     if ignored:
         logger.info("%s: the server's model settings apply; ignored init params: %s", backend, ", ".join(ignored))
     return params

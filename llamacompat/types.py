@@ -114,6 +114,7 @@ class OpenAIContextParams(ContextParams, total=False):
     connect_timeout: float
     max_retries: int
     max_connections: int
+    lora_prompt_cache: bool  # keep llama-server's prompt cache with LoRA adapters loaded (README, openai LoRA)
 
 
 class RkllmSampling(TypedDict, total=False):

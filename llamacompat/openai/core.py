@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Generator, Mapping
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ from ..errors import (
     InvalidParamsError,
     LlamaError,
     UnsupportedFeatureError,
+    unsupported,
 )
 from ..grammars.schema import convert_json_schema_to_grammar
 from ..media import MEDIA_MARKER
@@ -48,6 +50,7 @@ from ..types import (
 )
 from .dialects import DIALECTS, ServerFacts, probe
 from .http import HttpSession, http_error
+from .lora import ServerAdapter, list_adapters, match_adapters, request_field
 from .request import CompletionPlan, check_sendable, media_parts, plan_completion
 
 __all__ = ["OpenAICore", "connect", "OPENAI_FIELDS"]
@@ -63,6 +66,8 @@ OPENAI_FIELDS: dict[str, P.Field] = {
     "connect_timeout": P.Field((int, float), 10.0, lambda v: v > 0, "> 0 seconds"),
     "max_retries": P.Field((int,), 2, lambda v: 0 <= v <= 10, "0..10"),
     "max_connections": P.Field((int,), 8, lambda v: v >= 1, ">= 1"),
+    # llama-server's prompt cache with LoRA adapters loaded: off unless asked (see OpenAICore.completion)
+    "lora_prompt_cache": P.Field((bool,), False),
 }
 DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
 # How often a waiting completion looks at its stop flag (stop latency while no token arrives).
@@ -77,7 +82,7 @@ def _server_root(base_url: str) -> str:
 
 def connect(raw: dict[str, Any]) -> "OpenAICore":
     """Validate the init params, reach the server, and probe what it can do."""
-    params = P.validate_remote(raw, OPENAI_FIELDS, "openai")
+    params = P.validate_remote(raw, OPENAI_FIELDS, "openai", uses=P.LORA_INIT_FIELDS)
     base_url = params["base_url"] or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     session = HttpSession(_server_root(base_url), params["api_key"] or os.environ.get("OPENAI_API_KEY"),
                           timeout=float(params["timeout"]), connect_timeout=float(params["connect_timeout"]),
@@ -87,6 +92,10 @@ def connect(raw: dict[str, Any]) -> "OpenAICore":
         core = OpenAICore(session, facts, params)
         if params["embedding"]:
             core.probe_embedding()
+        core.probe_lora()
+        lora = P.init_lora(params)
+        if lora:
+            core.apply_lora_adapters(lora, "init_llama")
     except BaseException:
         session.close()
         raise
@@ -116,6 +125,10 @@ class OpenAICore:
         self._media_on = facts.modalities is not None  # release_multimodal turns this context's media off
         self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
         self.devices: list[str] = []
+        # LoRA (llama-server): the server's adapters, and this context's applied ones ({path, scaled, id})
+        self._server_adapters: list[ServerAdapter] = []
+        self._lora: list[dict[str, Any]] = []
+        self._cache_prompt = True
         self.system_info = f"the model runs in an OpenAI-compatible server ({facts.dialect.name}) that does not report its system"
         self.android_lib = None
 
@@ -144,11 +157,39 @@ class OpenAICore:
         self.facts.n_embd = self.facts.n_embd or len(vector)
         self.model["n_embd"] = self.facts.n_embd
 
+    def probe_lora(self) -> None:
+        """The adapters llama-server loaded at start. The context starts with the server's own setting (those at a
+        non-zero global scale: ``--lora`` applies, ``--lora-init-without-apply`` does not), held from here on."""
+        endpoint = self.facts.dialect.lora
+        if endpoint is None:
+            return
+        try:
+            adapters = list_adapters(self._session, endpoint)
+        except (UnsupportedFeatureError, InvalidParamsError, GenerationError) as err:
+            logger.info("openai: the server does not list LoRA adapters (%s); LoRA calls are refused", err)
+            return
+        self._features["lora"] = "native"
+        self._set_server_adapters(adapters)
+        self._lora = [{"path": a.path, "scaled": a.scale, "id": a.id} for a in adapters if a.scale != 0]
+
+    def _set_server_adapters(self, adapters: list[ServerAdapter]) -> None:
+        self._server_adapters = adapters
+        # llama-server's RAM prompt cache (--cache-ram, on by default) keys its entries by tokens alone, and hands a
+        # prompt's KV computed under one LoRA setting to a request under another (seen on b11434: a prompt cached
+        # with the adapter at 0, evicted, then asked at 1, answered from the scale-0 KV). Every request sends
+        # cache_prompt false on a server with adapters, unless the caller says the cache is safe there.
+        self._cache_prompt = not adapters or self.params["lora_prompt_cache"]
+        if self.facts.dialect.reports_cache:
+            self._features["prefix_cache"] = "native" if self._cache_prompt else "missing"
+
     # -- completion ----------------------------------------------------------
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
         tokenize = self._tokenize if self.facts.dialect.tokenize else None
         plan = plan_completion(params, self.facts, strict, tokenize, self._media_support())
+        if self._server_adapters:  # this context's adapters, whatever the server's global scales are now
+            lora = request_field(self._lora, self._server_adapters)
+            plan = replace(plan, body={**plan.body, "lora": lora, **({} if self._cache_prompt else {"cache_prompt": False})})
         return (yield from _Run(self, plan, stop).events())
 
     # -- tokens, embedding ---------------------------------------------------
@@ -266,14 +307,30 @@ class OpenAICore:
             scores = cosine_scores(self._embed, query, documents)
         return ranked(scores, documents)
 
-    def apply_lora_adapters(self, lora_list: Any) -> None:
-        raise UnsupportedFeatureError("apply_lora_adapters: an OpenAI-compatible server loads its adapters itself")
+    def apply_lora_adapters(self, lora_list: Any, where: str = "apply_lora_adapters") -> None:
+        """llama.rn's set of adapters (it replaces the last), among those llama-server loaded at start; sent with
+        each of this context's requests, so other clients of the server keep theirs."""
+        entries = P.lora_entries(lora_list, where)
+        if self._features["lora"] != "native":
+            message = (f"{where}: this {self.facts.dialect.name} server takes no LoRA adapters over its API "
+                       "(llama.cpp's llama-server does: --lora FILE)")
+            if where == "init_llama":  # an init param: a warning, as other params a backend lacks
+                unsupported(self.params["strict"], message + "; 'lora' / 'lora_list' ignored")
+                return
+            raise UnsupportedFeatureError(message)
+        # listed again: the same URL may answer from a server restarted with other adapters
+        adapters = list_adapters(self._session, self.facts.dialect.lora or "")
+        self._lora = match_adapters(entries, adapters, where, self._session.base_url)
+        self._set_server_adapters(adapters)
 
     def remove_lora_adapters(self) -> None:
-        raise UnsupportedFeatureError("remove_lora_adapters: an OpenAI-compatible server loads its adapters itself")
+        if self._features["lora"] != "native":
+            raise UnsupportedFeatureError(f"remove_lora_adapters: this {self.facts.dialect.name} server takes no LoRA "
+                                          "adapters over its API")
+        self._lora = []  # the server's adapters at scale 0 from the next request on
 
     def get_loaded_lora_adapters(self) -> list[LoraAdapter]:
-        return []  # none that this client applied
+        return [{"path": entry["path"], "scaled": entry["scaled"]} for entry in self._lora]
 
     def clear_cache(self, clear_data: bool) -> None:
         """Nothing to clear here: every request carries its whole prompt, and the server's cache is its own."""

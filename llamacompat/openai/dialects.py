@@ -66,6 +66,7 @@ class Dialect:
     # media (image_url / input_audio parts): "props" (its /props says what its projector takes; raw prompts take
     # media too), "forward" (sent; the server judges), "none" (refused: not verified to work)
     media: str = "forward"
+    lora: str | None = None  # lists the LoRA adapters loaded at start; completions take a per-request 'lora'
 
     def field_for(self, param: str) -> str | None:
         return STANDARD_FIELDS.get(param) or self.sampling.get(param)
@@ -116,6 +117,7 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
             detokenize=Endpoint("/detokenize", "tokens", "content"),
             always={"cache_prompt": True}, unlimited=(-1,), reports_cache=True, template_kwargs=True,
             reasoning_format=True, apply_template="/apply-template", rerank="/v1/rerank", media="props",
+            lora="/lora-adapters",
             unsent={"dry_penalty_last_n": -1}),  # "context size", but its range check says >= 0
     # vLLM: its own sampling extensions; grammars only as JSON schemas (response_format).
     Dialect("vllm",
