@@ -101,6 +101,46 @@ def test_another_image_at_the_same_place_is_evaluated_again(mm, media):
     assert first["tokens_evaluated"] == second["tokens_evaluated"]
 
 
+@pytest.mark.parametrize("when", ["before the encoder", "while it encodes"])
+def test_stop_during_image_encoding_leaves_no_half_medium_cached(mm, media, monkeypatch, when):
+    """stop_completion while the projector works: the encoder itself cannot be interrupted, so the stop is
+    taken before it, or right after it and before the embeddings are decoded. Simulated by calling stop from
+    inside the projector's evaluation, so the test does not race a timer."""
+    from llamacompat.adapters.llama_cpp_mtmd import Projector
+
+    mm.clear_cache()
+    expected = mm.completion({"messages": chat(media["img"]), **GREEDY})["text"]
+    mm.clear_cache()
+    original = Projector.evaluate
+    calls = []
+
+    class StopWhileEncoding:  # the projector checks the flag before and after its encoder: the stop comes between
+        def __init__(self, real):
+            self.real, self.checks = real, 0
+
+        def is_set(self):
+            self.checks += 1
+            if self.checks == 2:
+                mm.stop_completion()
+            return self.real.is_set()
+
+    def stopped(self, lctx, token, n_past, n_batch, stop):
+        calls.append(n_past)
+        if when == "before the encoder":
+            mm.stop_completion()
+            return original(self, lctx, token, n_past, n_batch, stop)
+        return original(self, lctx, token, n_past, n_batch, StopWhileEncoding(stop))
+
+    monkeypatch.setattr(Projector, "evaluate", stopped)
+    result = mm.completion({"messages": chat(media["img"]), **GREEDY})
+    monkeypatch.undo()
+    assert calls and result["interrupted"] is True and result["tokens_predicted"] == 0
+    assert result["tokens_cached"] <= calls[0], "part of the interrupted image stayed in the cache"
+    again = mm.completion({"messages": chat(media["img"]), **GREEDY})
+    assert again["timings"]["prompt_n"] >= IMAGE_TOKENS and again["tokens_predicted"] == GREEDY["n_predict"]
+    assert again["text"] == expected, "what the interrupted encoding left in the KV cache changed the text"
+
+
 def test_a_raw_prompt_takes_media_paths(mm, media):
     prompt = f"Image: {MARKER}\nIt shows"
     result = mm.completion({"prompt": prompt, "media_paths": [media["img"]], **GREEDY})
