@@ -214,6 +214,21 @@ def test_the_saved_text_is_the_prompt_and_the_reply_the_slot_holds(server, tmp_p
         SESSION_PROMPT + result["text"])
 
 
+def test_a_chat_session_keeps_the_prompt_as_the_server_rendered_it(server, tmp_path):
+    path = str(tmp_path / "chat.session")
+    messages = [{"role": "user", "content": "Name a colour."}]
+    with init_llama(server.params()) as ctx:
+        result = ctx.completion({"messages": messages, "n_predict": 4, **GREEDY})
+        assert ctx.save_session(path) == result["tokens_cached"]
+    with init_llama(server.params()) as other:
+        loaded = other.load_session(path)
+        resumed = other.completion({"messages": messages, "n_predict": 4, **GREEDY})
+    rendered, reply = loaded["prompt"].split("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    assert rendered.startswith("<|im_start|>system\n")  # the template's default system prompt, as rendered
+    assert reply and result["text"].startswith(reply) and reply != result["text"]  # the last token is not cached
+    assert resumed["text"] == result["text"] and resumed["timings"]["cache_n"] == result["tokens_evaluated"] - 1
+
+
 def test_saving_twice_to_one_path_alternates_two_server_files_and_refusals_change_nothing(server, slot_dir, tmp_path):
     path = str(tmp_path / "again.session")
     with init_llama(server.params()) as ctx:
