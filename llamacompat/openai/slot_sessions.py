@@ -205,7 +205,9 @@ def slot_action(session: HttpSession, slot: int, action: str, filename: str, wha
     try:
         reply = session.post(f"/slots/{slot}?action={action}", {"filename": filename})
     except UnsupportedFeatureError as err:
-        raise UnsupportedFeatureError(f"{what}: {NO_SLOT_SAVE} ({err.detail})") from None
+        why = (NO_SLOT_SAVE if "multimodal" not in err.detail.lower() else
+               "llama-server saves and restores no slot while a projector (--mmproj) is loaded")
+        raise UnsupportedFeatureError(f"{what}: {why} ({err.detail})") from None
     except (InvalidParamsError, GenerationError) as err:
         raise SessionError(f"{what}: llama-server could not {action} slot {slot} as {filename}: {err.detail}") from None
     except LlamaError:
