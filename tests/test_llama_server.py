@@ -301,6 +301,24 @@ def test_parallel_mode_forgets_what_the_slot_holds(ctx, tmp_path):
         ctx.save_session(str(tmp_path / "p.session"))
 
 
+def test_a_slot_cleared_by_the_server_is_evaluated_again_before_saving(tmp_path):
+    """With one KV cache for all slots llama-server clears idle slots when another starts (--cache-idle-slots)."""
+    private = LlamaServer(parallel=2, slot_dir=str(tmp_path), kv_unified=True)
+    path = str(tmp_path / "client" / "kept.session")
+    os.mkdir(os.path.dirname(path))
+    try:
+        with init_llama(private.params()) as a, init_llama(private.params()) as b:
+            evaluated = a.completion({"prompt": SESSION_PROMPT, "n_predict": 0})["tokens_evaluated"]
+            b.completion({"prompt": "def fibonacci(n):", "n_predict": 0})  # clears a's slot
+            assert a.save_session(path) == evaluated
+        with init_llama(private.params()) as other:
+            assert other.load_session(path) == {"tokens_loaded": evaluated, "prompt": SESSION_PROMPT}
+            resumed = other.completion({"prompt": SESSION_PROMPT + " every", "n_predict": 1})
+        assert resumed["timings"]["cache_n"] == evaluated
+    finally:
+        private.stop()
+
+
 def test_a_server_without_slot_saving_says_which_flag_fixes_it(tmp_path):
     private = LlamaServer(parallel=1)
     try:

@@ -36,7 +36,7 @@ from ..errors import (
 from ..grammars.schema import convert_json_schema_to_grammar
 from ..parallel.slots import CoreSlots, Progress, Slots
 from ..sessions import atomic_write_bytes
-from ..text_stream import TextStream
+from ..text_stream import TextStream, drain
 from ..types import (
     CompletionProbability,
     CompletionResult,
@@ -373,11 +373,7 @@ class OpenAICore:
             previous = None
         if previous is not None:
             stem, generation = previous.stem, 1 - previous.generation
-        name = server_file_name(stem, generation)
-        reply = slot_action(self._session, slot, "save", name, "Failed to save session")
-        n_saved = reply.get("n_saved")
-        if not isinstance(n_saved, int) or n_saved < 0:
-            raise SessionError(f"Failed to save session: llama-server answered the slot save with {reply!r}")
+        n_saved, cached = self._save_slot(slot, server_file_name(stem, generation), cached)
         if 0 < token_size < n_saved:
             raise SessionError(f"Failed to save session: the slot held {n_saved} tokens, more than token_size "
                                f"{token_size}, and llama-server saves a slot's whole cache: pass -1")
@@ -388,6 +384,28 @@ class OpenAICore:
         except OSError as err:  # the previous descriptor and its server file are as they were
             raise SessionError(f"Failed to save session: {path}: {err.strerror or err}") from err
         return n_saved
+
+    def _save_slot(self, slot: int, name: str, cached: "_SlotCache") -> tuple[int, "_SlotCache"]:
+        """Save the slot as ``name``: the token count, and what the slot held."""
+        for attempt in range(2):
+            reply = slot_action(self._session, slot, "save", name, "Failed to save session")
+            n_saved = reply.get("n_saved")
+            if not isinstance(n_saved, int) or n_saved < 0:
+                raise SessionError(f"Failed to save session: llama-server answered the slot save with {reply!r}")
+            if n_saved >= cached.n_cached:
+                return n_saved, cached
+            # the slot lost the cache: with a unified KV cache llama-server clears idle slots (into its RAM
+            # prompt cache) when another request starts (--cache-idle-slots, its default); evaluate the known
+            # text into the slot again (often from that RAM cache) and save that
+            if attempt:
+                break
+            text = self._cached_text(cached, cached.n_cached)
+            drain(self._complete({"prompt": text, "n_predict": 0}, threading.Event(), False, pin=True), None)
+            assert self._cached is not None
+            cached = self._cached
+        raise SessionError(f"Failed to save session: llama-server cleared slot {slot} again before it was saved (it "
+                           "clears idle slots when other requests start): start it with --no-cache-idle-slots, or "
+                           "save while no other client sends requests")
 
     def _cached_text(self, cached: "_SlotCache", n_saved: int) -> str:
         """The text of the slot's ``n_saved`` tokens: the prompt (a chat's as the server renders it), then the
