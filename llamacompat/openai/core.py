@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Generator, Mapping
 from urllib.parse import urlsplit
 
@@ -31,13 +31,15 @@ from ..errors import (
     GenerationError,
     InvalidParamsError,
     LlamaError,
+    SessionError,
     UnsupportedFeatureError,
     unsupported,
 )
 from ..grammars.schema import convert_json_schema_to_grammar
 from ..media import MEDIA_MARKER
-from ..parallel.slots import CoreSlots, Slots
-from ..text_stream import TextStream
+from ..parallel.slots import CoreSlots, Progress, Slots
+from ..sessions import atomic_write_bytes
+from ..text_stream import TextStream, drain
 from ..types import (
     CompletionProbability,
     CompletionResult,
@@ -52,6 +54,17 @@ from .dialects import DIALECTS, ServerFacts, probe
 from .http import HttpSession, http_error
 from .lora import ServerAdapter, list_adapters, match_adapters, request_field
 from .request import CompletionPlan, check_sendable, media_parts, plan_completion
+from .slot_sessions import (
+    CLAIMS,
+    Descriptor,
+    client_path,
+    new_stem,
+    probe_slot_saving,
+    read_descriptor,
+    server_file_name,
+    slot_action,
+)
+from .slot_sessions import encode as encode_descriptor
 
 __all__ = ["OpenAICore", "connect", "OPENAI_FIELDS"]
 
@@ -90,6 +103,8 @@ def connect(raw: dict[str, Any]) -> "OpenAICore":
     try:
         facts = probe(session, raw.get("model"), params["server"])
         core = OpenAICore(session, facts, params)
+        if facts.dialect.name == "llama-server":
+            core.probe_sessions()
         if params["embedding"]:
             core.probe_embedding()
         core.probe_lora()
@@ -123,6 +138,11 @@ class OpenAICore:
             "multimodal": "native" if facts.modalities else "missing",
         }
         self._media_on = facts.modalities is not None  # release_multimodal turns this context's media off
+        # sessions: llama-server's slot save/restore (probe_sessions); the slot this context pins its cache to
+        self._session_error = "an OpenAI-compatible server keeps its KV cache to itself"
+        self._n_slots: int | None = None
+        self._home_slot: int | None = None
+        self._cached: _SlotCache | None = None  # what the home slot holds, as far as this context knows
         self.gpu, self.reason_no_gpu = False, "the model runs in a server that does not say"
         self.devices: list[str] = []
         # LoRA (llama-server): the server's adapters, and this context's applied ones ({path, scaled, id})
@@ -135,6 +155,16 @@ class OpenAICore:
     @property
     def capabilities(self) -> dict[str, Any]:
         return {"backend": self.backend, "server": self.facts.dialect.name, "features": dict(self._features)}
+
+    def probe_sessions(self) -> None:
+        """llama-server saves slots only with --slot-save-path: one refused slot action (no side effect) tells."""
+        n_slots, why = probe_slot_saving(self._session)
+        if n_slots is None:
+            logger.info("openai: no sessions: %s", why)
+            self._session_error = why or self._session_error
+            return
+        self._n_slots = n_slots
+        self._features["session"] = "native"
 
     def probe_embedding(self) -> None:
         """One tiny embedding: servers without embeddings (or started without them) say so once, here."""
@@ -185,12 +215,26 @@ class OpenAICore:
     # -- completion ----------------------------------------------------------
     def completion(self, params: Mapping[str, Any] | None, stop: threading.Event,
                    strict: bool) -> Generator[TokenData, None, CompletionResult]:
+        return self._complete(params, stop, strict, pin=True)
+
+    def _complete(self, params: Mapping[str, Any] | None, stop: threading.Event, strict: bool,
+                  pin: bool) -> Generator[TokenData, None, CompletionResult]:
         tokenize = self._tokenize if self.facts.dialect.tokenize else None
         plan = plan_completion(params, self.facts, strict, tokenize, self._media_support())
         if self._server_adapters:  # this context's adapters, whatever the server's global scales are now
             lora = request_field(self._lora, self._server_adapters)
             plan = replace(plan, body={**plan.body, "lora": lora, **({} if self._cache_prompt else {"cache_prompt": False})})
-        return (yield from _Run(self, plan, stop).events())
+        slot = self._home() if pin and self._n_slots is not None else None
+        if slot is None:
+            return (yield from _Run(self, plan, stop).events())
+        # pinned: the cache stays in the slot that save_session saves; what the slot holds is unknown until done
+        plan = replace(plan, body={**plan.body, "id_slot": slot})
+        self._cached = None
+        CLAIMS.used(self._session.base_url, slot, self)
+        run = _Run(self, plan, stop)
+        result = yield from run.events()
+        self._cached = _SlotCache(plan, result["tokens_evaluated"], result["tokens_cached"], tuple(run.pieces), None)
+        return result
 
     # -- tokens, embedding ---------------------------------------------------
     def _tokenize(self, text: str) -> list[int]:
@@ -335,11 +379,117 @@ class OpenAICore:
     def clear_cache(self, clear_data: bool) -> None:
         """Nothing to clear here: every request carries its whole prompt, and the server's cache is its own."""
 
+    # -- sessions: llama-server's slot save/restore (slot_sessions) ------------
+    def _home(self) -> int:
+        """This context's slot, claimed on first use."""
+        if self._home_slot is None:
+            assert self._n_slots is not None
+            self._home_slot = CLAIMS.claim(self._session.base_url, self._n_slots)
+        return self._home_slot
+
+    def _require_sessions(self, what: str) -> None:
+        if self._n_slots is None:
+            raise UnsupportedFeatureError(f"{what}: {self._session_error}")
+
     def load_session(self, path: str) -> SessionLoadResult:
-        raise UnsupportedFeatureError("load_session: an OpenAI-compatible server keeps its KV cache to itself")
+        path = client_path(path, "load_session")
+        self._require_sessions("load_session")
+        if not os.path.isfile(path):
+            raise SessionError(f"Failed to load session: no such file: {path}")
+        saved = read_descriptor(path)  # checked whole before the server is asked
+        if saved.model != self.facts.model:
+            raise SessionError(f"Failed to load session: {path} was saved from model {saved.model!r}; this context "
+                               f"runs {self.facts.model!r}")
+        slot = self._home()
+        self._cached = None
+        CLAIMS.used(self._session.base_url, slot, self)
+        where = f" (saved on {saved.server}; a server restores only files in its own --slot-save-path)"
+        try:
+            reply = slot_action(self._session, slot, "restore", saved.server_file, "Failed to load session")
+        except SessionError as err:
+            raise SessionError(f"{err.detail}{where if saved.server != self._session.base_url else ''}") from None
+        n_restored = reply.get("n_restored")
+        if n_restored != saved.n_tokens:
+            raise SessionError(f"Failed to load session: {path} lists {saved.n_tokens} tokens but the server's "
+                               f"{saved.server_file} held {n_restored!r}: the server-side file was replaced (a copy "
+                               "of a descriptor outlives its file once the original path is saved twice more)")
+        self._cached = _SlotCache(None, 0, saved.n_tokens, (), saved.text)
+        return {"tokens_loaded": saved.n_tokens, "prompt": saved.text}
 
     def save_session(self, path: str, token_size: int) -> int:
-        raise UnsupportedFeatureError("save_session: an OpenAI-compatible server keeps its KV cache to itself")
+        path = client_path(path, "save_session")
+        if isinstance(token_size, bool) or not isinstance(token_size, int):
+            raise InvalidParamsError(f"save_session: token_size must be an int (<= 0 saves all tokens), got {token_size!r}")
+        self._require_sessions("save_session")
+        if os.path.isdir(path):
+            raise SessionError(f"Failed to save session: {path} is a folder; pass a file path")
+        cached, slot = self._cached, self._home_slot
+        if cached is None or slot is None or CLAIMS.last_user(self._session.base_url, slot) is not self:
+            raise SessionError("Failed to save session: this context holds no cache on the server that it knows of "
+                               "(none yet, the last completion failed, parallel mode ran, or another context of "
+                               "this process shares its slot and ran since): run a completion, then save")
+        if 0 < token_size < cached.n_cached:
+            raise SessionError(f"Failed to save session: token_size {token_size} asks for part of the cache, and "
+                               f"llama-server saves a slot's whole cache ({cached.n_cached} tokens): pass -1, or "
+                               f"run a completion on the first {token_size} tokens' text and save that")
+        stem, generation = new_stem(), 0
+        try:  # a save to a descriptor's path writes the other of its two server files: that one stays whole
+            previous = read_descriptor(path) if os.path.isfile(path) else None
+        except SessionError:
+            previous = None
+        if previous is not None:
+            stem, generation = previous.stem, 1 - previous.generation
+        n_saved, cached = self._save_slot(slot, server_file_name(stem, generation), cached)
+        if 0 < token_size < n_saved:
+            raise SessionError(f"Failed to save session: the slot held {n_saved} tokens, more than token_size "
+                               f"{token_size}, and llama-server saves a slot's whole cache: pass -1")
+        descriptor = Descriptor(stem, generation, n_saved, self.facts.model, self._session.base_url,
+                                self._cached_text(cached, n_saved))
+        try:
+            atomic_write_bytes(path, encode_descriptor(descriptor))
+        except OSError as err:  # the previous descriptor and its server file are as they were
+            raise SessionError(f"Failed to save session: {path}: {err.strerror or err}") from err
+        return n_saved
+
+    def _save_slot(self, slot: int, name: str, cached: "_SlotCache") -> tuple[int, "_SlotCache"]:
+        """Save the slot as ``name``: the token count, and what the slot held."""
+        for attempt in range(2):
+            reply = slot_action(self._session, slot, "save", name, "Failed to save session")
+            n_saved = reply.get("n_saved")
+            if not isinstance(n_saved, int) or n_saved < 0:
+                raise SessionError(f"Failed to save session: llama-server answered the slot save with {reply!r}")
+            if n_saved >= cached.n_cached:
+                return n_saved, cached
+            # the slot lost the cache: with a unified KV cache llama-server clears idle slots (into its RAM
+            # prompt cache) when another request starts (--cache-idle-slots, its default); evaluate the known
+            # text into the slot again (often from that RAM cache) and save that
+            if attempt:
+                break
+            text = self._cached_text(cached, cached.n_cached)
+            drain(self._complete({"prompt": text, "n_predict": 0}, threading.Event(), False, pin=True), None)
+            assert self._cached is not None
+            cached = self._cached
+        raise SessionError(f"Failed to save session: llama-server cleared slot {slot} again before it was saved (it "
+                           "clears idle slots when other requests start): start it with --no-cache-idle-slots, or "
+                           "save while no other client sends requests")
+
+    def _cached_text(self, cached: "_SlotCache", n_saved: int) -> str:
+        """The text of the slot's ``n_saved`` tokens: the prompt (a chat's as the server renders it), then the
+        reply's first pieces (one per token as llama-server streams them; a chat's are its parsed content)."""
+        if cached.text is not None:
+            return cached.text
+        plan = cached.plan
+        assert plan is not None
+        if plan.chat:
+            body: dict[str, Any] = {k: plan.body[k] for k in ("messages", "tools", "chat_template_kwargs")
+                                    if k in plan.body}
+            reply = self._session.post("/apply-template", body)
+            prompt = reply.get("prompt") if isinstance(reply, dict) else None
+            if not isinstance(prompt, str):
+                raise SessionError(f"Failed to save session: unexpected reply from /apply-template: {str(reply)[:200]}")
+        else:
+            prompt = plan.body["prompt"] if isinstance(plan.body["prompt"], str) else ""
+        return prompt + "".join(cached.pieces[: max(n_saved - cached.n_prompt, 0)])
 
     # -- multimodal: the server's own projector (llama-server --mmproj); the context only turns its media on or off
     def init_multimodal(self, params: Mapping[str, Any] | None) -> bool:
@@ -373,12 +523,36 @@ class OpenAICore:
     def open_slots(self, n_parallel: int, n_batch: int) -> Slots:
         """Parallel mode: concurrent streams, which the server batches (``n_batch`` is the server's own); one at a
         time to a server that cuts a stream when the next request comes (``Dialect.concurrent``)."""
+        self._cached = None  # unpinned requests may land in this context's slot
         if self.facts.dialect.concurrent:
-            return CoreSlots(self, n_parallel, n_parallel, "native")
-        return CoreSlots(self, n_parallel, 1, "emulated")
+            return _UnpinnedSlots(self, n_parallel, n_parallel, "native")
+        return _UnpinnedSlots(self, n_parallel, 1, "emulated")
 
     def close(self) -> None:
+        if self._home_slot is not None:
+            CLAIMS.release(self._session.base_url, self._home_slot, self)
+            self._home_slot = None
         self._session.close()
+
+
+@dataclass(frozen=True)
+class _SlotCache:
+    """What a context's home slot holds: after a completion (its plan, prompt tokens, cached tokens and streamed
+    pieces), or after load_session (the descriptor's count and text)."""
+
+    plan: CompletionPlan | None
+    n_prompt: int
+    n_cached: int
+    pieces: tuple[str, ...]
+    text: str | None
+
+
+class _UnpinnedSlots(CoreSlots):
+    """Parallel mode: requests go unpinned, for the server to spread over its slots."""
+
+    def completion(self, params: Mapping[str, Any] | None, stop: threading.Event, strict: bool,
+                   progress: Progress) -> Generator[TokenData, None, CompletionResult]:
+        return self._core._complete(params, stop, strict, pin=False)
 
 
 class _Run:
@@ -390,6 +564,7 @@ class _Run:
         self.reasoning = ""
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.n_chunks = self.n_probs_seen = 0
+        self.pieces: list[str] = []  # the reply's text pieces as streamed (llama-server: one per token)
         self.finish: str | None = None
         self.usage: dict[str, Any] = {}
         self.timings: dict[str, Any] = {}
@@ -413,6 +588,8 @@ class _Run:
                 piece, probs, note = self._read(chunk)
                 if not keep:
                     continue
+                if piece:
+                    self.pieces.append(piece)
                 event = text.push(piece, probs, note)
                 if event is not None:
                     yield event
