@@ -25,7 +25,6 @@ from .errors import (
     InvalidParamsError,
     MediaError,
     MultimodalNotEnabledError,
-    ParallelModeError,
     SessionError,
     TemplateError,
     UnsupportedFeatureError,
@@ -182,9 +181,6 @@ class LocalCore:
                 request, n_threads = self._request(params, strict)
         except RenderStopped:
             return stopped_before_prompt(adapter.n_past)
-        if adapter is not self.adapter and any(t < 0 for t in request.prompt_tokens):
-            raise ParallelModeError("completion: media (images, audio) are not available in parallel mode yet; "
-                                    "call ctx.parallel.disable() first")
         if request.prompt_tokens and request.prompt_tokens[-1] < 0:  # llama.cpp would abort the process
             raise MediaError("completion: the prompt ends with a medium, and llama.cpp computes no next-token "
                              "logits on a medium's positions; put text after the last media marker (chat "

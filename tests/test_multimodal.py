@@ -16,7 +16,6 @@ from llamacompat.errors import (
     MediaError,
     ModelLoadError,
     MultimodalNotEnabledError,
-    ParallelModeError,
     UnsupportedFeatureError,
 )
 
@@ -219,19 +218,6 @@ def test_release_multimodal_turns_it_off_and_drops_cached_media(media):
         assert ctx.is_multimodal_enabled() is False
         with pytest.raises(MultimodalNotEnabledError):
             ctx.completion({"messages": chat(media["img"]), **GREEDY})
-    finally:
-        ctx.release()
-
-
-def test_parallel_mode_refuses_media_clearly(media):
-    ctx = init_llama({"n_ctx": 512, "n_threads": 2, "n_parallel": 2})
-    try:
-        ctx.init_multimodal({"path": media["mmproj"], "use_gpu": False})
-        ctx.parallel.enable({"n_parallel": 2})
-        with pytest.raises(ParallelModeError, match="parallel mode"):
-            ctx.completion({"messages": chat(media["img"]), **GREEDY})
-        with pytest.raises(ParallelModeError):
-            ctx.release_multimodal()
     finally:
         ctx.release()
 

@@ -122,7 +122,7 @@ _SESSION_HINTS = {
 _DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel")
 
 
-def _media_identity(tokens: list[int], hashes: list[str]) -> list[int]:
+def media_identity(tokens: list[int], hashes: list[str]) -> list[int]:
     """A session file's tokens with each medium's ``-1`` positions as its placeholder again, from the ``.meta``
     sidecar's ``hashes``; cut before the first medium when they cannot be matched one to one (no sidecar, or
     media side by side, whose runs cannot be told apart): those media are evaluated again, as llama.rn does.
@@ -772,11 +772,15 @@ class LlamaCppAdapter(Adapter):
         return len(tokens)
 
     def session_media(self, n_tokens: int) -> list[str]:
-        tokens = self._tokens
-        n = n_tokens if 0 < n_tokens <= len(tokens) else len(tokens)
+        n = n_tokens if 0 < n_tokens <= len(self._tokens) else len(self._tokens)
+        return self.media_hashes(self._tokens, n)
+
+    def media_hashes(self, tokens: list[int], n: int) -> list[str]:
+        """The bitmap hashes of the media in ``tokens[:n]`` (one per medium, as llama.rn lists them: a sound over
+        30 s has several chunks); [] when there are none, or ``tokens[n:]`` holds one (cut off: unprovable)."""
         projector = self._projector
         if projector is None or any(is_media(t) for t in tokens[n:]):
-            return []  # none, or one cut off: nothing a sidecar could prove
+            return []
         hashes, i = [], 0
         while i < n:
             if not is_media(tokens[i]):
@@ -786,7 +790,7 @@ class LlamaCppAdapter(Adapter):
             if seen is None:
                 return []
             bitmap_hash, part, n_chunk = seen
-            if part == 0:  # one hash per medium, as llama.rn lists them (a sound over 30 s has several chunks)
+            if part == 0:
                 hashes.append(bitmap_hash)
             i += n_chunk
         return hashes
@@ -807,7 +811,7 @@ class LlamaCppAdapter(Adapter):
             self._restore(snapshot)
             hint = next((h for key, h in _SESSION_HINTS.items() if key in detail), "")
             raise SessionError(f"Failed to load session: {path}: {detail or 'llama_state_load_file failed'}{hint}")
-        tokens = _media_identity(list(tokens), read_meta(path))
+        tokens = media_identity(list(tokens), read_meta(path))
         if cached > len(tokens):  # saved with token_size (or media without identity): keep the listed tokens
             lc.llama_memory_seq_rm(self._mem, -1, len(tokens), -1)
         self._tokens = list(tokens)

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from ..errors import ContextFullError, GenerationError, LlamaError, compat_warning
+from ..errors import ContextFullError, GenerationError, LlamaError, MultimodalNotEnabledError, compat_warning
 from . import llama_cpp_state as state_files
 from .base import BatchSequence, Interrupted, SamplingParams
 from .llama_cpp import LlamaCppAdapter, _Generation, _native_detail, lc
+from .llama_cpp_mtmd import is_media
 
 if TYPE_CHECKING:
     from ..local import StateFiles
@@ -94,8 +95,27 @@ class _Slot:
 
     def evaluate(self, tokens: list[int], stop: threading.Event | None = None,
                  beside: Callable[[], Any] | None = None) -> int:
+        """``tokens`` into this slot: text in the shared batches, each medium's run of placeholders through the
+        projector with the context to itself (``BatchEngine.medium``); the output row of the last token (a prompt
+        never ends with a medium: ``LocalCore`` refuses it)."""
         assert self.seq is not None
-        return self._engine.evaluate(self, tokens, stop, beside)
+        engine = self._engine
+        if not any(is_media(t) for t in tokens):
+            return engine.evaluate(self, tokens, stop, beside)
+        start, row, unread = 0, 0, False
+        while start < len(tokens):
+            if is_media(tokens[start]):
+                if unread:  # the row of a text run before a medium is nobody's to read (and would hold it off)
+                    engine.row_read()
+                    unread = False
+                start += engine.medium(self, tokens[start], stop)
+                continue
+            end = start
+            while end < len(tokens) and not is_media(tokens[end]):
+                end += 1
+            row, unread = engine.evaluate(self, tokens[start:end], stop, beside), True
+            beside, start = None, end
+        return row
 
     def row_read(self) -> None:
         self._engine.row_read()
@@ -248,6 +268,30 @@ class BatchEngine:
         if job.error is not None:
             raise job.error
         return job.row
+
+    def medium(self, slot: _Slot, token: int, stop: threading.Event | None) -> int:
+        """The medium placeholder ``token`` stands for, through the projector into ``slot``'s sequence, between
+        steps (its encoder and decode are the projector's own); its token count. A stopped or failed medium
+        leaves none of its positions in the sequence."""
+        adapter, seq = self.adapter, slot.seq
+        assert seq is not None
+        projector = adapter._projector
+        if projector is None:
+            raise MultimodalNotEnabledError()
+        if stop is not None and stop.is_set():
+            raise Interrupted()
+
+        def work() -> int:
+            n_past = len(self.cached[seq])
+            try:
+                n = projector.evaluate(adapter._ctx, token, n_past, self.n_batch, stop, seq)
+            except (Interrupted, LlamaError):
+                self._drop_tail(seq, n_past)
+                raise
+            self.cached[seq].extend([token] * n)
+            return n
+
+        return int(self.exclusive(work))
 
     def _ready(self, gather_until: float) -> list[tuple[_Job, int, int]] | float | None:
         """Under the lock: the batch to decode now, a time to wait until for more submissions, or None (wait)."""

@@ -171,8 +171,9 @@ class Projector:
         with self._lock:
             return self._ids.get(token)
 
-    def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any) -> int:
-        """Encode the medium ``token`` stands for and decode its embeddings at ``n_past``; its token count."""
+    def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any, seq: int = 0) -> int:
+        """Encode the medium ``token`` stands for and decode its embeddings at ``n_past`` of sequence ``seq``; its
+        token count."""
         with self._lock:
             chunk = self._chunks.get(token)
             if chunk is not None:
@@ -183,7 +184,7 @@ class Projector:
         if stop is not None and stop.is_set():  # before the encoder, which cannot be interrupted
             raise Interrupted()
         new_n_past = lc.llama_pos(0)
-        rc = mtmd.mtmd_helper_eval_chunk_single(self._ctx, lctx, chunk, n_past, 0, n_batch, True,
+        rc = mtmd.mtmd_helper_eval_chunk_single(self._ctx, lctx, chunk, n_past, seq, n_batch, True,
                                                 ctypes.byref(new_n_past))
         if stop is not None and stop.is_set():
             raise Interrupted()

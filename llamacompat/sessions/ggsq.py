@@ -76,7 +76,7 @@ def parse_seq_header(data: bytes | bytearray | memoryview, size: int, path: str,
 
 
 def check_seq_header(header: SeqStateHeader, path: str, what: str, *, version: int, capacity: int,
-                     n_vocab: int) -> None:
+                     n_vocab: int, media: bool = False) -> None:
     """Refuse a file this slot cannot take, naming the problem and the fix."""
     if header.version != version:
         raise SessionError(f"{what}: {path} has sequence state version {header.version}; this llama.cpp reads "
@@ -84,7 +84,7 @@ def check_seq_header(header: SeqStateHeader, path: str, what: str, *, version: i
     if header.n_tokens > capacity:
         raise SessionError(f"{what}: {path} holds {header.n_tokens} tokens but a slot holds {capacity} "
                            "(n_ctx / n_parallel): use fewer slots or a larger n_ctx")
-    bad = next((t for t in header.tokens if not 0 <= t < n_vocab), None)
+    bad = next((t for t in header.tokens if not 0 <= t < n_vocab and not (media and t == -1)), None)
     if bad is not None:
         hint = " (-1 marks media, which need multimodal support)" if bad == -1 else " (another model's file?)"
         raise SessionError(f"{what}: {path} holds token {bad}, outside this model's vocabulary "
