@@ -37,7 +37,7 @@ from .grammars.triggers import parse_triggers
 from .media import load_media, media_paths_param
 from .models import local_path
 from .parallel.slots import Progress, Slots
-from .sessions import META_SUFFIX, check_identity, read_sidecar, save_with_sidecar, write_meta
+from .sessions import META_SUFFIX, check_identity, read_sidecar, save_with_media
 from .sessions.sidecar import SUFFIX as SIDECAR_SUFFIX
 from .text_stream import Parse, stopped_before_prompt
 from .types import (
@@ -128,9 +128,10 @@ def take_state(params: Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | No
 
 def _check_save_target(path: str, key: str) -> None:
     where = f"completion: '{key}'"
-    if path.lower().endswith(SIDECAR_SUFFIX):
-        raise SessionError(f"{where}: {path} ends in '{SIDECAR_SUFFIX}', the name of a state file's sidecar; "
-                           "pick another name")
+    for suffix in (SIDECAR_SUFFIX, META_SUFFIX):
+        if path.lower().endswith(suffix):
+            raise SessionError(f"{where}: {path} ends in '{suffix}', the name of a state file's sidecar; "
+                               "pick another name")
     if os.path.isdir(path):
         raise SessionError(f"{where}: {path} is a folder; pass a file path")
     folder = os.path.dirname(os.path.abspath(path))
@@ -434,11 +435,8 @@ class LocalCore:
             raise SessionError(f"Failed to save session: {path} ends in '{META_SUFFIX}', the name of a session's "
                                "media sidecar (saving there would overwrite another session's); pick another name")
         try:
-            write_meta(path, [])  # llama.rn's order: no stale media hashes beside the new file, whatever happens
-            saved = save_with_sidecar(path, lambda tmp: self.adapter.save_session(tmp, token_size),
-                                      self.adapter.session_identity())
-            write_meta(path, self.adapter.session_media(token_size))
-            return saved
+            return save_with_media(path, lambda tmp: self.adapter.save_session(tmp, token_size),
+                                   self.adapter.session_identity(), lambda: self.adapter.session_media(token_size))
         except SessionError:
             raise
         except OSError as err:  # nothing changed: the previous file and its sidecar are as they were

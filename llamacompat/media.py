@@ -129,7 +129,7 @@ def check_media(media: list[Media], support: Mapping[str, bool], text: str | Non
     for i, medium in enumerate(media):
         if medium.is_audio and not support.get("audio"):
             raise MediaError(f"media {i} ({medium.source[:60]}) is audio, and this projector takes images only; "
-                             "load an audio projector with init_multimodal")
+                             "use a projector that takes audio")
         if not medium.is_audio and not support.get("vision"):
             raise MediaError(f"media {i} ({medium.source[:60]}) is an image, and this projector takes audio only")
 

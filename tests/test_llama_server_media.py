@@ -121,6 +121,22 @@ def test_media_the_projector_does_not_take_are_refused_before_sending(ctx, media
     assert ctx.completion({"messages": chat(media["img"]), **GREEDY})["tokens_predicted"] == GREEDY["n_predict"]
 
 
+def test_what_llama_server_does_not_take_is_refused_before_sending(ctx, media, tmp_path):
+    from .mtmd_fixture import flac_bytes
+
+    flac = {"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": base64.b64encode(flac_bytes()).decode(), "format": "wav"}}, {"type": "text", "text": "Hi"}]}
+    with pytest.raises(MediaError, match="takes WAV or MP3"):
+        ctx.completion({"messages": [flac], **GREEDY})
+    with pytest.raises(MediaError, match="ends with a medium"):
+        ctx.completion({"prompt": f"Look: {MARKER}", "media_paths": [media["img"]], **GREEDY})
+    # llama-server refuses slot save/restore while a projector is loaded: sessions are missing, and say why
+    assert ctx.capabilities["features"]["session"] == "missing"
+    with pytest.raises(UnsupportedFeatureError, match="--mmproj"):
+        ctx.save_session(str(tmp_path / "s.session"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_release_turns_this_contexts_media_off_and_init_back_on(server, media):
     with init_llama(server.params()) as own:
         own.release_multimodal()

@@ -186,6 +186,14 @@ def test_a_prompt_that_ends_with_a_medium_is_refused_and_the_process_lives(mm, m
     assert mm.completion({"prompt": f"{MARKER} ok", "media_paths": [media["img"]], **GREEDY})["tokens_predicted"] >= 1
 
 
+def test_more_media_chunks_than_are_kept_are_refused(mm, media, monkeypatch):
+    import llamacompat.adapters.llama_cpp_mtmd as M
+
+    monkeypatch.setattr(M, "_KEEP_CHUNKS", 1)  # 64 in truth: a 32-minute sound; one here, and two images
+    with pytest.raises(MediaError, match="more than the 1 kept"):
+        mm.tokenize(f"{MARKER} and {MARKER} ok", {"media_paths": [media["img"], media["other"]]})
+
+
 def test_oversized_media_are_refused_before_reading(mm, tmp_path, monkeypatch):
     import llamacompat.media as M
 

@@ -89,7 +89,8 @@ def test_without_its_sidecar_the_image_is_evaluated_again(mm, media, tmp_path):
     path = str(tmp_path / "lost.session")
     mm.save_session(path)
     start = image_tokens(mm, media["img"], "Describe it.")["chunk_pos_media"][0]
-    for broken in (None, "rnllama-state-meta v1\n2\nabc\n", "something else\n1\nabc\n"):  # gone, truncated, foreign
+    # gone, truncated, foreign, a count that is a digit to str.isdigit but not to int
+    for broken in (None, "rnllama-state-meta v1\n2\nabc\n", "something else\n1\nabc\n", "rnllama-state-meta v1\n\u00b2\na\nb\n"):
         if broken is None:
             os.unlink(meta_path(path))
         else:
@@ -120,3 +121,26 @@ def test_a_save_that_cuts_the_image_or_has_none_writes_no_sidecar(mm, media, tmp
     assert not os.path.exists(meta_path(path))
     with pytest.raises(SessionError, match=r"\.meta"):
         mm.save_session(str(tmp_path / "x.session.meta"))
+
+
+def test_the_same_image_twice_is_two_media_and_a_loaded_session_saves_them_again(mm, media, tmp_path):
+    twice = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": media["img"]}},
+                                          {"type": "text", "text": "and"},
+                                          {"type": "image_url", "image_url": {"url": media["img"]}},
+                                          {"type": "text", "text": "Are they the same?"}]}]
+    mm.clear_cache()
+    mm.completion({"messages": twice, "n_predict": 0})
+    path = str(tmp_path / "twice.session")
+    n_saved = mm.save_session(path)
+    hashes = mm.tokenize(mm.get_formatted_chat(twice)["prompt"], {"media_paths": [media["img"]] * 2})["bitmap_hashes"]
+    assert len(hashes) == 2 and read_meta(path) == hashes
+    other = new_context(media)
+    try:
+        assert other.load_session(path)["tokens_loaded"] == n_saved
+        again = str(tmp_path / "again.session")
+        other.save_session(again)  # before any new prompt: the loaded media are still named
+        assert read_meta(again) == hashes
+        resumed = other.completion({"messages": twice, "n_predict": 1})
+        assert resumed["timings"]["cache_n"] == n_saved - 1
+    finally:
+        other.release()

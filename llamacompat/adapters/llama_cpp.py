@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..grammars.guidance import Guide
 from ..grammars.lark import NoLarkEquivalent
-from ..sessions import NULL_TOKEN, check_header, read_header, read_meta
+from ..sessions import NULL_TOKEN, check_header, file_tokens, read_header, read_meta
 from .base import (  # default_threads: imported from here before it moved to base
     RUNTIME_FAILURES,
     Adapter,
@@ -122,14 +122,14 @@ _SESSION_HINTS = {
 _DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel")
 
 
-def media_identity(tokens: list[int], hashes: list[str]) -> list[int]:
+def media_identity(tokens: list[int], hashes: list[str], projector: Projector | None = None) -> list[int]:
     """A session file's tokens with each medium's ``-1`` positions as its placeholder again, from the ``.meta``
     sidecar's ``hashes``; cut before the first medium when they cannot be matched one to one (no sidecar, or
     media side by side, whose runs cannot be told apart): those media are evaluated again, as llama.rn does.
 
     A medium of several chunks (a sound over 30 s) gets its first chunk's placeholder throughout: a new prompt
     with the same medium reuses that first chunk and evaluates the rest again (the file does not say where
-    its chunks end)."""
+    its chunks end). ``projector`` learns the placeholders back, so a later save can name their media."""
     runs = [i for i, t in enumerate(tokens) if t == NULL_TOKEN and (i == 0 or tokens[i - 1] != NULL_TOKEN)]
     if not runs:
         return tokens
@@ -137,10 +137,12 @@ def media_identity(tokens: list[int], hashes: list[str]) -> list[int]:
         return tokens[:runs[0]]
     out = list(tokens)
     for start, bitmap_hash in zip(runs, hashes, strict=True):
-        end = start
+        end, token = start, placeholder(bitmap_hash)
         while end < len(out) and out[end] == NULL_TOKEN:
-            out[end] = placeholder(bitmap_hash)
+            out[end] = token
             end += 1
+        if projector is not None:
+            projector.remember(token, bitmap_hash, 0, end - start)
     return out
 
 
@@ -759,7 +761,7 @@ class LlamaCppAdapter(Adapter):
     def save_session(self, path: str, n_tokens: int) -> int:
         tokens = self._tokens[:n_tokens] if n_tokens > 0 else self._tokens
         # media positions as llama.rn writes them (LLAMA_TOKEN_NULL); their identity goes in the .meta sidecar
-        arr = (lc.llama_token * max(1, len(tokens)))(*(NULL_TOKEN if is_media(t) else t for t in tokens))
+        arr = (lc.llama_token * max(1, len(tokens)))(*file_tokens(tokens, is_media))
         # The whole KV state is written even when n_tokens trims the list (llama.rn does the same);
         # load_session drops the cells past the saved tokens.
         expected = 12 + 4 * len(tokens) + lc.llama_state_get_size(self._ctx)
@@ -811,9 +813,12 @@ class LlamaCppAdapter(Adapter):
             self._restore(snapshot)
             hint = next((h for key, h in _SESSION_HINTS.items() if key in detail), "")
             raise SessionError(f"Failed to load session: {path}: {detail or 'llama_state_load_file failed'}{hint}")
-        tokens = media_identity(list(tokens), read_meta(path))
-        if cached > len(tokens):  # saved with token_size (or media without identity): keep the listed tokens
-            lc.llama_memory_seq_rm(self._mem, -1, len(tokens), -1)
+        tokens = media_identity(list(tokens), read_meta(path), self._projector)
+        # saved with token_size (or media without identity): keep the listed tokens; a memory that cannot drop
+        # a tail (recurrent, hybrid) keeps nothing rather than positions the token list does not name
+        if cached > len(tokens) and not lc.llama_memory_seq_rm(self._mem, -1, len(tokens), -1):
+            lc.llama_memory_clear(self._mem, True)
+            tokens = []
         self._tokens = list(tokens)
         return list(tokens)
 

@@ -284,7 +284,8 @@ class BatchEngine:
         def work() -> int:
             n_past = len(self.cached[seq])
             try:
-                n = projector.evaluate(adapter._ctx, token, n_past, self.n_batch, stop, seq)
+                # the context's n_batch, as alone: a non-causal projector needs its medium in one batch
+                n = projector.evaluate(adapter._ctx, token, n_past, adapter._n_batch, stop, seq)
             except (Interrupted, LlamaError):
                 self._drop_tail(seq, n_past)
                 raise

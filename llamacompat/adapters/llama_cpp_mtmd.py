@@ -132,11 +132,12 @@ class Projector:
         tokens: list[int] = []
         pos: list[int] = []
         pos_media: list[int] = []
-        parts: dict[str, int] = {}  # chunks seen per bitmap hash
+        run: tuple[str, int] = ("", -1)  # the hash of the media chunks since the last text chunk, and their count
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             pos.append(len(tokens))
             if mtmd.mtmd_input_chunk_get_type(chunk) == _CHUNK_TEXT:
+                run = ("", -1)
                 n = ctypes.c_size_t(0)
                 ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
                 tokens.extend(ptr[j] for j in range(n.value))
@@ -146,25 +147,37 @@ class Projector:
                 raise UnsupportedFeatureError("this projector places media on fewer positions than tokens (M-RoPE, "
                                               "as Qwen2-VL does); llamacompat does not evaluate such projectors yet")
             bitmap_hash = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
-            part = parts[bitmap_hash] = parts.get(bitmap_hash, -1) + 1
+            # a medium's chunks are numbered within it: a text chunk or another hash starts the next medium (the
+            # same image again later in the prompt is part 0 again, so a session lists it as a medium of its own)
+            run = (bitmap_hash, run[1] + 1 if run[0] == bitmap_hash else 0)
+            part = run[1]
             token = placeholder(bitmap_hash, part)
             self._keep(token, chunk, bitmap_hash, part, n_tokens)
             pos_media.append(len(tokens))
             tokens.extend([token] * n_tokens)
+        if len(pos_media) > _KEEP_CHUNKS:
+            raise MediaError(f"the prompt's media make {len(pos_media)} chunks, more than the {_KEEP_CHUNKS} kept for "
+                             "evaluation (a sound is one chunk per 30 s): send shorter or fewer media")
         return MediaTokens(tokens, hashes, pos, pos_media)
 
     def _keep(self, token: int, chunk: Any, bitmap_hash: str, part: int, n_tokens: int) -> None:
+        self.remember(token, bitmap_hash, part, n_tokens)
         with self._lock:
-            self._ids[token] = (bitmap_hash, part, n_tokens)
-            self._ids.move_to_end(token)
-            if len(self._ids) > _KEEP_IDS:
-                self._ids.popitem(last=False)
             if token in self._chunks:
                 self._chunks.move_to_end(token)
                 return
             self._chunks[token] = mtmd.mtmd_input_chunk_copy(chunk)
             while len(self._chunks) > _KEEP_CHUNKS:
                 mtmd.mtmd_input_chunk_free(self._chunks.popitem(last=False)[1])
+
+    def remember(self, token: int, bitmap_hash: str, part: int, n_tokens: int) -> None:
+        """A placeholder a loaded session brings back (no chunk to evaluate: its KV is cached), so a later save
+        can name its medium again."""
+        with self._lock:
+            self._ids[token] = (bitmap_hash, part, n_tokens)
+            self._ids.move_to_end(token)
+            if len(self._ids) > _KEEP_IDS:
+                self._ids.popitem(last=False)
 
     def identity(self, token: int) -> tuple[str, int, int] | None:
         """The bitmap hash, the part (chunk) of its medium and the token count of the placeholder ``token``, if seen."""

@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import SessionError, compat_warning
 from ..sessions import (
-    NULL_TOKEN,
     check_identity,
     check_seq_header,
+    file_tokens,
     parse_seq_header,
     read_meta,
     read_sidecar,
-    save_with_sidecar,
-    write_meta,
+    save_with_media,
 )
 from .llama_cpp import _SESSION_HINTS, _native_detail, _recent_problems, lc, media_identity
 from .llama_cpp_mtmd import is_media
@@ -87,7 +86,7 @@ def read_checked(engine: "BatchEngine", path: str) -> StateFile:
     check_seq_header(header, path, what, version=lc.LLAMA_STATE_SEQ_VERSION, capacity=engine.n_ctx_slot,
                      n_vocab=adapter.n_vocab, media=True)
     # media positions (-1) get their identity back from the .meta sidecar, or the tokens stop before them
-    return StateFile(path, media_identity(header.tokens, read_meta(path)), data, _HEADROOM + header.state_offset)
+    return StateFile(path, media_identity(header.tokens, read_meta(path), adapter._projector), data, _HEADROOM + header.state_offset)
 
 
 def can_cut(engine: "BatchEngine") -> bool:
@@ -179,7 +178,7 @@ def save(engine: "BatchEngine", seq: int, path: str, n_tokens: int, what: str) -
 
     def write(tmp: str) -> int:
         # media positions as llama.rn writes them (LLAMA_TOKEN_NULL); their identity goes in the .meta sidecar
-        arr = (lc.llama_token * len(tokens))(*(NULL_TOKEN if is_media(t) else t for t in tokens))
+        arr = (lc.llama_token * len(tokens))(*file_tokens(tokens, is_media))
 
         def native() -> tuple[int, str]:
             _recent_problems.clear()
@@ -195,14 +194,9 @@ def save(engine: "BatchEngine", seq: int, path: str, n_tokens: int, what: str) -
         return len(tokens)
 
     try:
-        write_meta(path, [])  # llama.rn's order: no stale media hashes beside the new file, whatever happens
-        save_with_sidecar(path, write, adapter.session_identity())
+        save_with_media(path, write, adapter.session_identity(), lambda: adapter.media_hashes(engine.cached[seq], len(tokens)))
     except (OSError, SessionError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         compat_warning(f"{what}: the state was not saved to {path} ({reason}); any previous file there is as it was")
         return False
-    try:
-        write_meta(path, adapter.media_hashes(engine.cached[seq], len(tokens)))
-    except OSError as err:  # the state stands; its media are evaluated again when it is loaded
-        compat_warning(f"{what}: the media sidecar of {path} was not written ({err.strerror or err})")
     return True

@@ -175,8 +175,8 @@ class LlamaContext:
             if name in ("load_session", "save_session"):
                 raise ParallelModeError(f"Session {name.split('_')[0]} is not supported while parallel mode is enabled")
             if name in ("init_multimodal", "release_multimodal"):
-                raise ParallelModeError(f"{name}: multimodal input is not available in parallel mode yet; call "
-                                        "ctx.parallel.disable() first")
+                raise ParallelModeError(f"{name}: parallel requests use the projector; call ctx.parallel.disable() "
+                                        "before changing it")
         self.claim()
         return self.run_claimed(name, *args)
 

@@ -158,6 +158,12 @@ class OpenAICore:
 
     def probe_sessions(self) -> None:
         """llama-server saves slots only with --slot-save-path: one refused slot action (no side effect) tells."""
+        if self.facts.modalities is not None and self.facts.dialect.media == "props":
+            # it refuses slot actions with a projector loaded, after the filename check the probe relies on
+            self._session_error = ("llama-server refuses slot save/restore while a projector is loaded (--mmproj); "
+                                   "run one without it for sessions")
+            logger.info("openai: no sessions: %s", self._session_error)
+            return
         n_slots, why = probe_slot_saving(self._session)
         if n_slots is None:
             logger.info("openai: no sessions: %s", why)

@@ -19,11 +19,18 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .. import params as P
 from ..chat.messages import MEDIA_PART_TYPES, media_ref
-from ..errors import GrammarError, InvalidParamsError, MultimodalNotEnabledError, UnsupportedFeatureError, unsupported
+from ..errors import (
+    GrammarError,
+    InvalidParamsError,
+    MediaError,
+    MultimodalNotEnabledError,
+    UnsupportedFeatureError,
+    unsupported,
+)
 from ..grammars.builtin import checked_grammar
 from ..grammars.gbnf import Group, Repeat, Token, parse_gbnf
 from ..grammars.schema import convert_json_schema_to_grammar
-from ..media import MEDIA_MARKER, Media, check_media, load_media, media_paths_param
+from ..media import AUDIO_FORMATS, MEDIA_MARKER, Media, check_media, load_media, media_paths_param
 from .dialects import Dialect, ServerFacts
 
 __all__ = ["CompletionPlan", "plan_completion", "media_parts", "check_sendable"]
@@ -96,6 +103,9 @@ def _media(p: dict[str, Any], body: dict[str, Any], facts: ServerFacts, support:
     if not media:
         return
     check_sendable(media, facts, support, None if body.get("messages") is not None else p["prompt"])
+    if body.get("messages") is None and p["prompt"].endswith(MEDIA_MARKER):  # as the local backend refuses it
+        raise MediaError("completion: the prompt ends with a medium, and llama.cpp computes no next-token logits "
+                         "on a medium's positions; put text after the last media marker (chat templates do)")
     if body.get("messages") is not None:
         body["messages"] = messages
     elif facts.dialect.media == "props":  # its marker is its own (random unless LLAMA_MEDIA_MARKER pins it)
@@ -140,6 +150,10 @@ def media_parts(messages: Any) -> tuple[list[Any], list[Media]]:
                 medium = load_media(media_ref(part, where), where)
                 media.append(medium)
                 if medium.is_audio:
+                    if medium.audio_format not in AUDIO_FORMATS:  # OpenAI's input_audio takes wav and mp3 only
+                        raise MediaError(f"{where}: the sound is {medium.audio_format.upper()}; an input_audio part "
+                                         "takes WAV or MP3 (convert it, or give it to a raw prompt's media_paths, "
+                                         "which llama-server decodes as bytes)")
                     part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(medium.data).decode(),
                                                                    "format": medium.audio_format}}
                 else:

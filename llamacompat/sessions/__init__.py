@@ -3,7 +3,7 @@
 from .atomic import atomic_write, atomic_write_bytes
 from .ggsn import SessionHeader, check_header, read_header
 from .ggsq import SeqStateHeader, check_seq_header, parse_seq_header, read_seq_header
-from .media_meta import META_SUFFIX, NULL_TOKEN, meta_path, read_meta, write_meta
+from .media_meta import META_SUFFIX, NULL_TOKEN, file_tokens, meta_path, read_meta, save_with_media, write_meta
 from .sidecar import check_identity, file_crc32, read_sidecar, save_with_sidecar, sidecar_path
 
 __all__ = [
@@ -26,4 +26,6 @@ __all__ = [
     "meta_path",
     "read_meta",
     "write_meta",
+    "save_with_media",
+    "file_tokens",
 ]
