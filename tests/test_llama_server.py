@@ -488,6 +488,20 @@ def test_parallel_mode_forgets_what_the_slot_holds(ctx, tmp_path):
         ctx.save_session(str(tmp_path / "p.session"))
 
 
+def test_another_contexts_parallel_requests_make_a_save_refuse(server, tmp_path):
+    """Unpinned parallel requests may land in any slot: a context's save no longer trusts what its slot holds."""
+    with init_llama(server.params()) as a, init_llama(server.params()) as b:
+        a.completion({"prompt": SESSION_PROMPT, "n_predict": 0})
+        b.parallel.enable({"n_parallel": 2})
+        b.parallel.completion({"prompt": "The sky is", "n_predict": 2}).promise.result(60)
+        b.parallel.disable()
+        with pytest.raises(SessionError, match="another context"):
+            a.save_session(str(tmp_path / "a.session"))
+        assert not (tmp_path / "a.session").exists()
+        a.completion({"prompt": SESSION_PROMPT, "n_predict": 0})  # its slot known again: the save works
+        assert a.save_session(str(tmp_path / "a.session")) > 0
+
+
 def test_a_slot_cleared_by_the_server_is_evaluated_again_before_saving(tmp_path):
     """With one KV cache for all slots llama-server clears idle slots when another starts (--cache-idle-slots)."""
     private = LlamaServer(parallel=2, slot_dir=str(tmp_path), kv_unified=True)

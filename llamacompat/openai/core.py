@@ -232,6 +232,9 @@ class OpenAICore:
             plan = replace(plan, body={**plan.body, "lora": lora, **({} if self._cache_prompt else {"cache_prompt": False})})
         slot = self._home() if pin and self._n_slots is not None else None
         if slot is None:
+            if self._n_slots is not None:  # unpinned, it may land in any slot: no context's save may trust its own
+                for any_slot in range(self._n_slots):
+                    CLAIMS.used(self._session.base_url, any_slot, self)
             return (yield from _Run(self, plan, stop).events())
         # pinned: the cache stays in the slot that save_session saves; what the slot holds is unknown until done
         plan = replace(plan, body={**plan.body, "id_slot": slot})
