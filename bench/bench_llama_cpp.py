@@ -22,6 +22,7 @@ import time
 from llama_cpp import Llama
 
 from llamacompat import init_llama
+from llamacompat.adapters import compute_thread
 from llamacompat.models import default_model_path
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -62,8 +63,11 @@ def main() -> int:
         assert result["tokens_predicted"] == n, result["tokens_predicted"]
         return result["text"]
 
-    runs = {"llama-cpp-python create_completion": run_create_completion,
-            "llama-cpp-python generate loop": run_generate,
+    # raw llama-cpp-python computes on llamacompat's compute thread, as llamacompat does: two OS threads that
+    # decode get two OpenMP teams, which throttle each other on these cores (llamacompat/adapters/compute_thread.py)
+    on_compute = compute_thread.shared().run
+    runs = {"llama-cpp-python create_completion": lambda: on_compute(run_create_completion),
+            "llama-cpp-python generate loop": lambda: on_compute(run_generate),
             "llamacompat completion": run_llamacompat}
     texts = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs must agree
     reference = texts["llamacompat completion"]

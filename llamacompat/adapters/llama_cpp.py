@@ -40,6 +40,7 @@ from ..errors import (
 from ..grammars.guidance import Guide
 from ..grammars.lark import NoLarkEquivalent
 from ..sessions import NULL_TOKEN, check_header, file_tokens, read_header, read_meta
+from . import compute_thread
 from .base import (  # default_threads: imported from here before it moved to base
     RUNTIME_FAILURES,
     Adapter,
@@ -281,6 +282,7 @@ class LlamaCppAdapter(Adapter):
     def __init__(self, model: Any, params: dict[str, Any]) -> None:
         self._model = model
         self._ctx = None
+        self.compute = compute_thread.shared()  # every decode runs there: one OpenMP team (compute_thread.py)
         self._vocab = lc.llama_model_get_vocab(model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.n_embd = lc.llama_model_n_embd(model)
@@ -468,7 +470,7 @@ class LlamaCppAdapter(Adapter):
                 end += 1
             chunk = tokens[start:end]
             arr = (lc.llama_token * len(chunk))(*chunk)
-            self._check(lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(chunk))))
+            self._check(self.compute.run(lc.llama_decode, self._ctx, lc.llama_batch_get_one(arr, len(chunk))))
             self._tokens.extend(chunk)
             start = end
 
@@ -477,7 +479,7 @@ class LlamaCppAdapter(Adapter):
             raise MultimodalNotEnabledError()
         n_past = len(self._tokens)
         try:
-            n = self._projector.evaluate(self._ctx, token, n_past, self._n_batch, stop)
+            n = self._projector.evaluate(self._ctx, token, n_past, self._n_batch, stop, 0, self.compute.run)
         except (Interrupted, LlamaError):
             lc.llama_memory_seq_rm(self._mem, -1, n_past, -1)  # a medium is cached whole or not at all
             raise
@@ -698,7 +700,7 @@ class LlamaCppAdapter(Adapter):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
                 batch.seq_id[i][0] = seq or 0
             batch.n_tokens = len(tokens)
-            rc = lc.llama_decode(self._ctx, batch)
+            rc = self.compute.run(lc.llama_decode, self._ctx, batch)
             if rc != 0:
                 raise GenerationError(f"llama_decode failed with code {rc} while trying to {what} ({_native_detail()})")
             if self.pooling == _POOLING["none"]:

@@ -285,7 +285,7 @@ class BatchEngine:
             n_past = len(self.cached[seq])
             try:
                 # the context's n_batch, as alone: a non-causal projector needs its medium in one batch
-                n = projector.evaluate(adapter._ctx, token, n_past, adapter._n_batch, stop, seq)
+                n = projector.evaluate(adapter._ctx, token, n_past, adapter._n_batch, stop, seq, adapter.compute.run)
             except (Interrupted, LlamaError):
                 self._drop_tail(seq, n_past)
                 raise
@@ -366,7 +366,7 @@ class BatchEngine:
                 seq_id[i][0] = seq
             at += n
         batch.n_tokens = at
-        rc = lc.llama_decode(adapter._ctx, batch)
+        rc = adapter.compute.run(lc.llama_decode, adapter._ctx, batch)
         if rc == 0:
             lc.llama_get_logits(adapter._ctx)  # sync and put the output rows in order once, before slots read them
         return rc

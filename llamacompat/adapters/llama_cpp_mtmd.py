@@ -34,6 +34,10 @@ _KEEP_CHUNKS = 64  # media chunks kept for evaluation (the prompts in flight, an
 _KEEP_IDS = 65536  # placeholder -> (hash, part, n_tokens) of chunks seen: a few MB at most, for session sidecars
 
 
+def _now(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
 def is_media(token: int) -> bool:
     return token < 0
 
@@ -184,9 +188,10 @@ class Projector:
         with self._lock:
             return self._ids.get(token)
 
-    def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any, seq: int = 0) -> int:
+    def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any, seq: int = 0,
+                 compute: Callable[..., Any] | None = None) -> int:
         """Encode the medium ``token`` stands for and decode its embeddings at ``n_past`` of sequence ``seq``; its
-        token count."""
+        token count. ``compute`` runs the native call (the context's ``ComputeThread.run``)."""
         with self._lock:
             chunk = self._chunks.get(token)
             if chunk is not None:
@@ -197,8 +202,8 @@ class Projector:
         if stop is not None and stop.is_set():  # before the encoder, which cannot be interrupted
             raise Interrupted()
         new_n_past = lc.llama_pos(0)
-        rc = mtmd.mtmd_helper_eval_chunk_single(self._ctx, lctx, chunk, n_past, seq, n_batch, True,
-                                                ctypes.byref(new_n_past))
+        rc = (compute or _now)(mtmd.mtmd_helper_eval_chunk_single, self._ctx, lctx, chunk, n_past, seq, n_batch,
+                               True, ctypes.byref(new_n_past))
         if stop is not None and stop.is_set():
             raise Interrupted()
         if rc != 0:
