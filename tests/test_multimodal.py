@@ -123,12 +123,12 @@ def test_stop_during_image_encoding_leaves_no_half_medium_cached(mm, media, monk
                 mm.stop_completion()
             return self.real.is_set()
 
-    def stopped(self, lctx, token, n_past, n_batch, stop):
+    def stopped(self, lctx, token, n_past, n_batch, stop, *rest):
         calls.append(n_past)
         if when == "before the encoder":
             mm.stop_completion()
-            return original(self, lctx, token, n_past, n_batch, stop)
-        return original(self, lctx, token, n_past, n_batch, StopWhileEncoding(stop))
+            return original(self, lctx, token, n_past, n_batch, stop, *rest)
+        return original(self, lctx, token, n_past, n_batch, StopWhileEncoding(stop), *rest)
 
     monkeypatch.setattr(Projector, "evaluate", stopped)
     result = mm.completion({"messages": chat(media["img"]), **GREEDY})

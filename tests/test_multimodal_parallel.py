@@ -83,11 +83,11 @@ def test_a_request_stopped_while_its_image_encodes_leaves_the_others_and_its_slo
     original = Projector.evaluate
     hit = threading.Event()
 
-    def stop_on_first(self, lctx, token, n_past, n_batch, stop, seq=0):
+    def stop_on_first(self, lctx, token, n_past, n_batch, stop, *rest):
         if not hit.is_set() and stop is not None:
             hit.set()
             stop.set()  # the request's stop arrives while its image is being encoded
-        return original(self, lctx, token, n_past, n_batch, stop, seq)
+        return original(self, lctx, token, n_past, n_batch, stop, *rest)
 
     monkeypatch.setattr(Projector, "evaluate", stop_on_first)
     stopped = par.parallel.completion({"messages": chat(media["other"], "What is this?"), **GREEDY})

@@ -13,6 +13,7 @@ should run there too: ``shared().run(fn)``.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any, Callable, TypeVar
@@ -58,6 +59,14 @@ class ComputeThread:
 
 _shared: ComputeThread | None = None
 _shared_lock = threading.Lock()
+
+
+def _forget_in_child() -> None:  # a forked child has no thread behind the parent's queue: it starts its own
+    global _shared, _shared_lock
+    _shared, _shared_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def shared() -> ComputeThread:
