@@ -37,7 +37,11 @@ class ComputeThread:
             return fn(*args)
         done, box = threading.Event(), list[Any]()
         self._jobs.put((fn, args, done, box))
-        done.wait()
+        try:
+            done.wait()
+        except BaseException:  # Ctrl-C: the computation runs on, and its caller's record must not drift from it
+            done.wait()
+            raise
         ok, value = box[0]
         if ok:
             return value  # type: ignore[no-any-return]
