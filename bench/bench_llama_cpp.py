@@ -65,7 +65,7 @@ def main() -> int:
 
     # raw llama-cpp-python computes on llamacompat's compute thread, as llamacompat does: two OS threads that
     # decode get two OpenMP teams, which throttle each other on these cores (llamacompat/adapters/compute_thread.py)
-    on_compute = compute_thread.shared().run
+    on_compute = compute_thread.run
     runs = {"llama-cpp-python create_completion": lambda: on_compute(run_create_completion),
             "llama-cpp-python generate loop": lambda: on_compute(run_generate),
             "llamacompat completion": run_llamacompat}

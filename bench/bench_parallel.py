@@ -148,7 +148,7 @@ def main() -> int:
         texts: tuple[list[str], list[str]] = ([], [])
         for _ in range(args.rounds):
             # on llamacompat's compute thread, where its decodes run: one OpenMP team (adapters/compute_thread.py)
-            seconds, tokens = compute_thread.shared().run(raw_batched, model, prompts, args.n_predict, args.threads, n_ctx)
+            seconds, tokens = compute_thread.run(raw_batched, model, prompts, args.n_predict, args.threads, n_ctx)
             best["raw"] = max(best["raw"], tokens / seconds)
             seconds, tokens, par = through_parallel(ctx, prompts, args.n_predict)
             best["parallel"] = max(best["parallel"], tokens / seconds)

@@ -8,7 +8,7 @@ every llama_cpp context goes through one thread of the process (``shared()``), w
 completion, a parallel slot, an async executor, a bridge client): one team, and contexts decode one graph at a
 time, which on the CPU is what their threads allow anyway. The hand-off costs a few microseconds a call.
 Other code of the process that computes with llama.cpp (llama-cpp-python's ``Llama``, as the benches do)
-should run there too: ``shared().run(fn)``.
+should run there too: ``run(fn, *args)``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import queue
 import threading
 from typing import Any, Callable, TypeVar
 
-__all__ = ["ComputeThread", "shared"]
+__all__ = ["ComputeThread", "shared", "run"]
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ class ComputeThread:
     """Runs ``run(fn, *args)`` on its own thread and hands back the result (or raises the exception)."""
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], threading.Event, list[Any]] | None]
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], threading.Event, list[Any]]]
         self._jobs = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -48,17 +48,13 @@ class ComputeThread:
         raise value
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, args, done, box = job
+        while True:
+            fn, args, done, box = self._jobs.get()
             try:
                 box.append((True, fn(*args)))
             except BaseException as err:  # handed to the caller's thread
                 box.append((False, err))
             done.set()
-
-    def close(self) -> None:
-        """Let the thread end after the calls queued so far (idempotent)."""
-        self._jobs.put(None)
 
 
 _shared: ComputeThread | None = None
@@ -80,3 +76,8 @@ def shared() -> ComputeThread:
         if _shared is None:
             _shared = ComputeThread("llamacompat-llama-cpp-compute")
         return _shared
+
+
+def run(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the process's compute thread."""
+    return shared().run(fn, *args)

@@ -51,7 +51,7 @@ from .base import (  # default_threads: imported from here before it moved to ba
     default_threads,
     reusable_prefix,
 )
-from .llama_cpp_mtmd import MediaTokens, Projector, is_media, media_start, placeholder
+from .llama_cpp_mtmd import MediaTokens, Projector, is_media, media_start, placeholder, token_runs
 
 try:
     import llama_cpp as lc
@@ -282,7 +282,6 @@ class LlamaCppAdapter(Adapter):
     def __init__(self, model: Any, params: dict[str, Any]) -> None:
         self._model = model
         self._ctx = None
-        self.compute = compute_thread.shared()  # every decode runs there: one OpenMP team (compute_thread.py)
         self._vocab = lc.llama_model_get_vocab(model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.n_embd = lc.llama_model_n_embd(model)
@@ -460,31 +459,27 @@ class LlamaCppAdapter(Adapter):
     def _decode(self, tokens: list[int], stop: threading.Event | None = None) -> None:
         """Evaluate ``tokens`` after the cached ones, ``n_batch`` at a time; a medium's run of placeholders
         (``llama_cpp_mtmd``) through its projector."""
-        start = 0
-        while start < len(tokens):
+        for start, end in token_runs(tokens):
             if is_media(tokens[start]):
-                start += self._decode_medium(tokens[start], stop)
+                self._decode_medium(tokens[start], stop)
                 continue
-            end = start
-            while end < len(tokens) and end - start < self._n_batch and not is_media(tokens[end]):
-                end += 1
-            chunk = tokens[start:end]
-            arr = (lc.llama_token * len(chunk))(*chunk)
-            self._check(self.compute.run(lc.llama_decode, self._ctx, lc.llama_batch_get_one(arr, len(chunk))))
-            self._tokens.extend(chunk)
-            start = end
+            for at in range(start, end, self._n_batch):
+                chunk = tokens[at:min(end, at + self._n_batch)]
+                arr = (lc.llama_token * len(chunk))(*chunk)
+                # on the compute thread, as every decode: one OpenMP team (compute_thread.py)
+                self._check(compute_thread.run(lc.llama_decode, self._ctx, lc.llama_batch_get_one(arr, len(chunk))))
+                self._tokens.extend(chunk)
 
-    def _decode_medium(self, token: int, stop: threading.Event | None) -> int:
+    def _decode_medium(self, token: int, stop: threading.Event | None) -> None:
         if self._projector is None:
             raise MultimodalNotEnabledError()
         n_past = len(self._tokens)
         try:
-            n = self._projector.evaluate(self._ctx, token, n_past, self._n_batch, stop, 0, self.compute.run)
+            n = self._projector.evaluate(self._ctx, token, n_past, self._n_batch, stop)
         except (Interrupted, LlamaError):
             lc.llama_memory_seq_rm(self._mem, -1, n_past, -1)  # a medium is cached whole or not at all
             raise
         self._tokens.extend([token] * n)
-        return n
 
     def _check(self, rc: int) -> None:
         if rc == 0:
@@ -700,7 +695,7 @@ class LlamaCppAdapter(Adapter):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
                 batch.seq_id[i][0] = seq or 0
             batch.n_tokens = len(tokens)
-            rc = self.compute.run(lc.llama_decode, self._ctx, batch)
+            rc = compute_thread.run(lc.llama_decode, self._ctx, batch)
             if rc != 0:
                 raise GenerationError(f"llama_decode failed with code {rc} while trying to {what} ({_native_detail()})")
             if self.pooling == _POOLING["none"]:

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..errors import ContextFullError, GenerationError, LlamaError, MultimodalNotEnabledError, compat_warning
+from . import compute_thread
 from . import llama_cpp_state as state_files
 from .base import BatchSequence, Interrupted, SamplingParams
 from .llama_cpp import LlamaCppAdapter, _Generation, _native_detail, lc
-from .llama_cpp_mtmd import is_media
+from .llama_cpp_mtmd import is_media, token_runs
 
 if TYPE_CHECKING:
     from ..local import StateFiles
@@ -102,19 +103,16 @@ class _Slot:
         engine = self._engine
         if not any(is_media(t) for t in tokens):
             return engine.evaluate(self, tokens, stop, beside)
-        start, row, unread = 0, 0, False
-        while start < len(tokens):
+        row, unread = 0, False
+        for start, end in token_runs(tokens):
             if is_media(tokens[start]):
                 if unread:  # the row of a text run before a medium is nobody's to read (and would hold it off)
                     engine.row_read()
                     unread = False
-                start += engine.medium(self, tokens[start], stop)
+                engine.medium(self, tokens[start], stop)
                 continue
-            end = start
-            while end < len(tokens) and not is_media(tokens[end]):
-                end += 1
             row, unread = engine.evaluate(self, tokens[start:end], stop, beside), True
-            beside, start = None, end
+            beside = None
         return row
 
     def row_read(self) -> None:
@@ -269,10 +267,10 @@ class BatchEngine:
             raise job.error
         return job.row
 
-    def medium(self, slot: _Slot, token: int, stop: threading.Event | None) -> int:
+    def medium(self, slot: _Slot, token: int, stop: threading.Event | None) -> None:
         """The medium placeholder ``token`` stands for, through the projector into ``slot``'s sequence, between
-        steps (its encoder and decode are the projector's own); its token count. A stopped or failed medium
-        leaves none of its positions in the sequence."""
+        steps (its encoder and decode are the projector's own). A stopped or failed medium leaves none of its
+        positions in the sequence."""
         adapter, seq = self.adapter, slot.seq
         assert seq is not None
         projector = adapter._projector
@@ -281,18 +279,17 @@ class BatchEngine:
         if stop is not None and stop.is_set():
             raise Interrupted()
 
-        def work() -> int:
+        def work() -> None:
             n_past = len(self.cached[seq])
             try:
                 # the context's n_batch, as alone: a non-causal projector needs its medium in one batch
-                n = projector.evaluate(adapter._ctx, token, n_past, adapter._n_batch, stop, seq, adapter.compute.run)
+                n = projector.evaluate(adapter._ctx, token, n_past, adapter._n_batch, stop, seq)
             except (Interrupted, LlamaError):
                 self._drop_tail(seq, n_past)
                 raise
             self.cached[seq].extend([token] * n)
-            return n
 
-        return int(self.exclusive(work))
+        self.exclusive(work)
 
     def _ready(self, gather_until: float) -> list[tuple[_Job, int, int]] | float | None:
         """Under the lock: the batch to decode now, a time to wait until for more submissions, or None (wait)."""
@@ -366,7 +363,7 @@ class BatchEngine:
                 seq_id[i][0] = seq
             at += n
         batch.n_tokens = at
-        rc = adapter.compute.run(lc.llama_decode, adapter._ctx, batch)
+        rc = compute_thread.run(lc.llama_decode, adapter._ctx, batch)
         if rc == 0:
             lc.llama_get_logits(adapter._ctx)  # sync and put the output rows in order once, before slots read them
         return rc

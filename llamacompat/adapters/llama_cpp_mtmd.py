@@ -18,24 +18,21 @@ import hashlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import llama_cpp as lc
 import llama_cpp.mtmd_cpp as mtmd
 
 from ..errors import GenerationError, MediaError, ModelLoadError, UnsupportedFeatureError
 from ..media import MEDIA_MARKER, Media, check_media
+from . import compute_thread
 from .base import Interrupted
 
-__all__ = ["Projector", "MediaTokens", "is_media", "media_start", "placeholder"]
+__all__ = ["Projector", "MediaTokens", "is_media", "media_start", "placeholder", "token_runs"]
 
 _CHUNK_TEXT = 0
 _KEEP_CHUNKS = 64  # media chunks kept for evaluation (the prompts in flight, and then some)
 _KEEP_IDS = 65536  # placeholder -> (hash, part, n_tokens) of chunks seen: a few MB at most, for session sidecars
-
-
-def _now(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
 
 
 def is_media(token: int) -> bool:
@@ -46,6 +43,18 @@ def placeholder(bitmap_hash: str, part: int = 0) -> int:
     """The placeholder id of chunk ``part`` of a medium: negative, and the same for the same bitmap hash and part."""
     key = bitmap_hash if part == 0 else hashlib.sha256(f"{bitmap_hash}#{part}".encode()).hexdigest()
     return -1 - int(key[:7] or "0", 16)
+
+
+def token_runs(tokens: list[int]) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each run of text tokens and of each media chunk (a run of one placeholder: a chunk's
+    placeholder differs from its neighbours', ``Projector._walk``), in order."""
+    start = 0
+    while start < len(tokens):
+        end, first = start + 1, tokens[start]
+        while end < len(tokens) and (tokens[end] == first if is_media(first) else not is_media(tokens[end])):
+            end += 1
+        yield start, end
+        start = end
 
 
 def media_start(tokens: list[int], keep: int) -> int:
@@ -188,10 +197,9 @@ class Projector:
         with self._lock:
             return self._ids.get(token)
 
-    def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any, seq: int = 0,
-                 compute: Callable[..., Any] | None = None) -> int:
-        """Encode the medium ``token`` stands for and decode its embeddings at ``n_past`` of sequence ``seq``; its
-        token count. ``compute`` runs the native call (the context's ``ComputeThread.run``)."""
+    def evaluate(self, lctx: Any, token: int, n_past: int, n_batch: int, stop: Any, seq: int = 0) -> int:
+        """Encode the medium ``token`` stands for and decode its embeddings at ``n_past`` of sequence ``seq`` (on
+        the compute thread, as every decode); its token count."""
         with self._lock:
             chunk = self._chunks.get(token)
             if chunk is not None:
@@ -202,8 +210,8 @@ class Projector:
         if stop is not None and stop.is_set():  # before the encoder, which cannot be interrupted
             raise Interrupted()
         new_n_past = lc.llama_pos(0)
-        rc = (compute or _now)(mtmd.mtmd_helper_eval_chunk_single, self._ctx, lctx, chunk, n_past, seq, n_batch,
-                               True, ctypes.byref(new_n_past))
+        rc = compute_thread.run(mtmd.mtmd_helper_eval_chunk_single, self._ctx, lctx, chunk, n_past, seq, n_batch,
+                                True, ctypes.byref(new_n_past))
         if stop is not None and stop.is_set():
             raise Interrupted()
         if rc != 0:
