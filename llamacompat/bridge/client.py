@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, Generator, Literal, Mapping
 
 from .. import params as P
+from ..chat.messages import map_media_parts
 from ..context.core import CALLS, Call
 from ..errors import (
     AuthenticationError,
@@ -408,26 +409,19 @@ def _inline_media(params: Mapping[str, Any] | None, where: str) -> Mapping[str, 
     if isinstance(refs, str) or (isinstance(refs, list) and all(isinstance(r, str) and r for r in refs)):
         out["media_paths"] = [inline_media(r, f"{where}: media {i}")
                               for i, r in enumerate([refs] if isinstance(refs, str) else refs)]
-    messages = params.get("messages")
-    if isinstance(messages, list):
-        out["messages"] = [_inline_message(m, f"{where}: messages[{i}]") for i, m in enumerate(messages)]
+    if isinstance(params.get("messages"), list):
+        out["messages"] = map_media_parts(params["messages"], lambda part, at: _inline_part(part, f"{where}: {at}"))
     return out
 
 
-def _inline_message(message: Any, where: str) -> Any:
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, list):
-        return message
-    parts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        body = part.get(kind) if kind in ("image_url", "input_audio") else None
-        if isinstance(body, dict) and isinstance(body.get("url"), str) and body["url"]:
-            part = {**part, kind: {**body, "url": inline_media(body["url"], f"{where}.content[{j}]")}}
-        elif kind == "image_url" and isinstance(body, str) and body:
-            part = {**part, kind: inline_media(body, f"{where}.content[{j}]")}
-        parts.append(part)
-    return {**message, "content": parts}
+def _inline_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = part["type"]
+    body = part.get(kind)
+    if isinstance(body, dict) and isinstance(body.get("url"), str) and body["url"]:
+        return {**part, kind: {**body, "url": inline_media(body["url"], where)}}
+    if kind == "image_url" and isinstance(body, str) and body:
+        return {**part, kind: inline_media(body, where)}
+    return part
 
 
 def _server_path(path: Any, action: str) -> Any:

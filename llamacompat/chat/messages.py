@@ -13,14 +13,14 @@ gets them as they are, as llama.cpp hands them over.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InvalidParamsError
 from ..media import MEDIA_MARKER, audio_data_url
 from .template import Caps
 
 __all__ = ["validate_messages", "validate_tools", "shape_for_template", "joined_text", "media_refs", "media_ref",
-           "MEDIA_PART_TYPES"]
+           "map_media_parts", "MEDIA_PART_TYPES"]
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MEDIA_PART_TYPES = ("image_url", "input_audio")
@@ -64,14 +64,34 @@ def media_ref(part: dict[str, Any], where: str) -> str:
     return audio_data_url(data, fmt)
 
 
-def media_refs(messages: list[Any]) -> list[str]:
-    """The media of (already validated) ``messages``, in prompt order: one per media marker."""
-    refs = []
+def _is_media_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES
+
+
+def map_media_parts(messages: Any, fn: Callable[[dict[str, Any], str], dict[str, Any]]) -> Any:
+    """``messages`` with ``fn(part, where)`` in place of each ``image_url`` / ``input_audio`` part, in prompt order
+    (``where``: ``messages[i].content[j]``); the other messages and parts as they are, whatever their shape."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            if isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES:
-                refs.append(media_ref(part, f"messages[{i}].content[{j}]"))
+        if isinstance(content, list) and any(_is_media_part(part) for part in content):
+            message = {**message, "content": [fn(part, f"messages[{i}].content[{j}]") if _is_media_part(part) else part
+                                              for j, part in enumerate(content)]}
+        out.append(message)
+    return out
+
+
+def media_refs(messages: list[Any]) -> list[str]:
+    """The media of (already validated) ``messages``, in prompt order: one per media marker."""
+    refs: list[str] = []
+
+    def collect(part: dict[str, Any], where: str) -> dict[str, Any]:
+        refs.append(media_ref(part, where))
+        return part
+
+    map_media_parts(messages, collect)
     return refs
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 from .. import params as P
-from ..chat.messages import MEDIA_PART_TYPES, media_ref
+from ..chat.messages import map_media_parts, media_ref
 from ..errors import (
     GrammarError,
     InvalidParamsError,
@@ -130,37 +130,26 @@ def check_sendable(media: list[Media], facts: ServerFacts, support: Mapping[str,
     check_media(media, support, text)
 
 
-def media_parts(messages: Any) -> tuple[list[Any], list[Media]]:
+def media_parts(messages: Any) -> tuple[Any, list[Media]]:
     """``messages`` with each media part carrying its bytes, and the media in order. Images travel as data:
     URLs, sounds as OpenAI's ``input_audio`` (base64 data and format); what is not a media part is left for the
     server to judge."""
-    if not isinstance(messages, list):
-        return messages, []
-    out, media = [], []
-    for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list) or not any(isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES
-                                                    for part in content):
-            out.append(message)
-            continue
-        parts = []
-        for j, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES:
-                where = f"completion: messages[{i}].content[{j}]"
-                medium = load_media(media_ref(part, where), where)
-                media.append(medium)
-                if medium.is_audio:
-                    if medium.audio_format not in AUDIO_FORMATS:  # OpenAI's input_audio takes wav and mp3 only
-                        raise MediaError(f"{where}: the sound is {medium.audio_format.upper()}; an input_audio part "
-                                         "takes WAV or MP3 (convert it, or give it to a raw prompt's media_paths, "
-                                         "which llama-server decodes as bytes)")
-                    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(medium.data).decode(),
-                                                                   "format": medium.audio_format}}
-                else:
-                    part = {"type": "image_url", "image_url": {"url": medium.data_url}}
-            parts.append(part)
-        out.append({**message, "content": parts})
-    return out, media
+    media: list[Media] = []
+
+    def with_bytes(part: dict[str, Any], at: str) -> dict[str, Any]:
+        where = f"completion: {at}"
+        medium = load_media(media_ref(part, where), where)
+        media.append(medium)
+        if not medium.is_audio:
+            return {"type": "image_url", "image_url": {"url": medium.data_url}}
+        if medium.audio_format not in AUDIO_FORMATS:  # OpenAI's input_audio takes wav and mp3 only
+            raise MediaError(f"{where}: the sound is {medium.audio_format.upper()}; an input_audio part takes WAV or "
+                             "MP3 (convert it, or give it to a raw prompt's media_paths, which llama-server decodes "
+                             "as bytes)")
+        return {"type": "input_audio",
+                "input_audio": {"data": base64.b64encode(medium.data).decode(), "format": medium.audio_format}}
+
+    return map_media_parts(messages, with_bytes), media
 
 
 def _sampling(p: dict[str, Any], body: dict[str, Any], dialect: Dialect, strict: bool) -> None:
