@@ -23,7 +23,6 @@ from .embeddings import cosine_scores, normalize_embedding, ranked
 from .engine import CompletionRequest, ThinkingBudget, generate
 from .errors import (
     InvalidParamsError,
-    MediaError,
     MultimodalNotEnabledError,
     SessionError,
     TemplateError,
@@ -34,7 +33,7 @@ from .grammars.builtin import checked_grammar
 from .grammars.gbnf import check_tokens, parse_gbnf
 from .grammars.schema import convert_json_schema_to_grammar
 from .grammars.triggers import parse_triggers
-from .media import load_media, media_paths_param
+from .media import final_medium_error, load_media, media_paths_param
 from .models import local_path
 from .parallel.slots import Progress, Slots
 from .sessions import META_SUFFIX, check_identity, read_sidecar, save_with_media
@@ -183,9 +182,7 @@ class LocalCore:
         except RenderStopped:
             return stopped_before_prompt(adapter.n_past)
         if request.prompt_tokens and request.prompt_tokens[-1] < 0:  # llama.cpp would abort the process
-            raise MediaError("completion: the prompt ends with a medium, and llama.cpp computes no next-token "
-                             "logits on a medium's positions; put text after the last media marker (chat "
-                             "templates do)")
+            raise final_medium_error()
         if progress is not None:
             progress.prompt(len(request.prompt_tokens))
         restore = self._use_threads(adapter, n_threads, strict)
@@ -431,9 +428,6 @@ class LocalCore:
         self.require("session", "save_session")
         if os.path.isdir(path):
             raise SessionError(f"Failed to save session: {path} is a folder; pass a file path")
-        if path.endswith(META_SUFFIX):
-            raise SessionError(f"Failed to save session: {path} ends in '{META_SUFFIX}', the name of a session's "
-                               "media sidecar (saving there would overwrite another session's); pick another name")
         try:
             return save_with_media(path, lambda tmp: self.adapter.save_session(tmp, token_size),
                                    self.adapter.session_identity(), lambda: self.adapter.session_media(token_size))

@@ -18,7 +18,7 @@ from .errors import InvalidParamsError, MediaError, UnsupportedFeatureError
 from .models import local_path
 
 __all__ = ["MEDIA_MARKER", "MAX_MEDIA_BYTES", "AUDIO_FORMATS", "Media", "load_media", "media_paths_param",
-           "audio_data_url", "inline_media", "check_media"]
+           "audio_data_url", "inline_media", "check_media", "final_medium_error"]
 
 MEDIA_MARKER = "<__media__>"  # llama.rn's RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER, where each medium goes in a prompt
 MAX_MEDIA_BYTES = 32 * 1024 * 1024  # one image or sound; far above a photo, and what the bridge forwards at most
@@ -132,6 +132,13 @@ def check_media(media: list[Media], support: Mapping[str, bool], text: str | Non
                              "use a projector that takes audio")
         if not medium.is_audio and not support.get("vision"):
             raise MediaError(f"media {i} ({medium.source[:60]}) is an image, and this projector takes audio only")
+
+
+def final_medium_error() -> MediaError:
+    """A completion's prompt may not end with a medium: llama.cpp computes no logits there (sampling after one hit
+    a GGML_ASSERT that aborted the process)."""
+    return MediaError("completion: the prompt ends with a medium, and llama.cpp computes no next-token logits on a "
+                      "medium's positions; put text after the last media marker (chat templates do)")
 
 
 def inline_media(ref: str, where: str) -> str:

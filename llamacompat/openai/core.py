@@ -53,7 +53,7 @@ from ..types import (
 from .dialects import DIALECTS, ServerFacts, probe
 from .http import HttpSession, http_error
 from .lora import ServerAdapter, list_adapters, match_adapters, request_field
-from .request import CompletionPlan, check_sendable, media_parts, plan_completion
+from .request import CompletionPlan, check_sendable, media_parts, plan_completion, projector_hint
 from .slot_sessions import (
     CLAIMS,
     Descriptor,
@@ -508,10 +508,8 @@ class OpenAICore:
         if not p["path"]:
             raise InvalidParamsError("init_multimodal: 'path' (the mmproj GGUF file) is required")
         if self.facts.modalities is None:
-            hint = ("start llama-server with --mmproj FILE" if self.facts.dialect.name == "llama-server"
-                    else "this backend forwards no media to it")
             raise UnsupportedFeatureError(f"init_multimodal: the {self.facts.dialect.name} server at "
-                                          f"{self._session.base_url} loads no projector ({hint})")
+                                          f"{self._session.base_url} loads no projector ({projector_hint(self.facts.dialect)})")
         logger.info("openai: init_multimodal: the server's own projector serves; %s is not loaded", p["path"])
         self._media_on = True
         return True

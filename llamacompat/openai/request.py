@@ -10,7 +10,6 @@ Stop strings stay on the client: the OpenAI API does not say which one matched.
 from __future__ import annotations
 
 import base64
-import collections
 import functools
 import json
 import math
@@ -30,10 +29,10 @@ from ..errors import (
 from ..grammars.builtin import checked_grammar
 from ..grammars.gbnf import Group, Repeat, Token, parse_gbnf
 from ..grammars.schema import convert_json_schema_to_grammar
-from ..media import AUDIO_FORMATS, MEDIA_MARKER, Media, check_media, load_media, media_paths_param
+from ..media import AUDIO_FORMATS, MEDIA_MARKER, Media, check_media, final_medium_error, load_media, media_paths_param
 from .dialects import Dialect, ServerFacts
 
-__all__ = ["CompletionPlan", "plan_completion", "media_parts", "check_sendable"]
+__all__ = ["CompletionPlan", "plan_completion", "media_parts", "check_sendable", "projector_hint"]
 
 # OpenAI's logit_bias range; -100 bans a token on every server.
 _BIAS_LIMIT = 100.0
@@ -95,18 +94,18 @@ def _media(p: dict[str, Any], body: dict[str, Any], facts: ServerFacts, support:
     """Chat ``image_url`` / ``input_audio`` parts and a raw prompt's ``media_paths``, as bytes: the server reads
     none of our files. A chat's media stay OpenAI parts (data: URLs, base64 audio); a raw prompt's go as
     llama-server's ``{prompt_string, multimodal_data}`` prompt, which only it takes."""
-    if body.get("messages") is not None:
+    chat = body.get("messages") is not None
+    if chat:
         messages, media = media_parts(body["messages"])
     else:
         refs = media_paths_param(p["media_paths"], "completion")
         media = [load_media(ref, f"completion: media {i}") for i, ref in enumerate(refs)]
     if not media:
         return
-    check_sendable(media, facts, support, None if body.get("messages") is not None else p["prompt"])
-    if body.get("messages") is None and p["prompt"].endswith(MEDIA_MARKER):  # as the local backend refuses it
-        raise MediaError("completion: the prompt ends with a medium, and llama.cpp computes no next-token logits "
-                         "on a medium's positions; put text after the last media marker (chat templates do)")
-    if body.get("messages") is not None:
+    check_sendable(media, facts, support, None if chat else p["prompt"])
+    if not chat and p["prompt"].endswith(MEDIA_MARKER):  # as the local backend refuses it
+        raise final_medium_error()
+    if chat:
         body["messages"] = messages
     elif facts.dialect.media == "props":  # its marker is its own (random unless LLAMA_MEDIA_MARKER pins it)
         body["prompt"] = {"prompt_string": p["prompt"].replace(MEDIA_MARKER, facts.media_marker or MEDIA_MARKER),
@@ -116,9 +115,10 @@ def _media(p: dict[str, Any], body: dict[str, Any], facts: ServerFacts, support:
                                       f"{facts.dialect.name} server; send 'messages' with image_url / input_audio parts")
 
 
-# how to give a server a projector, when its media are refused
-_MMPROJ_HINT = collections.defaultdict(str, {"llama-server": ": start llama-server with --mmproj FILE",
-                                             "llama-cpp-python": ": media are not forwarded to its server"})
+def projector_hint(dialect: Dialect) -> str:
+    """What gives a server that takes no media a projector (only llama-server's and llama-cpp-python's take none)."""
+    return ("start llama-server with --mmproj FILE" if dialect.name == "llama-server"
+            else "media are not forwarded to its server")
 
 
 def check_sendable(media: list[Media], facts: ServerFacts, support: Mapping[str, bool] | None,
@@ -126,7 +126,7 @@ def check_sendable(media: list[Media], facts: ServerFacts, support: Mapping[str,
     """``media`` may go to the server: the context sends media (``support`` not None) of kinds it takes."""
     if support is None:
         raise MultimodalNotEnabledError(f"Multimodal support not enabled. Call initMultimodal first. (the "
-                                        f"{facts.dialect.name} server takes no media here{_MMPROJ_HINT[facts.dialect.name]})")
+                                        f"{facts.dialect.name} server takes no media here: {projector_hint(facts.dialect)})")
     check_media(media, support, text)
 
 

@@ -20,7 +20,7 @@ import contextlib
 import os
 from typing import Any, Callable
 
-from ..errors import compat_warning
+from ..errors import SessionError, compat_warning
 from .atomic import atomic_write_bytes
 from .sidecar import save_with_sidecar
 
@@ -42,6 +42,9 @@ def save_with_media(path: str, write: Callable[[str], int], identity: dict[str, 
     """``sidecar.save_with_sidecar``, with llama.rn's ``.meta`` around it: the old one goes first (a failed save
     then leaves the previous file whole, its media to be evaluated again when it is loaded: no sidecar beats
     a wrong one), the new one after. A sidecar that cannot be written costs a warning, not the saved file."""
+    if path.lower().endswith(META_SUFFIX):  # lower: as save_with_sidecar guards its own sidecar's name
+        raise SessionError(f"Failed to save session: {path} ends in '{META_SUFFIX}', the name of a session's media "
+                           "sidecar (saving there would overwrite another session's); pick another name")
     write_meta(path, [])
     n_tokens = save_with_sidecar(path, write, identity)
     try:
