@@ -25,6 +25,7 @@ llama.cpp plans is 3000 / factor / 2 rounded down, the graph's 1500 / factor rou
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -261,3 +262,25 @@ def _crc16_table() -> list[int]:  # FLAC's CRC-16 (polynomial 0x8005), a byte at
             crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
         table.append(crc)
     return table
+
+
+# -- what the image tests share ---------------------------------------------------------------------------------
+def vision_media(folder: str) -> dict[str, str]:
+    """The vision projector and two distinct images in ``folder``: ``mmproj``, ``img``, ``other`` (and ``folder``)."""
+    return {"mmproj": build_mmproj(folder), "folder": folder, "img": write_png(folder, "a.png", seed=1),
+            "other": write_png(folder, "b.png", seed=2)}
+
+
+def vision_context(mmproj: str, **params: Any) -> Any:
+    """A context on the packaged model (2 threads, ``params`` over n_ctx 1024) with the projector ``mmproj`` loaded."""
+    from llamacompat import init_llama
+
+    ctx = init_llama({"n_ctx": 1024, "n_threads": 2, **params})
+    assert ctx.init_multimodal({"path": mmproj, "use_gpu": False}) is True
+    return ctx
+
+
+def image_chat(image: str, text: str = "What is this?") -> list[dict[str, Any]]:
+    """One user message: the image, then ``text``."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": text}]}]

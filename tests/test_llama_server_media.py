@@ -14,7 +14,8 @@ from llamacompat import RNLLAMA_MTMD_DEFAULT_MEDIA_MARKER as MARKER
 from llamacompat import init_llama
 from llamacompat.errors import MediaError, MultimodalNotEnabledError, UnsupportedFeatureError
 
-from .mtmd_fixture import IMAGE_TOKENS, build_mmproj, png_bytes, wav_bytes, write_png
+from .mtmd_fixture import IMAGE_TOKENS, flac_bytes, png_bytes, vision_context, vision_media, wav_bytes, write_png
+from .mtmd_fixture import image_chat as chat
 from .openai_helpers import LlamaServer
 
 GREEDY = {"temperature": 0, "n_predict": 6}
@@ -22,9 +23,7 @@ GREEDY = {"temperature": 0, "n_predict": 6}
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("server-mtmd"))
-    return {"mmproj": build_mmproj(folder), "img": write_png(folder, "a.png", seed=1),
-            "other": write_png(folder, "b.png", seed=2)}
+    return vision_media(str(tmp_path_factory.mktemp("server-mtmd")))
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +42,9 @@ def ctx(server):
 
 @pytest.fixture(scope="module")
 def local(media):
-    context = init_llama({"n_ctx": 2048, "n_threads": 2})
-    context.init_multimodal({"path": media["mmproj"], "use_gpu": False})
+    context = vision_context(media["mmproj"], n_ctx=2048)
     yield context
     context.release()
-
-
-def chat(image: str, text: str = "What is this?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": text}]}]
 
 
 def test_the_servers_projector_is_reported(ctx):
@@ -122,8 +115,6 @@ def test_media_the_projector_does_not_take_are_refused_before_sending(ctx, media
 
 
 def test_what_llama_server_does_not_take_is_refused_before_sending(ctx, media, tmp_path):
-    from .mtmd_fixture import flac_bytes
-
     flac = {"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(flac_bytes()).decode(), "format": "wav"}}, {"type": "text", "text": "Hi"}]}
     with pytest.raises(MediaError, match="takes WAV or MP3"):

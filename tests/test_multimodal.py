@@ -19,29 +19,22 @@ from llamacompat.errors import (
     UnsupportedFeatureError,
 )
 
-from .mtmd_fixture import IMAGE_TOKENS, build_mmproj, png_bytes, wav_bytes, write_png
+from .mtmd_fixture import IMAGE_TOKENS, build_mmproj, png_bytes, vision_context, vision_media, wav_bytes
+from .mtmd_fixture import image_chat as chat
 
 GREEDY = {"temperature": 0, "n_predict": 4}
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mtmd"))
-    return {"mmproj": build_mmproj(folder), "folder": folder, "img": write_png(folder, "a.png", seed=1),
-            "other": write_png(folder, "b.png", seed=2)}
+    return vision_media(str(tmp_path_factory.mktemp("mtmd")))
 
 
 @pytest.fixture(scope="module")
 def mm(media):
-    ctx = init_llama({"n_ctx": 1024, "n_threads": 2})
-    assert ctx.init_multimodal({"path": media["mmproj"], "use_gpu": False}) is True
+    ctx = vision_context(media["mmproj"])
     yield ctx
     ctx.release()
-
-
-def chat(image: str, text: str = "What is this?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": text}]}]
 
 
 def test_the_projector_loads_and_reports_vision_only(mm):

@@ -8,26 +8,23 @@ import threading
 
 import pytest
 
-from llamacompat import init_llama
 from llamacompat.errors import ParallelModeError
 from llamacompat.sessions import meta_path, read_meta, read_seq_header
 
-from .mtmd_fixture import IMAGE_TOKENS, build_mmproj, write_png
+from .mtmd_fixture import IMAGE_TOKENS, vision_context, vision_media, write_png
+from .mtmd_fixture import image_chat as chat
 
 GREEDY = {"temperature": 0, "n_predict": 8, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mtmd-parallel"))
-    return {"mmproj": build_mmproj(folder), "img": write_png(folder, "a.png", seed=1),
-            "other": write_png(folder, "b.png", seed=2)}
+    return vision_media(str(tmp_path_factory.mktemp("mtmd-parallel")))
 
 
 @pytest.fixture(scope="module")
 def mctx(media):
-    ctx = init_llama({"n_ctx": 2048, "n_parallel": 2, "n_threads": 2})
-    ctx.init_multimodal({"path": media["mmproj"], "use_gpu": False})
+    ctx = vision_context(media["mmproj"], n_ctx=2048, n_parallel=2)
     yield ctx
     ctx.release()
 
@@ -38,11 +35,6 @@ def par(mctx):
     yield mctx
     if mctx.parallel.enabled:
         mctx.parallel.disable()
-
-
-def chat(image: str, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": text}]}]
 
 
 def alone(ctx, params: dict) -> str:

@@ -7,26 +7,22 @@ import os
 
 import pytest
 
-from llamacompat import init_llama
 from llamacompat.errors import SessionError
 from llamacompat.sessions import meta_path, read_header, read_meta
 
-from .mtmd_fixture import IMAGE_TOKENS, build_mmproj, write_png
+from .mtmd_fixture import IMAGE_TOKENS, vision_context, vision_media
+from .mtmd_fixture import image_chat as chat
 
 GREEDY = {"temperature": 0, "n_predict": 8}
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("mtmd-sessions"))
-    return {"mmproj": build_mmproj(folder), "img": write_png(folder, "a.png", seed=1),
-            "other": write_png(folder, "b.png", seed=2)}
+    return vision_media(str(tmp_path_factory.mktemp("mtmd-sessions")))
 
 
 def new_context(media):
-    ctx = init_llama({"n_ctx": 1024, "n_threads": 2})
-    ctx.init_multimodal({"path": media["mmproj"], "use_gpu": False})
-    return ctx
+    return vision_context(media["mmproj"])
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +30,6 @@ def mm(media):
     ctx = new_context(media)
     yield ctx
     ctx.release()
-
-
-def chat(image: str, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": text}]}]
 
 
 def image_tokens(ctx, image: str, text: str) -> dict:
